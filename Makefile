@@ -1,0 +1,48 @@
+# The single entry point: CI calls these same targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DOCKER_BUILDKIT := 0
+export TESTCONTAINERS_RYUK_DISABLED := true
+export TESTCONTAINERS_CONNECTION_MODE := docker_host
+export TESTCONTAINERS_HOST_OVERRIDE := 127.0.0.1
+
+.PHONY: install system venv images lint typecheck test test-fast bench dev clean
+
+install: system venv images
+
+system:
+	bash scripts/install-system.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dev]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import asman, nats, cbor2" 
+	touch $@
+
+images: venv
+	$(PY) -m asman.peer.images
+
+lint: venv
+	$(VENV)/bin/ruff check asman tests bench
+	$(VENV)/bin/ruff format --check asman tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+# The README's test command. Installs what it needs, then runs every test.
+test: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test-fast: venv
+	$(VENV)/bin/pytest -q -x -m "not slow"
+
+bench: install
+	$(PY) -m bench
+
+dev: install
+	$(VENV)/bin/asman dev
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -1,0 +1,439 @@
+"""The connected log: one NATS connection, its JetStream context, and Asman's streams.
+
+``Log`` is the object every peer holds. It owns the connection, creates (and updates) the
+streams and buckets of the design idempotently, and is the edge where nats errors become
+``AsmanError``s: code above ``asman.log`` never sees a ``nats.*`` exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NoReturn
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+
+from asman.errors import AsmanError, Conflict, LogError, LogUnavailable
+from asman.log import subjects, wire
+from asman.log.events import RawEvent
+from asman.log.keys import PeerKey
+
+__all__ = ["Log", "LogConfig", "translate_errors"]
+
+logger = logging.getLogger(__name__)
+
+ERR_WRONG_LAST_SEQUENCE = 10071
+ERR_MAX_MSGS_PER_SUBJECT = 10077
+ERR_STREAM_CONFIG_CHANGED = 10058
+ERR_STREAM_NOT_FOUND = 10059
+READ_RETRIES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """How to reach the log and how Asman's streams are set up.
+
+    Every field is an option of every command (see docs/reference/environment.md).
+    """
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    domain: str | None = None
+    creds: str | None = None
+    name: str = "asman"
+    replicas: int = 1
+    retention_s: int = 7 * 24 * 3600
+    logs_retention_s: int = 7 * 24 * 3600
+    lease_ttl_s: float = 30.0
+    max_attempts: int = 3
+    heartbeat_ttl_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 5.0
+    max_event_bytes: int = 1024 * 1024
+    manage_streams: bool = True
+
+
+class _Translate:
+    """Context manager and decorator body: nats errors → Asman errors."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or isinstance(exc, AsmanError):
+            return
+        if isinstance(exc, nats.js.errors.APIError):
+            if exc.err_code == ERR_WRONG_LAST_SEQUENCE:
+                raise Conflict(
+                    f"{self.what}: someone else wrote first ({exc.description})"
+                ) from exc
+            raise LogError(
+                f"{self.what}: JetStream refused: {exc.description} (code {exc.err_code})"
+            ) from exc
+        if isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
+            raise LogUnavailable(
+                f"{self.what}: NATS did not answer in time: check that the server is up and "
+                "JetStream is enabled (`asman dev` starts one)"
+            ) from exc
+        if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+            raise LogUnavailable(
+                f"{self.what}: no JetStream answered: is JetStream enabled and the domain right?"
+            ) from exc
+        if isinstance(exc, nats.errors.Error):
+            raise LogUnavailable(f"{self.what}: NATS error: {exc}") from exc
+
+
+def translate_errors(what: str) -> _Translate:
+    """``with translate_errors("reading job x"):`` turns nats errors into ``AsmanError``s."""
+    return _Translate(what)
+
+
+class Log:
+    """A peer's connection to the shared log.
+
+    Use as ``async with Log(config, key) as log:``. Not reusable after close.
+    """
+
+    def __init__(self, config: LogConfig, key: PeerKey) -> None:
+        self.config = config
+        self.key = key
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._workers_kv: KeyValue | None = None
+        self._closed = False
+        self._reconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Log:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        if self._closed:
+            raise LogError("this Log was closed; open a new one")
+        if self._nc is not None:
+            return
+        servers = list(self.config.servers)
+        options: dict[str, Any] = {
+            "servers": servers,
+            "name": self.config.name,
+            "connect_timeout": self.config.connect_timeout_s,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "allow_reconnect": True,
+            "error_cb": self._on_error,
+            "reconnected_cb": self._on_reconnected,
+            "disconnected_cb": self._on_disconnected,
+        }
+        if self.config.creds:
+            options["user_credentials"] = self.config.creds
+        try:
+            self._nc = await nats.connect(**options)
+        except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+            raise LogUnavailable(
+                f"cannot reach NATS at {', '.join(servers)}: start one with `asman dev`, or "
+                "pass --nats URL (env ASMAN_NATS_URL)"
+            ) from exc
+        except nats.errors.Error as exc:
+            raise LogUnavailable(f"cannot connect to NATS at {', '.join(servers)}: {exc}") from exc
+        self._js = self._nc.jetstream(
+            domain=self.config.domain, timeout=self.config.request_timeout_s
+        )
+        if self.config.manage_streams:
+            await self.ensure_streams()
+
+    async def close(self) -> None:
+        self._closed = True
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _on_error(self, exc: Exception) -> None:
+        logger.debug("nats: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closed:
+            logger.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        logger.info("reconnected to NATS")
+        for cb in list(self._reconnect_callbacks):
+            try:
+                await cb()
+            except Exception:
+                logger.exception("reconnect callback failed")
+
+    def on_reconnect(self, cb: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+        """Call ``cb`` after every reconnect; returns a function that unregisters it."""
+        self._reconnect_callbacks.append(cb)
+        return lambda: self._reconnect_callbacks.remove(cb)
+
+    # -- raw handles, for asman.log modules only ----------------------------------------
+
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None:
+            raise LogError("the log is not connected (use `async with Log(...)`)")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise LogError("the log is not connected (use `async with Log(...)`)")
+        return self._js
+
+    @property
+    def api_prefix(self) -> str:
+        return f"$JS.{self.config.domain}.API" if self.config.domain else "$JS.API"
+
+    @property
+    def peer_id(self) -> str:
+        return self.key.peer_id
+
+    # -- streams -----------------------------------------------------------------------
+
+    def stream_configs(self) -> list[StreamConfig]:
+        c = self.config
+        return [
+            StreamConfig(
+                name=subjects.JOBS_STREAM,
+                description="Asman job events (signed envelopes), one subject per job",
+                subjects=["asman.job.*.*"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=c.replicas,
+                max_age=float(c.retention_s),
+                max_msg_size=c.max_event_bytes,
+                allow_direct=True,
+                duplicate_window=120.0,
+            ),
+            StreamConfig(
+                name=subjects.PENDING_STREAM,
+                description="Asman dispatch tickets, one per waiting job",
+                subjects=["asman.pending.*.*.*"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                num_replicas=c.replicas,
+                max_age=float(c.retention_s),
+                max_msgs_per_subject=1,
+                discard=DiscardPolicy.NEW,
+                discard_new_per_subject=True,
+                max_msg_size=4096,
+                duplicate_window=120.0,
+            ),
+            StreamConfig(
+                name=subjects.LOGS_STREAM,
+                description="Asman live log chunks",
+                subjects=["asman.logs.*.*"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=c.replicas,
+                max_age=float(c.logs_retention_s),
+                max_msg_size=c.max_event_bytes,
+                allow_direct=True,
+                duplicate_window=120.0,
+            ),
+        ]
+
+    async def ensure_streams(self) -> None:
+        """Create Asman's streams and buckets, or update them when settings changed."""
+        for cfg in self.stream_configs():
+            await self._ensure_stream(cfg)
+        await self._ensure_workers_bucket()
+
+    async def _ensure_stream(self, cfg: StreamConfig) -> None:
+        with translate_errors(f"creating stream {cfg.name}"):
+            try:
+                await self.js.add_stream(cfg)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != ERR_STREAM_CONFIG_CHANGED:
+                    raise
+                logger.info("updating stream %s to the configured settings", cfg.name)
+                await self.js.update_stream(cfg)
+
+    async def _ensure_workers_bucket(self) -> None:
+        cfg = KeyValueConfig(
+            bucket=subjects.WORKERS_BUCKET,
+            description="Asman worker heartbeats",
+            history=1,
+            ttl=float(self.config.heartbeat_ttl_s),
+            storage=StorageType.FILE,
+            replicas=self.config.replicas,
+            direct=True,
+        )
+        with translate_errors("creating the workers bucket"):
+            try:
+                self._workers_kv = await self.js.create_key_value(cfg)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != ERR_STREAM_CONFIG_CHANGED:
+                    raise
+                logger.warning(
+                    "bucket %s exists with other settings; using it as it is",
+                    subjects.WORKERS_BUCKET,
+                )
+                self._workers_kv = await self.js.key_value(subjects.WORKERS_BUCKET)
+
+    async def workers_kv(self) -> KeyValue:
+        if self._workers_kv is None:
+            with translate_errors("opening the workers bucket"):
+                self._workers_kv = await self.js.key_value(subjects.WORKERS_BUCKET)
+        assert self._workers_kv is not None
+        return self._workers_kv
+
+    # -- events ------------------------------------------------------------------------
+
+    async def append(
+        self, subject: str, event: dict[str, Any], *, expected_last_seq: int | None
+    ) -> int:
+        """Sign ``event`` and append it to ``subject``; returns its stream sequence.
+
+        With ``expected_last_seq`` the append is a compare-and-set on the subject's last
+        sequence (0 = the subject must be empty): ``Conflict`` when someone wrote first.
+        """
+        data = wire.seal(self.key, subject, event)
+        headers = None
+        if expected_last_seq is not None:
+            headers = {subjects.HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq)}
+        with translate_errors(f"appending {event.get('type', 'event')} to {subject}"):
+            ack = await self.js.publish(subject, data, headers=headers)
+        return int(ack.seq)
+
+    async def read_subject(self, stream: str, subject: str, start_seq: int = 1) -> list[RawEvent]:
+        """Every message on ``subject`` from ``start_seq``, oldest first.
+
+        Uses batched direct get: one round trip per 256 messages, served by any replica.
+        """
+        out: list[RawEvent] = []
+        seq = start_seq
+        while True:
+            batch, more, last = await self._direct_batch_retrying(stream, subject, seq)
+            out.extend(batch)
+            if not more or not batch:
+                return out
+            seq = last + 1
+
+    async def _direct_batch_retrying(
+        self, stream: str, subject: str, start_seq: int
+    ) -> tuple[list[RawEvent], bool, int]:
+        """Reads are idempotent: ride through a reconnect or a leader election."""
+        for attempt in range(READ_RETRIES):
+            try:
+                return await self._direct_batch(stream, subject, start_seq, 256)
+            except LogUnavailable:
+                if attempt == READ_RETRIES - 1:
+                    raise
+                logger.info("retrying read of %s", subject)
+                await asyncio.sleep(0.25 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _direct_batch(
+        self, stream: str, subject: str, start_seq: int, batch: int
+    ) -> tuple[list[RawEvent], bool, int]:
+        nc = self.nc
+        inbox = nc.new_inbox()
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        request = json.dumps({"seq": start_seq, "next_by_subj": subject, "batch": batch})
+        out: list[RawEvent] = []
+        pending = 0
+        last = start_seq - 1
+        with translate_errors(f"reading {subject}"):
+            sub = await nc.subscribe(inbox, cb=on_msg)
+            try:
+                await nc.publish(
+                    f"{self.api_prefix}.DIRECT.GET.{stream}", request.encode(), reply=inbox
+                )
+                async with asyncio.timeout(self.config.request_timeout_s):
+                    while True:
+                        msg = await queue.get()
+                        headers = msg.headers or {}
+                        status = headers.get("Status")
+                        if status == "404":
+                            return out, False, last
+                        if status == "204":
+                            pending = int(headers.get("Nats-Num-Pending", "0"))
+                            return out, pending > 0, last
+                        if status:
+                            _raise_status(status, headers.get("Description", ""), stream)
+                        last = int(headers["Nats-Sequence"])
+                        out.append(
+                            RawEvent(seq=last, data=msg.data, subject=headers["Nats-Subject"])
+                        )
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        raise LogUnavailable(f"reading {subject}: no answer")  # only if the timeout swallowed
+
+    async def last_seq(self, stream: str, subject: str) -> int:
+        """Stream sequence of the last message on ``subject`` (0 if none)."""
+        with translate_errors(f"reading {subject}"):
+            try:
+                msg = await self.js.get_msg(stream, subject=subject, direct=True)
+            except nats.js.errors.NotFoundError:
+                return 0
+        return int(msg.seq or 0)
+
+    async def wake_on(self, subject: str, wake: asyncio.Event) -> Callable[[], Awaitable[None]]:
+        """Set ``wake`` on every message published on ``subject`` (live only, no history).
+
+        Returns the coroutine function that stops it. Workers use it to learn at once that a
+        job they run got a cancel or a foreign claim; watchers to re-read only on change.
+        """
+
+        async def on_msg(msg: Msg) -> None:
+            wake.set()
+
+        with translate_errors(f"subscribing to {subject}"):
+            sub = await self.nc.subscribe(subject, cb=on_msg)
+
+        async def stop() -> None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+        return stop
+
+
+def _raise_status(status: str, description: str, stream: str) -> NoReturn:
+    if status == "408":
+        raise LogUnavailable(f"direct get on {stream} timed out: {description}")
+    raise LogError(f"direct get on {stream} failed: {status} {description}")

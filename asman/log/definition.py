@@ -1,0 +1,914 @@
+"""The job definition: validation, data references, the job id, and a typed view for workers.
+
+A definition is JSON-model data in compute-queues' shape (reference/compute-queues.md §1):
+``image`` or ``build``, ``command``, ``entrypoint``, ``env``, ``workdir``, ``shmSize``,
+``inputs``, ``configFiles``, ``maxDuration``, ``tags``, ``requirements`` and the version tag
+``v``. Unknown top-level keys are carried and ignored; ``null`` equals absent everywhere.
+Asman extensions: ``command``/``entrypoint`` may be an argv list, ``build.buildArgs`` may be an
+object, and a data reference may be of type ``blob`` (content-addressed by SHA-256).
+
+The job id is the lower-case hex SHA-256 of the RFC 8785 (JCS) serialisation of the
+canonical form, which is compute-queues' newer whitelist hash (§1.6 "[PCG] canonical form"),
+so a plain definition gets the same id here as in compute-queues.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+import shlex
+import unicodedata
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal, NotRequired, TypedDict
+
+import rfc8785
+
+from asman.errors import InvalidDefinition, InvalidPath
+
+__all__ = [
+    "DATAREF_TYPES",
+    "DEFAULT_LIMITS",
+    "BuildSpec",
+    "DataRef",
+    "DataRefJSON",
+    "DataRefType",
+    "DefinitionLimits",
+    "JobSpec",
+    "canonical_form",
+    "image_class",
+    "is_injected_env",
+    "job_id",
+    "parse_duration_ms",
+    "parse_size_bytes",
+    "split_command",
+    "validate_definition",
+    "validate_relative_path",
+]
+
+DataRefType = Literal["utf8", "base64", "json", "url", "key", "blob"]
+DATAREF_TYPES: tuple[DataRefType, ...] = ("utf8", "base64", "json", "url", "key", "blob")
+_INLINE_TYPES = frozenset({"utf8", "base64", "json"})
+
+BUILD_KEYS = (
+    "context",
+    "buildContext",
+    "filename",
+    "target",
+    "dockerfile",
+    "buildArgs",
+    "platform",
+)
+REQUIREMENT_KEYS = ("cpus", "gpus", "maxDuration", "memory")
+_SCALAR_KEYS = ("v", "image", "command", "entrypoint", "workdir", "shmSize", "maxDuration", "tags")
+# env keys an embedding page injects (compute-queues' isParentInjectedHashParamKey): not part
+# of the job, so not part of its id
+_LEGACY_INJECTED_ENV = frozenset(
+    {"channel", "CHANNEL", "readonly", "edit", "parent-metapage-id", "fs-path"}
+)
+_S3_TEST_ORIGIN = "https://metaframe-asman-test.s3.us-west-1.amazonaws.com"
+# absolute configFiles may not land on these (the first path segment)
+_RESERVED_ROOTS = frozenset({"inputs", "outputs", "proc", "sys", "dev"})
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_KIB = 1024
+
+
+class DataRefJSON(TypedDict):
+    """A data reference as it appears in a definition (``type`` defaults to ``utf8``)."""
+
+    value: Any
+    type: NotRequired[str]
+    hash: NotRequired[str]
+    size: NotRequired[int]
+
+
+@dataclass(frozen=True, slots=True)
+class DefinitionLimits:
+    """Bounds on one definition. The defaults keep a definition well inside a NATS message."""
+
+    max_definition_bytes: int = 256 * _KIB
+    max_inline_bytes: int = 64 * _KIB
+    max_total_inline_bytes: int = 192 * _KIB
+    max_files: int = 1000
+    max_env: int = 256
+    max_duration_ms: int = 30 * 24 * 3600 * 1000
+
+
+DEFAULT_LIMITS = DefinitionLimits()
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _show(value: Any) -> str:
+    """A short, JSON-looking rendering of a value for error messages."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def _key(parent: str, name: str) -> str:
+    return f"{parent}[{json.dumps(name, ensure_ascii=False)}]"
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON whole number: an int (not a bool) or an integral float such as ``2.0``."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and math.isfinite(value) and value.is_integer()
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray)
+
+
+def _str(value: Any, field: str, *, nonempty: bool = True, nul_ok: bool = False) -> str:
+    if not isinstance(value, str):
+        raise InvalidDefinition(field, f"must be a string, got {_show(value)}")
+    if nonempty and not value:
+        raise InvalidDefinition(field, "must not be empty")
+    if not nul_ok and "\x00" in value:
+        raise InvalidDefinition(field, "must not contain a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidDefinition(
+            field, "must be valid Unicode (it holds a lone surrogate)"
+        ) from None
+    return value
+
+
+def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidDefinition(field, f"must be an object, got {_show(value)}")
+    for k in value:
+        if not isinstance(k, str):
+            raise InvalidDefinition(field, f"keys must be strings, got {_show(k)}")
+    return value
+
+
+def _without_nulls(value: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in value.items() if v is not None}
+
+
+def _plain(value: Any) -> Any:
+    """Mappings to dicts and sequences to lists, recursively, so JCS can serialise them."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if _is_list(value):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(
+        value, separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=False
+    ).encode()
+
+
+def _uri_decode(text: str) -> str:
+    """JavaScript's decodeURIComponent: strict UTF-8, '+' stays '+'."""
+    return urllib.parse.unquote(text, errors="strict")
+
+
+# ---------------------------------------------------------------------------------------------
+# durations and sizes
+
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_DURATION_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(i?)b?|b)?\s*", re.IGNORECASE)
+_SIZE_POWER = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_duration_ms(value: str | int, field: str) -> int:
+    """A duration in milliseconds: ``"10s"``, ``"20m"``, ``"1h30m"``, ``"500ms"``, ``"2d"``, or
+    a whole number of seconds. Units: ms, s, m, h, d; parts may carry decimals (``"1.5h"``)."""
+    if _is_int(value):
+        seconds = int(value)
+        if seconds < 0:
+            raise InvalidDefinition(field, f"must be a duration ≥ 0, got {_show(value)}")
+        return seconds * 1000
+    if not isinstance(value, str):
+        raise InvalidDefinition(
+            field, f'must be a duration such as "10m" or a number of seconds, got {_show(value)}'
+        )
+    text = value.strip()
+    pos, total = 0, Decimal(0)
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            break
+        total += Decimal(match.group(1)) * _DURATION_UNIT_MS[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise InvalidDefinition(
+            field,
+            f'must be a duration such as "30s", "20m", "1h30m" or "500ms" '
+            f"(units ms, s, m, h, d), got {_show(value)}",
+        )
+    return int(total)
+
+
+def parse_size_bytes(value: str | int, field: str) -> int:
+    """A size in bytes: a whole number, or ``"64k"``, ``"512m"``, ``"2g"``, ``"2GiB"``,
+    ``"512mb"``, ``"1t"``. Units are powers of 1024 whatever the spelling, as Docker reads
+    them; case does not matter."""
+    if _is_int(value):
+        size = int(value)
+        if size < 0:
+            raise InvalidDefinition(field, f"must be a size ≥ 0, got {_show(value)}")
+        return size
+    if not isinstance(value, str):
+        raise InvalidDefinition(
+            field, f'must be a size such as "512m" or a number of bytes, got {_show(value)}'
+        )
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        raise InvalidDefinition(
+            field,
+            f'must be a size such as "64k", "512m", "2g" or "2GiB" (units k, m, g, t, '
+            f"p, powers of 1024), got {_show(value)}",
+        )
+    unit = (match.group(2) or "").lower()
+    return int(Decimal(match.group(1)) * 1024 ** _SIZE_POWER.get(unit, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# file names
+
+
+def validate_relative_path(name: str, field: str) -> str:
+    """Check a file name for inputs, configFiles or outputs: a relative POSIX path that stays
+    inside its folder. Returns it unchanged; raises :class:`InvalidPath` saying why not."""
+    if not isinstance(name, str):
+        raise InvalidPath(repr(name), f"must be a string (in {field})")
+    if name.startswith("/"):
+        raise InvalidPath(
+            name,
+            f"is absolute: give a path relative to the folder, such as 'data/x.csv' (in {field})",
+        )
+    _check_path(name, name, field)
+    return name
+
+
+def _check_path(path: str, name: str, field: str) -> None:
+    def bad(reason: str) -> InvalidPath:
+        return InvalidPath(name, f"{reason} (in {field})")
+
+    if not path:
+        raise bad("is empty: give a relative path such as 'data/x.csv'")
+    if "\\" in path:
+        raise bad("contains a backslash: separate folders with '/'")
+    for ch in path:
+        category = unicodedata.category(ch)
+        if category == "Cs":
+            raise bad("is not valid Unicode (it holds a lone surrogate)")
+        if category == "Cc":
+            raise bad(f"contains the control character {ch!r}: use printable characters")
+    total = len(path.encode())
+    if total > 1024:
+        raise bad(f"is {total} bytes long, over the limit of 1024")
+    segments = path.split("/")
+    if len(segments) > 32:
+        raise bad(f"is {len(segments)} folders deep, over the limit of 32")
+    for segment in segments:
+        if not segment:
+            raise bad("has an empty segment ('//' or a trailing '/')")
+        if segment in (".", ".."):
+            raise bad(f"has a {segment!r} segment: '.' and '..' are not allowed")
+        if len(segment.encode()) > 255:
+            raise bad(f"has a segment of {len(segment.encode())} bytes, over the limit of 255")
+
+
+def _validate_config_name(name: str, field: str) -> str:
+    """A configFile name: relative (under /inputs), or an absolute container path."""
+    if not name.startswith("/"):
+        return validate_relative_path(name, field)
+    rest = name[1:]
+    if not rest:
+        raise InvalidPath(name, f"is the root folder '/': name a file under it (in {field})")
+    _check_path(rest, name, field)
+    root = rest.split("/", 1)[0]
+    if root in _RESERVED_ROOTS:
+        raise InvalidPath(
+            name,
+            f"is under /{root}, which the worker owns: absolute config files may not be under "
+            f"/inputs, /outputs, /proc, /sys or /dev (in {field})",
+        )
+    return name
+
+
+def _check_no_clash(names: Mapping[str, str]) -> None:
+    """``names`` maps a file path to the field that declares it: no path twice, and no path
+    that is both a file and a folder of another file."""
+    for path, where in names.items():
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in names:
+                raise InvalidDefinition(
+                    where, f"{parent!r} is a file ({names[parent]}), so it cannot be a folder here"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# data references
+
+
+def _data_url_to_ref(text: str) -> DataRef | None:
+    """compute-queues' ``dataUrlToDataRef`` (the "v2 dataref" form): ``data:`` URLs."""
+    if not text.startswith("data:") or "," not in text:
+        return None
+    header, payload = text[5:].split(",", 1)
+    params = [p.strip().lower() for p in header.split(";")]
+    mime = params[0]
+
+    def decoded() -> str:
+        try:
+            return _uri_decode(payload)
+        except UnicodeDecodeError:
+            return payload
+
+    if mime == "text/x-uri":
+        return DataRef("url", decoded())
+    if "base64" in params[1:]:
+        return DataRef("base64", payload)
+    if mime == "application/json":
+        try:
+            return DataRef("json", json.loads(decoded()))
+        except ValueError:
+            return DataRef("utf8", decoded())
+    return DataRef("utf8", decoded())
+
+
+@dataclass(frozen=True, slots=True)
+class DataRef:
+    """One file's content: inline (``utf8``, ``base64``, ``json``) or by reference (``url``,
+    ``key``, ``blob``). ``hash`` is an optional SHA-256 of the content (a cache key, not part
+    of the job id); ``size`` an optional byte count."""
+
+    type: DataRefType
+    value: Any
+    hash: str | None = None
+    size: int | None = None
+
+    @property
+    def is_inline(self) -> bool:
+        return self.type in _INLINE_TYPES
+
+    @classmethod
+    def from_json(cls, obj: Any, field: str) -> DataRef:
+        """Parse ``{value, type?, hash?, size?}``, a ``data:`` URL, or a plain string (utf8).
+        Unknown keys are ignored; ``null`` equals absent."""
+        if isinstance(obj, str):
+            parsed = _data_url_to_ref(obj)
+            if parsed is None:
+                return cls("utf8", obj)
+            obj = parsed.to_json()
+        if not isinstance(obj, Mapping):
+            raise InvalidDefinition(
+                field,
+                f'must be a data reference {{"value": …, "type": …}} or a string, got {_show(obj)}',
+            )
+        ref = _without_nulls(obj)
+        kind = ref.get("type", "utf8")
+        if kind not in DATAREF_TYPES:
+            raise InvalidDefinition(
+                f"{field}.type", f"must be one of {', '.join(DATAREF_TYPES)}, got {_show(kind)}"
+            )
+        if "value" not in ref:
+            raise InvalidDefinition(f"{field}.value", "is missing: a data reference needs a value")
+        value = ref["value"]
+        vfield = f"{field}.value"
+        if kind == "json":
+            try:
+                _json_bytes(value)
+            except (TypeError, ValueError):
+                raise InvalidDefinition(vfield, "must be a JSON value") from None
+        elif kind in ("url", "key", "blob"):
+            _str(value, vfield)
+        else:
+            _str(value, vfield, nonempty=False, nul_ok=True)
+        if kind == "base64":
+            try:
+                base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidDefinition(
+                    vfield, "must be standard base64 (A-Z a-z 0-9 + /, '=' padding)"
+                ) from None
+        elif kind == "url":
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise InvalidDefinition(vfield, f"must be an http(s) URL, got {_show(value)}")
+        elif kind == "blob" and not _SHA256_HEX.fullmatch(value):
+            raise InvalidDefinition(
+                vfield, f"must be a SHA-256: 64 lower-case hex characters, got {_show(value)}"
+            )
+        digest = ref.get("hash")
+        if digest is not None and not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
+            raise InvalidDefinition(
+                f"{field}.hash", f"must be 64 lower-case hex characters, got {_show(digest)}"
+            )
+        size = ref.get("size")
+        if size is not None and not (_is_int(size) and size >= 0):
+            raise InvalidDefinition(
+                f"{field}.size", f"must be a whole number ≥ 0, got {_show(size)}"
+            )
+        return cls(kind, value, digest, None if size is None else int(size))
+
+    def to_json(self) -> DataRefJSON:
+        out: DataRefJSON = {"value": self.value, "type": self.type}
+        if self.hash is not None:
+            out["hash"] = self.hash
+        if self.size is not None:
+            out["size"] = self.size
+        return out
+
+    def inline_bytes(self) -> bytes:
+        """The content of an inline ref. ``json`` is serialised compactly with sorted keys."""
+        if self.type == "utf8":
+            return str(self.value).encode()
+        if self.type == "base64":
+            return base64.b64decode(self.value)
+        if self.type == "json":
+            return _json_bytes(self.value)
+        raise ValueError(f"a {self.type} data reference is not inline: fetch its content")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _validate_argv(value: Any, field: str) -> None:
+    if isinstance(value, str):
+        try:
+            shlex.split(value)
+        except ValueError as exc:
+            raise InvalidDefinition(field, f"cannot be split into arguments: {exc}") from None
+        return
+    if not _is_list(value):
+        raise InvalidDefinition(
+            field, f"must be a string or a list of strings (an argv), got {_show(value)}"
+        )
+    for i, arg in enumerate(value):
+        _str(arg, f"{field}[{i}]", nonempty=False)
+
+
+def _validate_build(value: Any) -> dict[str, Any]:
+    build = _without_nulls(_mapping(value, "build"))
+    for key in ("context", "target", "dockerfile", "platform"):
+        if key in build:
+            _str(build[key], f"build.{key}")
+    if "buildContext" in build and build["buildContext"] != ".":
+        _str(build["buildContext"], "build.buildContext")
+        validate_relative_path(build["buildContext"].rstrip("/"), "build.buildContext")
+    if "filename" in build:
+        validate_relative_path(_str(build["filename"], "build.filename"), "build.filename")
+    if "buildArgs" in build:
+        args = build["buildArgs"]
+        if isinstance(args, Mapping):
+            for k, v in _mapping(args, "build.buildArgs").items():
+                if not k or "=" in k:
+                    raise InvalidDefinition(
+                        _key("build.buildArgs", k),
+                        "a build argument name must not be empty or hold '='",
+                    )
+                _str(v, _key("build.buildArgs", k), nonempty=False)
+        elif _is_list(args):
+            for i, arg in enumerate(args):
+                if not isinstance(arg, str) or arg.find("=") < 1:
+                    raise InvalidDefinition(
+                        f"build.buildArgs[{i}]", f'must be a string "NAME=value", got {_show(arg)}'
+                    )
+        else:
+            raise InvalidDefinition(
+                "build.buildArgs",
+                f'must be a list of "NAME=value" strings or an object, got {_show(args)}',
+            )
+    if "context" not in build and "dockerfile" not in build:
+        raise InvalidDefinition(
+            "build", "needs a 'context' (a git or archive URL) or a 'dockerfile' (its text)"
+        )
+    return build
+
+
+def _validate_requirements(value: Any, limits: DefinitionLimits) -> dict[str, Any]:
+    req = _without_nulls(_mapping(value, "requirements"))
+    if "cpus" in req and not (_is_number(req["cpus"]) and req["cpus"] > 0):
+        raise InvalidDefinition(
+            "requirements.cpus", f"must be a number > 0, got {_show(req['cpus'])}"
+        )
+    if "gpus" in req and not (_is_int(req["gpus"]) and req["gpus"] >= 0):
+        raise InvalidDefinition(
+            "requirements.gpus", f"must be a whole number ≥ 0, got {_show(req['gpus'])}"
+        )
+    if "memory" in req and parse_size_bytes(req["memory"], "requirements.memory") <= 0:
+        raise InvalidDefinition("requirements.memory", 'must be a size > 0, such as "512m"')
+    if "maxDuration" in req:
+        _check_duration(req["maxDuration"], "requirements.maxDuration", limits)
+    return req
+
+
+def _check_duration(value: Any, field: str, limits: DefinitionLimits) -> int:
+    ms = parse_duration_ms(value, field)
+    if ms <= 0:
+        raise InvalidDefinition(field, f"must be a duration > 0, got {_show(value)}")
+    if ms > limits.max_duration_ms:
+        raise InvalidDefinition(
+            field,
+            f"is {ms} ms, over the limit of {limits.max_duration_ms} ms "
+            f"({limits.max_duration_ms // 86_400_000} days)",
+        )
+    return ms
+
+
+def _validate_env(value: Any, limits: DefinitionLimits) -> dict[str, Any]:
+    env = _without_nulls(_mapping(value, "env"))
+    if len(env) > limits.max_env:
+        raise InvalidDefinition(
+            "env", f"has {len(env)} variables, over the limit of {limits.max_env}"
+        )
+    for k, v in env.items():
+        if not k or "=" in k or "\x00" in k:
+            raise InvalidDefinition(
+                _key("env", k), "a variable name must not be empty or hold '=' or NUL"
+            )
+        _str(v, _key("env", k), nonempty=False)
+    return env
+
+
+def _validate_refs(
+    value: Any, field: str, names: dict[str, str], absolute: dict[str, str]
+) -> tuple[dict[str, Any], list[tuple[str, DataRef]]]:
+    refs: dict[str, Any] = {}
+    parsed: list[tuple[str, DataRef]] = []
+    for name, raw in _without_nulls(_mapping(value, field)).items():
+        where = _key(field, name)
+        if field == "configFiles":
+            _validate_config_name(name, where)
+        else:
+            validate_relative_path(name, where)
+        ref = DataRef.from_json(raw, where)
+        parsed.append((where, ref))
+        table = absolute if name.startswith("/") else names
+        key = name.lstrip("/")
+        if key in table:
+            raise InvalidDefinition(where, f"the file is also declared in {table[key]}")
+        table[key] = where
+        refs[name] = _without_nulls(raw) if isinstance(raw, Mapping) else raw
+    return refs, parsed
+
+
+def validate_definition(
+    d: Mapping[str, Any], limits: DefinitionLimits = DEFAULT_LIMITS
+) -> dict[str, Any]:
+    """Check a job definition. Returns it with ``null`` values removed and otherwise as given
+    (it is stored verbatim); raises :class:`InvalidDefinition` (or :class:`InvalidPath` for a
+    file name) naming the field and what is allowed."""
+    if not isinstance(d, Mapping):
+        raise InvalidDefinition("", f"a job definition must be a JSON object, got {_show(d)}")
+    out = _without_nulls(_mapping(d, ""))
+    if "v" in out and not _is_int(out["v"]):
+        raise InvalidDefinition("v", f"must be a whole number, got {_show(out['v'])}")
+
+    if "image" in out and "build" in out:
+        raise InvalidDefinition("image", "set either 'image' or 'build', not both")
+    if "image" in out:
+        image = _str(out["image"], "image")
+        if any(ch.isspace() for ch in image):
+            raise InvalidDefinition("image", f"must not contain white space, got {_show(image)}")
+    elif "build" in out:
+        out["build"] = _validate_build(out["build"])
+    else:
+        raise InvalidDefinition(
+            "image",
+            "is missing: a job needs an 'image' to pull (such as \"alpine:3.20\") or a 'build' "
+            "(a Dockerfile and/or a context URL)",
+        )
+
+    for key in ("command", "entrypoint"):
+        if key in out:
+            _validate_argv(out[key], key)
+    if "env" in out:
+        out["env"] = _validate_env(out["env"], limits)
+    if "workdir" in out:
+        workdir = _str(out["workdir"], "workdir")
+        if not workdir.startswith("/"):
+            raise InvalidDefinition("workdir", f"must be an absolute path, got {_show(workdir)}")
+    if "shmSize" in out:
+        parse_size_bytes(out["shmSize"], "shmSize")
+    if "maxDuration" in out:
+        _check_duration(out["maxDuration"], "maxDuration", limits)
+    if "tags" in out:
+        if not _is_list(out["tags"]):
+            raise InvalidDefinition("tags", f"must be a list of strings, got {_show(out['tags'])}")
+        for i, tag in enumerate(out["tags"]):
+            _str(tag, f"tags[{i}]")
+    if "requirements" in out:
+        out["requirements"] = _validate_requirements(out["requirements"], limits)
+
+    count = sum(len(out[k]) for k in ("inputs", "configFiles") if isinstance(out.get(k), Mapping))
+    if count > limits.max_files:
+        raise InvalidDefinition(
+            "inputs",
+            f"inputs and configFiles hold {count} files, over the limit of {limits.max_files}",
+        )
+    names: dict[str, str] = {}
+    absolute: dict[str, str] = {}
+    refs: list[tuple[str, DataRef]] = []
+    for key in ("inputs", "configFiles"):
+        if key in out:
+            out[key], parsed = _validate_refs(out[key], key, names, absolute)
+            refs += parsed
+    _check_no_clash(names)
+    _check_no_clash(absolute)
+    total = 0
+    for where, ref in refs:
+        if not ref.is_inline:
+            continue
+        size = len(ref.inline_bytes())
+        if size > limits.max_inline_bytes:
+            raise InvalidDefinition(
+                where,
+                f"inline content is {size} bytes, over the limit of {limits.max_inline_bytes} "
+                f"bytes per file: store it as a blob and refer to it by sha256",
+            )
+        total += size
+    if total > limits.max_total_inline_bytes:
+        raise InvalidDefinition(
+            "inputs",
+            f"inline content of inputs and configFiles is {total} bytes in all, over the limit "
+            f"of {limits.max_total_inline_bytes} bytes: store the large files as blobs",
+        )
+
+    try:
+        encoded = json.dumps(out, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidDefinition("", f"the job definition is not JSON: {exc}") from None
+    size = len(encoded.encode(errors="surrogatepass"))
+    if size > limits.max_definition_bytes:
+        raise InvalidDefinition(
+            "",
+            f"the job definition is {size} bytes as JSON, over the limit of "
+            f"{limits.max_definition_bytes} bytes: store large inputs as blobs",
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# job id
+
+
+def _hash_url(url: str) -> str:
+    """compute-queues' ``reduceUrlToHashVersion``: presigned and S3 query parts are not data."""
+    if "/presignedurl/" in url:
+        return url.split("/presignedurl/", 1)[0]
+    if url.startswith(_S3_TEST_ORIGIN):
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
+    return url
+
+
+def _hash_ref(ref: Any) -> Any:
+    if isinstance(ref, str):
+        parsed = _data_url_to_ref(ref) or DataRef("utf8", ref)
+        ref = {"value": parsed.value, "type": parsed.type}
+    if not isinstance(ref, Mapping):
+        return _plain(ref)
+    out: dict[str, Any] = {}
+    if ref.get("value") is not None:
+        out["value"] = _plain(ref["value"])
+    if ref.get("type") is not None:
+        out["type"] = ref["type"]
+    if out.get("type") == "url" and isinstance(out.get("value"), str):
+        out["value"] = _hash_url(out["value"])
+    return out
+
+
+def is_injected_env(key: str) -> bool:
+    """An env key an embedding page injects (``mp-*``, ``mp_*``, legacy names): not job data."""
+    return key.startswith(("mp-", "mp_")) or key in _LEGACY_INJECTED_ENV
+
+
+def canonical_form(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a definition that makes up its id (compute-queues §1.6, "[PCG] canonical
+    form"): a whitelist, with empty maps, nulls, ref hashes and injected env keys left out."""
+    blob: dict[str, Any] = {}
+    for key in _SCALAR_KEYS:
+        if d.get(key) is not None:
+            blob[key] = _plain(d[key])
+    for key, allowed in (("build", BUILD_KEYS), ("requirements", REQUIREMENT_KEYS)):
+        sub = d.get(key)
+        if isinstance(sub, Mapping):
+            kept = {k: _plain(sub[k]) for k in allowed if sub.get(k) is not None}
+            if kept:
+                blob[key] = kept
+        elif sub is not None:
+            blob[key] = _plain(sub)
+    env = d.get("env")
+    if isinstance(env, Mapping):
+        kept = {k: _plain(v) for k, v in env.items() if v is not None and not is_injected_env(k)}
+        if kept:
+            blob["env"] = kept
+    elif env is not None:
+        blob["env"] = _plain(env)
+    for key in ("inputs", "configFiles"):
+        refs = d.get(key)
+        if isinstance(refs, Mapping):
+            kept = {k: _hash_ref(v) for k, v in refs.items() if v is not None}
+            if kept:
+                blob[key] = kept
+        elif refs is not None:
+            blob[key] = _plain(refs)
+    return blob
+
+
+def job_id(d: Mapping[str, Any]) -> str:
+    """Lower-case hex SHA-256 of the JCS (RFC 8785) form of :func:`canonical_form`. Needs only
+    a mapping of JSON values, not a valid definition."""
+    try:
+        text = rfc8785.dumps(canonical_form(d))
+    except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
+        raise InvalidDefinition("", f"cannot compute the job id: {exc}") from None
+    return hashlib.sha256(text).hexdigest()
+
+
+def image_class(d: Mapping[str, Any]) -> str:
+    """``"gpu"`` when the definition asks for GPUs, else ``"cpu"``: the dispatch class."""
+    req = d.get("requirements")
+    gpus = req.get("gpus") if isinstance(req, Mapping) else None
+    return "gpu" if _is_number(gpus) and gpus is not None and gpus > 0 else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# typed view
+
+
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def split_command(command: str | Sequence[str], env: Mapping[str, str]) -> tuple[str, ...]:
+    """The argv of a ``command`` or ``entrypoint``.
+
+    A list is used as given (exec form, no expansion). A string is split like a POSIX shell
+    word list (``shlex``), after ``$VAR`` and ``${VAR}`` are replaced by the job's ``env``
+    values outside single quotes, as compute-queues does; an expanded value stays one word, and
+    a variable not in ``env`` is left as written. No shell runs: pipes, ``&&`` and redirects are
+    plain words, so a command that needs them must be written ``sh -c '…'``.
+    """
+    if not isinstance(command, str):
+        return tuple(command)
+    out: list[str] = []
+    quote: str | None = None
+    i = 0
+    while i < len(command):
+        ch = command[i]
+        if quote == "'":
+            out.append(ch)
+            quote = None if ch == "'" else quote
+        elif ch == "\\":
+            out.append(command[i : i + 2])
+            i += 1
+        elif ch in "'\"" and quote is None:
+            quote = ch
+            out.append(ch)
+        elif ch == '"':
+            quote = None
+            out.append(ch)
+        elif (
+            ch == "$"
+            and (match := _VAR.match(command, i))
+            and ((name := match.group(1) or match.group(2)) in env)
+        ):
+            value = env[name]
+            if quote == '"':
+                out.append(value.replace("\\", "\\\\").replace('"', '\\"'))
+            else:
+                out.append(shlex.quote(value))
+            i = match.end()
+            continue
+        else:
+            out.append(ch)
+        i += 1
+    try:
+        return tuple(shlex.split("".join(out)))
+    except ValueError as exc:
+        raise InvalidDefinition("command", f"cannot be split into arguments: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSpec:
+    """How to build the job's image: a context URL and/or an inline Dockerfile."""
+
+    context: str | None = None
+    build_context: str | None = None
+    filename: str | None = None
+    target: str | None = None
+    dockerfile: str | None = None
+    build_args: dict[str, str] = field(default_factory=dict)
+    platform: str | None = None
+
+    @classmethod
+    def from_json(cls, build: Mapping[str, Any]) -> BuildSpec:
+        raw = build.get("buildArgs") or {}
+        args: dict[str, str] = {}
+        if isinstance(raw, Mapping):
+            args.update(raw)
+        else:
+            for item in raw:
+                name, _, value = str(item).partition("=")
+                args[name] = value
+        return cls(
+            context=build.get("context"),
+            build_context=build.get("buildContext"),
+            filename=build.get("filename"),
+            target=build.get("target"),
+            dockerfile=build.get("dockerfile"),
+            build_args=args,
+            platform=build.get("platform"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A validated definition in the types a worker uses. ``command``/``entrypoint`` are
+    ``None`` when the image's own apply; ``max_duration_ms`` is the smaller of ``maxDuration``
+    and ``requirements.maxDuration``."""
+
+    image: str | None
+    build: BuildSpec | None
+    command: tuple[str, ...] | None
+    entrypoint: tuple[str, ...] | None
+    env: dict[str, str]
+    workdir: str | None
+    shm_size: int | None
+    inputs: dict[str, DataRef]
+    config_files: dict[str, DataRef]
+    max_duration_ms: int | None
+    tags: tuple[str, ...]
+    cpus: float | None
+    gpus: int
+    memory: int | None
+    v: int | None = None
+
+    @property
+    def image_class(self) -> str:
+        return "gpu" if self.gpus > 0 else "cpu"
+
+    @classmethod
+    def from_definition(
+        cls, d: Mapping[str, Any], limits: DefinitionLimits = DEFAULT_LIMITS
+    ) -> JobSpec:
+        """Validate ``d`` and build the typed view."""
+        clean = validate_definition(d, limits)
+        env: dict[str, str] = dict(clean.get("env", {}))
+        req: Mapping[str, Any] = clean.get("requirements", {})
+        durations = [
+            parse_duration_ms(x, "maxDuration")
+            for x in (clean.get("maxDuration"), req.get("maxDuration"))
+            if x is not None
+        ]
+
+        def argv(key: str) -> tuple[str, ...] | None:
+            if key not in clean:
+                return None
+            return split_command(clean[key], env) or None
+
+        def refs(key: str) -> dict[str, DataRef]:
+            return {n: DataRef.from_json(r, _key(key, n)) for n, r in clean.get(key, {}).items()}
+
+        return cls(
+            image=clean.get("image"),
+            build=BuildSpec.from_json(clean["build"]) if "build" in clean else None,
+            command=argv("command"),
+            entrypoint=argv("entrypoint"),
+            env=env,
+            workdir=clean.get("workdir"),
+            shm_size=parse_size_bytes(clean["shmSize"], "shmSize") if "shmSize" in clean else None,
+            inputs=refs("inputs"),
+            config_files=refs("configFiles"),
+            max_duration_ms=min(durations) if durations else None,
+            tags=tuple(clean.get("tags", ())),
+            cpus=float(req["cpus"]) if "cpus" in req else None,
+            gpus=int(req.get("gpus", 0)),
+            memory=parse_size_bytes(req["memory"], "requirements.memory")
+            if "memory" in req
+            else None,
+            v=int(clean["v"]) if "v" in clean else None,
+        )

@@ -1,0 +1,271 @@
+"""Job operations on the log: submit, read, list, watch, cancel, requeue.
+
+Submit is idempotent (DESIGN §2): the ``submitted`` event is a compare-and-set on an empty
+subject, and the dispatch ticket is refused by the server when one already waits, so
+submitting again is always safe and repairs a job whose ticket was never written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nats.js.errors
+
+from asman.errors import Conflict, JobNotFound, LogError, UnauthorizedSigner
+from asman.log import subjects
+from asman.log.connection import ERR_MAX_MSGS_PER_SUBJECT, Log, translate_errors
+from asman.log.definition import image_class, job_id, validate_definition
+from asman.log.events import JobState, RawEvent, fold, now_ms
+
+__all__ = [
+    "Submitted",
+    "cancel",
+    "ensure_ticket",
+    "list_jobs",
+    "read_job",
+    "requeue",
+    "submit",
+    "wait_finished",
+    "watch_job",
+    "watch_queue",
+]
+
+logger = logging.getLogger(__name__)
+
+CAS_RETRIES = 16
+WATCH_POLL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What ``submit`` did: ``created`` a new job, found it ``cached`` (finished with a
+    result), ``requeued`` a finished one, or found it already queued or running."""
+
+    queue: str
+    job_id: str
+    state: JobState
+    created: bool
+    cached: bool
+    requeued: bool
+
+
+def definition_text(definition: Mapping[str, Any]) -> str:
+    """The definition as stored on the log: compact JSON, keys in the submitter's order."""
+    return json.dumps(definition, separators=(",", ":"), ensure_ascii=False)
+
+
+async def read_job(log: Log, queue: str, job: str) -> JobState | None:
+    """The job's state: the fold of its verified events. None if it does not exist."""
+    subject = subjects.job_subject(queue, job)
+    events = await log.read_subject(subjects.JOBS_STREAM, subject)
+    return fold(queue, job, subject, events)
+
+
+async def _require(log: Log, queue: str, job: str) -> JobState:
+    state = await read_job(log, queue, job)
+    if state is None:
+        raise JobNotFound(queue, job)
+    return state
+
+
+async def ensure_ticket(log: Log, queue: str, job_class: str, job: str) -> bool:
+    """Publish the job's dispatch ticket; False when one is already waiting."""
+    subject = subjects.pending_subject(queue, job_class, job)
+    with translate_errors(f"publishing ticket {subject}"):
+        try:
+            await log.js.publish(subject, job.encode())
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
+                return False
+            raise
+    return True
+
+
+async def submit(
+    log: Log,
+    queue: str,
+    definition: Mapping[str, Any],
+    *,
+    rerun: bool = False,
+    via: str = "",
+) -> Submitted:
+    """Put a job on ``queue``. Safe to repeat; see the module docstring.
+
+    A finished job whose reason is a result of the job (success, failed, timed_out) is served
+    from cache; one that finished for another reason (error, cancelled, worker_lost) is run
+    again. ``rerun=True`` runs it again whatever the reason.
+    """
+    subjects.validate_queue(queue)
+    clean = validate_definition(definition)
+    jid = job_id(clean)
+    job_class = image_class(clean)
+    subject = subjects.job_subject(queue, jid)
+    event = {
+        "type": "submitted",
+        "ts": now_ms(),
+        "definition": definition_text(clean),
+        "class": job_class,
+        "via": via,
+    }
+    created = False
+    expected = 0
+    state: JobState | None = None
+    for _ in range(CAS_RETRIES):
+        try:
+            await log.append(subject, event, expected_last_seq=expected)
+            created = True
+        except Conflict:
+            pass
+        state = await read_job(log, queue, jid)
+        if state is not None:
+            break
+        # the subject holds only invalid events (noise, or a forged first event): append on top
+        expected = await log.last_seq(subjects.JOBS_STREAM, subject)
+    if state is None:
+        raise LogError(f"could not submit job {jid}: its subject keeps changing; try again")
+
+    requeued = False
+    if state.finished and not created:
+        assert state.result is not None
+        if state.result.is_result and not rerun:
+            logger.info("job=%s queue=%s cached reason=%s", jid, queue, state.result.reason)
+            return Submitted(queue, jid, state, created=False, cached=True, requeued=False)
+        state = await requeue(log, queue, jid, _state=state)
+        requeued = True
+    if state.state == "queued":
+        await ensure_ticket(log, queue, state.job_class, jid)
+    logger.info("job=%s queue=%s submitted created=%s", jid, queue, created)
+    return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
+
+
+async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = None) -> JobState:
+    """Run a finished job again (an explicit choice). A job not finished is left as it is."""
+    state = _state or await _require(log, queue, job)
+    subject = subjects.job_subject(queue, job)
+    for _ in range(CAS_RETRIES):
+        if not state.finished:
+            break
+        with contextlib.suppress(Conflict):
+            await log.append(
+                subject, {"type": "requeued", "ts": now_ms()}, expected_last_seq=state.last_seq
+            )
+        state = await _require(log, queue, job)
+    if state.state == "queued":
+        await ensure_ticket(log, queue, state.job_class, job)
+    return state
+
+
+async def cancel(log: Log, queue: str, job: str, message: str = "cancelled") -> JobState:
+    """Cancel a job. Queued: finished as cancelled at once. Running: its worker is asked to
+    stop the container and finishes it as cancelled. Finished: nothing changes."""
+    subject = subjects.job_subject(queue, job)
+    state = await _require(log, queue, job)
+    for _ in range(CAS_RETRIES):
+        if state.finished or state.cancel_requested:
+            return state
+        if state.submitter != log.peer_id:
+            raise UnauthorizedSigner(
+                f"only the peer that submitted job {job} may cancel it (submitter "
+                f"{state.submitter[:12]}…, this peer {log.peer_id[:12]}…)",
+                subject,
+            )
+        with contextlib.suppress(Conflict):
+            await log.append(
+                subject,
+                {"type": "cancel", "ts": now_ms(), "message": message},
+                expected_last_seq=state.last_seq,
+            )
+        state = await _require(log, queue, job)
+    return state
+
+
+async def list_jobs(log: Log, queue: str) -> list[JobState]:
+    """Every job of ``queue`` still within retention, oldest submission first."""
+    events = await log.read_subject(subjects.JOBS_STREAM, subjects.jobs_filter(queue))
+    by_subject: dict[str, list[RawEvent]] = defaultdict(list)
+    for ev in events:
+        by_subject[ev.subject].append(ev)
+    out = []
+    for subject, evs in by_subject.items():
+        q, jid = subjects.job_id_from_subject(subject)
+        state = fold(q, jid, subject, evs)
+        if state is not None:
+            out.append(state)
+    out.sort(key=lambda s: s.submitted_ms)
+    return out
+
+
+async def _notifications(log: Log, subject: str) -> AsyncIterator[None]:
+    """Yields at once, then on every message on ``subject``, after a reconnect, and every few
+    seconds as a safety net (a notification lost in a reconnect is never fatal)."""
+    wake = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        wake.set()
+
+    unregister = log.on_reconnect(on_reconnect)
+    stop = await log.wake_on(subject, wake)
+    try:
+        yield None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WATCH_POLL_S):
+                    await wake.wait()
+            wake.clear()
+            yield None
+    finally:
+        unregister()
+        await stop()
+
+
+async def watch_job(log: Log, queue: str, job: str) -> AsyncIterator[JobState]:
+    """Yields the job's state now (once it exists) and after every change, until finished."""
+    subject = subjects.job_subject(queue, job)
+    events: list[RawEvent] = []
+    last: JobState | None = None
+    async for _ in _notifications(log, subject):
+        start = events[-1].seq + 1 if events else 1
+        events.extend(await log.read_subject(subjects.JOBS_STREAM, subject, start))
+        state = fold(queue, job, subject, events)
+        if state is None or (last is not None and state.last_seq == last.last_seq):
+            continue
+        last = state
+        yield state
+        if state.finished:
+            return
+
+
+async def wait_finished(log: Log, queue: str, job: str, timeout: float | None = None) -> JobState:
+    """Wait until the job is finished; raises TimeoutError after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        async for state in watch_job(log, queue, job):
+            if state.finished:
+                return state
+    raise JobNotFound(queue, job)
+
+
+async def watch_queue(log: Log, queue: str) -> AsyncIterator[JobState]:
+    """Yields every job of the queue now, then each job again whenever it changes."""
+    flt = subjects.jobs_filter(queue)
+    by_subject: dict[str, list[RawEvent]] = defaultdict(list)
+    next_seq = 1
+    async for _ in _notifications(log, flt):
+        new = await log.read_subject(subjects.JOBS_STREAM, flt, next_seq)
+        touched: list[str] = []
+        for ev in new:
+            if ev.subject not in by_subject or ev.subject not in touched:
+                touched.append(ev.subject)
+            by_subject[ev.subject].append(ev)
+            next_seq = ev.seq + 1
+        for subject in dict.fromkeys(touched):
+            q, jid = subjects.job_id_from_subject(subject)
+            state = fold(q, jid, subject, by_subject[subject])
+            if state is not None:
+                yield state

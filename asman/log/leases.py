@@ -1,0 +1,295 @@
+"""Tickets and leases: how a worker takes a job, keeps it, and finishes it (DESIGN §2).
+
+State machine of one attempt, as seen by the worker that holds it::
+
+    fetch ticket ──► read job ──► finished? ──────────────► term ticket
+                        │         attempts exhausted? ────► finished(worker_lost), term
+                        ▼
+                    claimed (CAS on the job's last sequence; lost race → read again)
+                        │   in_progress() on the ticket every lease/3 keeps the lease
+                        ▼
+                    started (CAS on own claim)
+                        │
+                        ▼
+                    finished (CAS on own last event) ──► ack ticket
+                        │ CAS lost: read again
+                        ├─ cancel request on top of own claim → finish as cancelled (CAS) → ack
+                        └─ someone else's claim on top → LeaseLost: result discarded, ticket
+                           never touched again (an old delivery's ack would remove the new one)
+
+The ticket's ack wait *is* the lease: a worker that stops calling ``in_progress`` loses the
+ticket to redelivery, and the next worker claims on top of the stale claim.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from asman.errors import Conflict, LeaseLost, LogError
+from asman.log import subjects
+from asman.log.connection import Log, translate_errors
+from asman.log.events import JobState, now_ms
+from asman.log.jobs import CAS_RETRIES, read_job
+
+__all__ = ["JobLease", "Ticket", "TicketSource", "claim"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One delivery of a job's dispatch ticket."""
+
+    queue: str
+    job_class: str
+    job_id: str
+    delivered: int
+    stream_seq: int
+    _msg: Msg
+
+    async def in_progress(self) -> None:
+        with translate_errors(f"extending the lease on {self.job_id}"):
+            await self._msg.in_progress()
+
+    async def ack(self) -> None:
+        with translate_errors(f"acking ticket of {self.job_id}"):
+            await self._msg.ack_sync()
+
+    async def nak(self, delay: float | None = None) -> None:
+        with translate_errors(f"handing back ticket of {self.job_id}"):
+            await self._msg.nak(delay=delay)
+
+    async def term(self) -> None:
+        with translate_errors(f"terminating ticket of {self.job_id}"):
+            await self._msg.term()
+
+
+class TicketSource:
+    """A worker's pull subscription on one (queue, class): the durable consumer shared by
+    every worker of that queue, created on first use."""
+
+    def __init__(self, log: Log, queue: str, job_class: str) -> None:
+        self.log = log
+        self.queue = subjects.validate_queue(queue)
+        self.job_class = job_class
+        self.durable = subjects.consumer_name(queue, job_class)
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    def consumer_config(self) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=subjects.pending_filter(self.queue, self.job_class),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=float(self.log.config.lease_ttl_s),
+            max_deliver=-1,
+            max_ack_pending=-1,
+            max_waiting=512,
+        )
+
+    async def open(self) -> TicketSource:
+        js = self.log.js
+        with translate_errors(f"opening consumer {self.durable}"):
+            await js.add_consumer(subjects.PENDING_STREAM, self.consumer_config())
+            self._sub = await js.pull_subscribe_bind(
+                durable=self.durable, stream=subjects.PENDING_STREAM
+            )
+        return self
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except (nats.errors.Error, LogError) as exc:
+                logger.debug("unsubscribe %s: %s", self.durable, exc)
+
+    async def fetch(self, batch: int, timeout: float) -> list[Ticket]:
+        """Up to ``batch`` tickets (never more), waiting at most ``timeout`` seconds."""
+        if self._sub is None:
+            raise LogError("ticket source is not open")
+        try:
+            with translate_errors(f"fetching from {self.durable}"):
+                msgs = await self._sub.fetch(batch=batch, timeout=timeout)
+        except LogError as exc:
+            if isinstance(exc.__cause__, nats.errors.TimeoutError):
+                return []
+            raise
+        out = []
+        for msg in msgs:
+            parts = msg.subject.split(".")
+            md = msg.metadata
+            out.append(
+                Ticket(
+                    queue=parts[2],
+                    job_class=parts[3],
+                    job_id=parts[4],
+                    delivered=md.num_delivered,
+                    stream_seq=md.sequence.stream,
+                    _msg=msg,
+                )
+            )
+        return out
+
+    async def pending(self) -> tuple[int, int]:
+        """(tickets waiting, tickets delivered and not yet acked) for this consumer."""
+        with translate_errors(f"reading consumer {self.durable}"):
+            info = await self.log.js.consumer_info(subjects.PENDING_STREAM, self.durable)
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+
+class JobLease:
+    """A worker's live claim on one attempt of one job."""
+
+    def __init__(self, log: Log, ticket: Ticket, state: JobState, claim_seq: int) -> None:
+        self.log = log
+        self.ticket = ticket
+        self.queue = ticket.queue
+        self.job_id = ticket.job_id
+        self.state = state
+        self.attempt = state.claims
+        self.last_seq = claim_seq
+        self.subject = subjects.job_subject(self.queue, self.job_id)
+        self.done = False
+
+    def _ours(self, state: JobState | None) -> JobState:
+        if (
+            state is None
+            or state.lease is None
+            or state.lease.worker != self.log.peer_id
+            or state.lease.attempt != self.attempt
+        ):
+            holder = state.lease.worker[:12] if state and state.lease else "nobody"
+            raise LeaseLost(
+                self.queue,
+                self.job_id,
+                f"lease on job {self.job_id} attempt {self.attempt} was lost "
+                f"(now held by {holder})",
+            )
+        return state
+
+    async def keepalive(self) -> None:
+        """Push the ticket's ack deadline back (the lease ttl)."""
+        await self.ticket.in_progress()
+
+    async def check(self) -> JobState:
+        """Re-read the job; raises LeaseLost when another claim is on top of ours."""
+        self.state = self._ours(await read_job(self.log, self.queue, self.job_id))
+        return self.state
+
+    async def _append_fenced(self, event: dict[str, Any]) -> int:
+        for _ in range(CAS_RETRIES):
+            try:
+                seq = await self.log.append(self.subject, event, expected_last_seq=self.last_seq)
+            except Conflict:
+                state = await self.check()
+                self.last_seq = state.last_seq
+                continue
+            self.last_seq = seq
+            return seq
+        raise LeaseLost(self.queue, self.job_id, "job subject keeps changing; giving up")
+
+    async def start(self) -> None:
+        """Record that the container started."""
+        await self._append_fenced({"type": "started", "ts": now_ms(), "attempt": self.attempt})
+
+    async def finish(self, result: dict[str, Any]) -> JobState:
+        """Publish ``finished`` fenced on our own claim, then ack the ticket.
+
+        ``result`` holds reason, exit_code, oom_killed, duration_ms, message, outputs, log.
+        When a cancel request landed on our claim, the job is finished as cancelled.
+        """
+        event: dict[str, Any] = {
+            **result,
+            "type": "finished",
+            "ts": now_ms(),
+            "attempt": self.attempt,
+        }
+        for _ in range(CAS_RETRIES):
+            try:
+                seq = await self.log.append(self.subject, event, expected_last_seq=self.last_seq)
+            except Conflict:
+                state = await self.check()  # raises LeaseLost on a foreign claim
+                self.last_seq = state.last_seq
+                if state.cancel_requested and event.get("reason") != "cancelled":
+                    event = {**event, "reason": "cancelled", "message": "cancelled"}
+                continue
+            self.last_seq = seq
+            await self.ticket.ack()
+            self.done = True
+            final = await read_job(self.log, self.queue, self.job_id)
+            assert final is not None
+            return final
+        raise LeaseLost(self.queue, self.job_id, "job subject keeps changing; giving up")
+
+    async def release(self) -> None:
+        """Hand the job back untried (draining): ``released`` then nak, so another worker
+        takes it at once and the attempt is not counted."""
+        await self._append_fenced({"type": "released", "ts": now_ms(), "attempt": self.attempt})
+        await self.ticket.nak()
+        self.done = True
+
+
+async def claim(log: Log, ticket: Ticket) -> JobLease | None:
+    """Claim the job behind ``ticket``; None when there is nothing to run (ticket termed)."""
+    queue, job = ticket.queue, ticket.job_id
+    subject = subjects.job_subject(queue, job)
+    for _ in range(CAS_RETRIES):
+        state = await read_job(log, queue, job)
+        if state is None or state.finished:
+            await ticket.term()
+            return None
+        if state.lease is not None and state.lease.delivery >= (
+            ticket.stream_seq,
+            ticket.delivered,
+        ):
+            # another worker claimed with this very delivery (or a later one): we lost the
+            # race, and the ticket is theirs now; leave it alone
+            logger.debug("job=%s lost the claim race to %s", job, state.lease.worker[:12])
+            return None
+        if state.lease is not None and state.claims >= log.config.max_attempts:
+            try:
+                await log.append(
+                    subject,
+                    {
+                        "type": "finished",
+                        "ts": now_ms(),
+                        "reason": "worker_lost",
+                        "attempt": state.claims,
+                        "message": f"no worker finished the job in {state.claims} attempts",
+                    },
+                    expected_last_seq=state.last_seq,
+                )
+            except Conflict:
+                continue
+            logger.info("job=%s queue=%s worker_lost attempts=%d", job, queue, state.claims)
+            await ticket.term()
+            return None
+        try:
+            seq = await log.append(
+                subject,
+                {
+                    "type": "claimed",
+                    "ts": now_ms(),
+                    "lease_ms": int(log.config.lease_ttl_s * 1000),
+                    "delivered": ticket.delivered,
+                    "ticket_seq": ticket.stream_seq,
+                },
+                expected_last_seq=state.last_seq,
+            )
+        except Conflict:
+            continue
+        claimed = await read_job(log, queue, job)
+        if claimed is None or claimed.lease is None or claimed.lease.claim_seq != seq:
+            continue  # our claim was not accepted by the fold (should not happen): retry
+        logger.info("job=%s queue=%s claimed attempt=%d", job, queue, claimed.claims)
+        return JobLease(log, ticket, claimed, seq)
+    raise Conflict(f"could not claim job {job}: too many concurrent writers")

@@ -1,0 +1,44 @@
+"""Shared fixtures: real servers on loopback, never stand-ins.
+
+When ``CI`` is set, a missing server (Docker engine, nats-server, S3, Chromium) fails the run
+instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from asman.log.server import NatsServer
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
+os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip a test whose server is missing on a dev box; fail it in CI."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but is missing", pytrace=False)
+    pytest.skip(f"{what} is missing")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A fresh nats-server with JetStream, its own store dir and free loopback ports."""
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
