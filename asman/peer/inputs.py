@@ -1,0 +1,199 @@
+"""Materialising a job's inputs on the worker: inline refs written, blobs fetched once into a
+per-worker cache (verified by sha256), URLs fetched with retries, a size limit and a deadline.
+
+Nothing from the outside is trusted: every name was validated with the definition, every
+byte count is bounded, and every download is checked against its digest when one is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import aiohttp
+
+from asman.errors import BlobError, BlobTooLarge, InvalidPath
+from asman.log.blobs import BlobStore
+from asman.log.definition import DataRef, JobSpec, validate_relative_path
+
+__all__ = ["InputFetcher"]
+
+logger = logging.getLogger(__name__)
+
+_BLOB_URL = re.compile(r"/f/([0-9a-f]{64})(?:[/?#]|$)")
+_KEY = re.compile(r"(?:sha256/)?([0-9a-f]{64})")
+URL_TRIES = 5
+
+
+class InputFetcher:
+    def __init__(
+        self,
+        blobs: BlobStore,
+        *,
+        cache_dir: Path,
+        url_limit: int,
+        url_timeout_s: float,
+    ) -> None:
+        self.blobs = blobs
+        self.cache_dir = cache_dir
+        self.url_limit = url_limit
+        self.url_timeout_s = url_timeout_s
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def materialize(
+        self, spec: JobSpec, inputs_dir: Path, config_dir: Path
+    ) -> list[tuple[Path, str]]:
+        """Write ``inputs`` and relative ``configFiles`` under ``inputs_dir``; absolute
+        ``configFiles`` go to ``config_dir`` and are returned as (host path, container path)
+        read-only mounts."""
+        mounts: list[tuple[Path, str]] = []
+        for name, ref in spec.inputs.items():
+            await self._write(ref, _inside(inputs_dir, name, "inputs"))
+        for name, ref in spec.config_files.items():
+            if name.startswith("/"):
+                host = config_dir / f"{len(mounts):04d}"
+                await self._write(ref, host)
+                mounts.append((host, name))
+            else:
+                await self._write(ref, _inside(inputs_dir, name, "configFiles"))
+        await asyncio.to_thread(_open_up, inputs_dir)
+        return mounts
+
+    async def _write(self, ref: DataRef, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if ref.is_inline:
+            data = ref.inline_bytes()
+            await asyncio.to_thread(dest.write_bytes, data)
+            return
+        cached = await self.fetch(ref)
+        await asyncio.to_thread(_link_or_copy, cached, dest)
+
+    async def fetch(self, ref: DataRef) -> Path:
+        """The cached file holding ``ref``'s bytes (downloading it once per worker)."""
+        sha = ref.hash
+        if ref.type == "blob":
+            sha = ref.value
+        elif ref.type == "key":
+            m = _KEY.fullmatch(str(ref.value))
+            if not m:
+                raise BlobError(f"legacy key input {ref.value!r} is not a sha256 blob key")
+            sha = m.group(1)
+        elif ref.type == "url" and sha is None:
+            m = _BLOB_URL.search(str(ref.value))
+            sha = m.group(1) if m else None
+        if sha is not None:
+            path = self.cache_dir / sha
+            lock = self._locks.setdefault(sha, asyncio.Lock())
+            async with lock:
+                if path.exists():
+                    return path
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                if ref.type in ("blob", "key"):
+                    await self.blobs.get_to_file(sha, path, max_size=self.url_limit)
+                else:
+                    await self._download(str(ref.value), path, sha)
+                return path
+        # a URL with no known digest: fetch it, then file it under its digest
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / f".url-{os.getpid()}-{id(ref)}"
+
+        digest = await self._download(str(ref.value), tmp, None)
+        path = self.cache_dir / digest
+        await asyncio.to_thread(os.replace, tmp, path)
+        return path
+
+    async def fetch_context(self, url: str, dest: Path) -> Path:
+        """Download a build context archive (a URL, or ``blob:<sha256>``) to ``dest``."""
+        ref = DataRef("blob", url[5:]) if url.startswith("blob:") else DataRef("url", url)
+        cached = await self.fetch(ref)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.copyfile, cached, dest)
+        return dest
+
+    async def _download(self, url: str, dest: Path, sha256: str | None) -> str:
+        """GET ``url`` into ``dest`` with retries; bounded in bytes and time."""
+        last: Exception | None = None
+        for attempt in range(URL_TRIES):
+            try:
+                async with asyncio.timeout(self.url_timeout_s):
+                    return await self._download_once(url, dest, sha256)
+            except BlobTooLarge:
+                raise
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                last = exc
+                await asyncio.to_thread(dest.unlink, missing_ok=True)
+                if isinstance(exc, TimeoutError):
+                    break  # the whole deadline is spent
+                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+        raise BlobError(f"could not fetch input {url}: {last or 'timed out'}")
+
+    async def _download_once(self, url: str, dest: Path, sha256: str | None) -> str:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
+        h = hashlib.sha256()
+        size = 0
+        headers = {"Accept-Encoding": "identity"}
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, headers=headers, allow_redirects=True, max_redirects=5) as resp,
+        ):
+            if resp.status != 200:
+                raise aiohttp.ClientResponseError(
+                    resp.request_info, (), status=resp.status, message=f"HTTP {resp.status}"
+                )
+            if resp.content_length is not None and resp.content_length > self.url_limit:
+                raise BlobTooLarge(
+                    f"input {url} is {resp.content_length} bytes, over the limit of "
+                    f"{self.url_limit}"
+                )
+            f = await asyncio.to_thread(open, dest, "wb")
+            try:
+                async for chunk in resp.content.iter_chunked(1024 * 1024):
+                    size += len(chunk)
+                    if size > self.url_limit:
+                        raise BlobTooLarge(
+                            f"input {url} is over the limit of {self.url_limit} bytes"
+                        )
+                    h.update(chunk)
+                    await asyncio.to_thread(f.write, chunk)
+            except BlobTooLarge:
+                await asyncio.to_thread(f.close)
+                await asyncio.to_thread(dest.unlink, missing_ok=True)
+                raise
+            await asyncio.to_thread(f.close)
+        digest = h.hexdigest()
+        if sha256 is not None and digest != sha256:
+            await asyncio.to_thread(dest.unlink, missing_ok=True)
+            raise BlobError(f"input {url} does not match its sha256 {sha256} (got {digest})")
+        return digest
+
+
+def _inside(root: Path, name: str, field: str) -> Path:
+    """``root / name`` after checking ``name`` cannot escape ``root``."""
+    validate_relative_path(name, field)
+    path = (root / name).resolve()
+    if root.resolve() not in path.parents:
+        raise InvalidPath(name, f"escapes /{field}")
+    return path
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def _open_up(root: Path) -> None:
+    """Make the inputs readable by the container's unprivileged user."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o644)
+        _ = dirnames

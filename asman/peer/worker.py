@@ -1,0 +1,616 @@
+"""The worker: pulls tickets for its queues, claims jobs with signed leases, runs them in
+hardened containers, and finishes them with fenced writes (DESIGN §2, §4).
+
+Shutdown (``stop`` set, e.g. on SIGTERM), in order:
+
+1. stop fetching: no new ticket is pulled;
+2. running jobs get ``drain_grace_s`` to finish normally;
+3. jobs still running are stopped (SIGTERM, grace, SIGKILL) and handed back with
+   ``released`` + ``nak`` so another worker takes them at once;
+4. final writes (finished events, acks) run under ``asyncio.shield``;
+5. heartbeats are removed; the caller closes the log (``drain()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from asman import __version__
+from asman.errors import AsmanError, InvalidInput, LeaseLost, LogError
+from asman.log import jobs, subjects
+from asman.log.blobs import BlobStore
+from asman.log.connection import Log
+from asman.log.definition import BuildSpec, JobSpec, validate_relative_path
+from asman.log.events import Blob, now_ms
+from asman.log.leases import JobLease, Ticket, TicketSource, claim
+from asman.log.workers import WorkerInfo, beat, list_workers, remove
+from asman.peer import docker
+from asman.peer.docker import ContainerSpec, RunOutcome, prepare_job_dir, remove_job_dir
+from asman.peer.inputs import InputFetcher
+from asman.peer.joblog import JobLog
+
+__all__ = ["Runtime", "Worker", "WorkerConfig"]
+
+logger = logging.getLogger(__name__)
+
+OnOutput = Callable[[str, bytes], Awaitable[None]]
+OnLog = Callable[[str], Awaitable[None]]
+
+
+class Runtime(Protocol):
+    """What runs a job's container. ``DockerRuntime`` is the real one."""
+
+    async def ensure_image(self, image: str, on_log: OnLog) -> None: ...
+
+    async def build(
+        self,
+        build: docker.BuildSpec,
+        *,
+        work_dir: Path,
+        fetch_context: Callable[[str, Path], Awaitable[Path]] | None,
+        on_log: OnLog,
+    ) -> str: ...
+
+    async def run(
+        self,
+        spec: ContainerSpec,
+        *,
+        on_output: OnOutput | None,
+        stop: asyncio.Event,
+        timeout_s: float | None,
+        grace_s: float = 10.0,
+    ) -> RunOutcome: ...
+
+    async def cleanup_orphans(self, worker_id: str | None = None) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    queues: tuple[str, ...]
+    data_dir: Path
+    slots: int = 1
+    gpus: tuple[str, ...] = ()
+    max_job_duration_s: float = 3600.0
+    labels: tuple[str, ...] = ()
+    network: str = "none"
+    once: bool = False
+    drain_grace_s: float = 30.0
+    kill_grace_s: float = 10.0
+    heartbeat_s: float = 10.0
+    fetch_timeout_s: float = 5.0
+    sweep_interval_s: float = 120.0
+    memory_limit_bytes: int | None = None
+    cpus_limit: float | None = None
+    inline_output_limit: int = 4096
+    inline_outputs_total: int = 256 * 1024
+    max_outputs: int = 10_000
+    max_output_bytes: int = 50 * 1024**3
+    url_input_limit: int = 2 * 1024**3
+    url_timeout_s: float = 600.0
+    live_log_limit: int = 4 * 1024 * 1024
+    total_log_limit: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not self.queues:
+            raise InvalidInput("a worker needs at least one queue")
+        for q in self.queues:
+            subjects.validate_queue(q)
+        if self.slots < 1:
+            raise InvalidInput(f"--slots must be at least 1, got {self.slots}")
+        if self.network not in ("none", "bridge"):
+            raise InvalidInput(f"--network must be 'none' or 'bridge', got {self.network!r}")
+        if len(set(self.gpus)) != len(self.gpus):
+            raise InvalidInput("--gpus lists a device twice")
+
+
+@dataclass(slots=True)
+class _Running:
+    lease: JobLease
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    why: str = ""  # "cancelled", "lost" or "handback" once stop is set
+    gpus: tuple[str, ...] = ()
+
+
+class Worker:
+    """One worker process's job loop. ``await worker.run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, log: Log, blobs: BlobStore, runtime: Runtime, config: WorkerConfig) -> None:
+        self.log = log
+        self.blobs = blobs
+        self.runtime = runtime
+        self.config = config
+        self.worker_id = log.peer_id
+        self._free = config.slots
+        self._free_gpus = list(config.gpus)
+        self._slot_freed = asyncio.Event()
+        self._running: dict[str, _Running] = {}
+        self._fetching = asyncio.Event()
+        self._done_once = asyncio.Event()
+        self.jobs_done = 0
+        self.inputs = InputFetcher(
+            blobs,
+            cache_dir=config.data_dir / "cache",
+            url_limit=config.url_input_limit,
+            url_timeout_s=config.url_timeout_s,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        (cfg.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        removed = await self.runtime.cleanup_orphans(self.worker_id)
+        if removed:
+            logger.info("removed %d orphaned container(s) of an earlier run", removed)
+        classes = ["cpu", "gpu"] if cfg.gpus else ["cpu"]
+        sources = [await TicketSource(self.log, q, c).open() for q in cfg.queues for c in classes]
+        stop_fetching = asyncio.Event()
+        logger.info(
+            "worker=%s queues=%s slots=%d gpus=%d network=%s",
+            self.worker_id[:12],
+            ",".join(cfg.queues),
+            cfg.slots,
+            len(cfg.gpus),
+            cfg.network,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                beats = tg.create_task(self._heartbeats(stop_fetching))
+                sweeper = tg.create_task(self._sweeper(stop_fetching))
+                for src in sources:
+                    tg.create_task(self._fetch_loop(src, stop_fetching, tg))
+                waiters = [asyncio.ensure_future(stop.wait())]
+                if cfg.once:
+                    waiters.append(asyncio.ensure_future(self._done_once.wait()))
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+                # 1. stop fetching
+                stop_fetching.set()
+                # 2. let running jobs finish within the grace period
+                await self._drain(cfg.drain_grace_s)
+                sweeper.cancel()
+                beats.cancel()
+        finally:
+            for src in sources:
+                await src.close()
+            # 5. remove heartbeats
+            for q in cfg.queues:
+                with contextlib.suppress(AsmanError):
+                    await asyncio.shield(remove(self.log, q))
+
+    async def _drain(self, grace_s: float) -> None:
+        if not self._running:
+            return
+        logger.info("draining: %d job(s) running, grace %.0fs", len(self._running), grace_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                while self._running:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+        # 3. hand back what is still running
+        for running in list(self._running.values()):
+            running.why = running.why or "handback"
+            running.stop.set()
+        while self._running:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+
+    # -- loops -------------------------------------------------------------------------
+
+    async def _heartbeats(self, stopping: asyncio.Event) -> None:
+        hostname = socket.gethostname()
+        while True:
+            for q in self.config.queues:
+                info = WorkerInfo(
+                    worker_id=self.worker_id,
+                    queue=q,
+                    slots=self.config.slots,
+                    free_slots=self._free,
+                    gpus=len(self.config.gpus),
+                    free_gpus=len(self._free_gpus),
+                    memory_bytes=self.config.memory_limit_bytes or 0,
+                    max_job_duration_ms=int(self.config.max_job_duration_s * 1000),
+                    labels=self.config.labels,
+                    running=tuple(self._running),
+                    version=__version__,
+                    hostname=hostname,
+                    network=self.config.network,
+                    draining=stopping.is_set(),
+                )
+                try:
+                    await beat(self.log, info)
+                except LogError as exc:  # a reconnect in progress: try again next beat
+                    logger.warning("heartbeat failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.heartbeat_s):
+                    await stopping.wait()
+
+    async def _sweeper(self, stopping: asyncio.Event) -> None:
+        """Repair (DESIGN §2.8): every unfinished job gets its ticket back if it lost it.
+        The per-subject limit makes this a no-op for jobs whose ticket is still there."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.sweep_interval_s):
+                    await stopping.wait()
+            if stopping.is_set():
+                return
+            for q in self.config.queues:
+                try:
+                    for state in await jobs.list_jobs(self.log, q):
+                        if not state.finished and await jobs.ensure_ticket(
+                            self.log, q, state.job_class, state.job_id
+                        ):
+                            logger.info("job=%s queue=%s ticket repaired", state.job_id, q)
+                except LogError as exc:
+                    logger.warning("sweep of %s failed: %s", q, exc)
+
+    async def _wait_free_slot(self, stopping: asyncio.Event) -> bool:
+        while self._free <= 0 and not stopping.is_set():
+            self._slot_freed.clear()
+            waiters = [
+                asyncio.ensure_future(self._slot_freed.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            ]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+        return not stopping.is_set()
+
+    async def _fetch_loop(
+        self, source: TicketSource, stopping: asyncio.Event, tg: asyncio.TaskGroup
+    ) -> None:
+        while await self._wait_free_slot(stopping):
+            if self.config.once and (self.jobs_done or self._running):
+                return
+            want = 1 if (self.config.once or source.job_class == "gpu") else self._free
+            self._free -= want  # reserve before the fetch: never pull more than we can run
+            try:
+                fetch = asyncio.ensure_future(source.fetch(want, self.config.fetch_timeout_s))
+                stopper = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait([fetch, stopper], return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if not fetch.done():
+                    fetch.cancel()
+                    with contextlib.suppress(BaseException):
+                        await fetch
+                    tickets: list[Ticket] = []
+                else:
+                    try:
+                        tickets = fetch.result()
+                    except LogError as exc:
+                        logger.warning("fetch from %s failed: %s", source.durable, exc)
+                        await asyncio.sleep(1.0)
+                        tickets = []
+            except BaseException:
+                self._free += want
+                raise
+            self._free += want - len(tickets)
+            for ticket in tickets:
+                if stopping.is_set():
+                    with contextlib.suppress(AsmanError):
+                        await ticket.nak()
+                    self._release_slot()
+                    continue
+                tg.create_task(self._job(ticket), name=f"job-{ticket.job_id[:8]}")
+
+    def _release_slot(self, gpus: tuple[str, ...] = ()) -> None:
+        self._free += 1
+        self._free_gpus.extend(gpus)
+        self._slot_freed.set()
+
+    # -- one job -----------------------------------------------------------------------
+
+    async def _job(self, ticket: Ticket) -> None:
+        gpus: tuple[str, ...] = ()
+        try:
+            lease = await claim(self.log, ticket)
+            if lease is None:
+                return
+            try:
+                spec = JobSpec.from_definition(lease.state.definition)
+            except AsmanError as exc:
+                await self._finish_error(lease, f"invalid definition: {exc}")
+                return
+            if spec.gpus:
+                got = await self._take_gpus(lease, spec.gpus)
+                if got is None:
+                    return
+                gpus = got
+            running = _Running(lease, gpus=gpus)
+            self._running[lease.job_id] = running
+            try:
+                await self._run_claimed(running, spec)
+            finally:
+                self._running.pop(lease.job_id, None)
+                self.jobs_done += 1
+                if self.config.once:
+                    self._done_once.set()
+        except LeaseLost as exc:
+            logger.warning("job=%s lease lost: %s", ticket.job_id, exc)
+        except AsmanError as exc:
+            logger.error("job=%s failed in the worker: %s", ticket.job_id, exc)
+        finally:
+            self._release_slot(gpus)
+
+    async def _take_gpus(self, lease: JobLease, wanted: int) -> tuple[str, ...] | None:
+        if wanted > len(self.config.gpus):
+            workers = await list_workers(self.log, lease.queue)
+            if not any(w.gpus >= wanted for w in workers):
+                await self._finish_error(
+                    lease,
+                    f"the job asks for {wanted} GPUs and no worker on queue {lease.queue!r} "
+                    f"has that many (most: {max((w.gpus for w in workers), default=0)})",
+                )
+            else:
+                await lease.release()
+            return None
+        if wanted > len(self._free_gpus):
+            await lease.release()  # busy now; another worker (or we, later) takes it
+            await asyncio.sleep(0.5)
+            return None
+        taken = tuple(self._free_gpus[:wanted])
+        del self._free_gpus[:wanted]
+        return taken
+
+    async def _finish_error(self, lease: JobLease, message: str) -> None:
+        logger.info("job=%s queue=%s error: %s", lease.job_id, lease.queue, message)
+        await asyncio.shield(lease.finish({"reason": "error", "message": message[:4000]}))
+
+    async def _watch(self, running: _Running) -> None:
+        """Stop the container at once when a cancel or a foreign claim lands on the job."""
+        lease = running.lease
+        wake = asyncio.Event()
+        stop_sub = await self.log.wake_on(lease.subject, wake)
+        ttl = self.log.config.lease_ttl_s
+        try:
+            while not running.stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ttl / 3):
+                        await wake.wait()
+                wake.clear()
+                try:
+                    await lease.keepalive()
+                    state = await lease.check()
+                except LeaseLost:
+                    running.why = "lost"
+                    running.stop.set()
+                    return
+                except LogError as exc:
+                    logger.warning("job=%s lease check failed: %s", lease.job_id, exc)
+                    continue
+                if state.cancel_requested:
+                    running.why = running.why or "cancelled"
+                    running.stop.set()
+                    return
+        finally:
+            await stop_sub()
+
+    async def _run_claimed(self, running: _Running, spec: JobSpec) -> None:
+        lease, cfg = running.lease, self.config
+        job_dir = prepare_job_dir(cfg.data_dir / "jobs", lease.job_id, lease.attempt)
+        started = now_ms()
+        outcome: RunOutcome | None = None
+        result: dict[str, Any]
+        async with asyncio.TaskGroup() as tg:
+            watcher = tg.create_task(self._watch(running))
+            try:
+                async with JobLog(
+                    self.log,
+                    lease.queue,
+                    lease.job_id,
+                    lease.attempt,
+                    job_dir.root / "run.log",
+                    live_limit=cfg.live_log_limit,
+                    total_limit=cfg.total_log_limit,
+                ) as joblog:
+                    try:
+                        outcome = await self._execute(running, spec, job_dir, joblog)
+                        if running.why in ("lost", "handback"):
+                            result = {}
+                        else:
+                            result = await self._collect(running, outcome, job_dir.outputs, joblog)
+                    except (AsmanError, OSError) as exc:
+                        joblog.system(f"error: {exc}")
+                        result = {"reason": "error", "message": str(exc)[:4000]}
+                # the log files are complete once the JobLog is closed
+                if running.why not in ("lost", "handback"):
+                    result["log"] = await self._store_log(joblog.file, joblog.run_size)
+                    if joblog.build_size:
+                        result["build_log"] = await self._store_log(
+                            joblog.build_file, joblog.build_size
+                        )
+            finally:
+                running.stop.set()
+                watcher.cancel()
+        try:
+            if running.why == "lost":
+                logger.warning("job=%s lease lost; result discarded", lease.job_id)
+            elif running.why == "handback":
+                await asyncio.shield(lease.release())
+                logger.info("job=%s handed back", lease.job_id)
+            else:
+                if running.why == "cancelled":
+                    result.update(reason="cancelled", message="cancelled")
+                state = await asyncio.shield(lease.finish(result))
+                logger.info(
+                    "job=%s queue=%s attempt=%d worker=%s reason=%s exit=%s dur=%dms",
+                    lease.job_id,
+                    lease.queue,
+                    lease.attempt,
+                    self.worker_id[:12],
+                    state.reason,
+                    outcome.exit_code if outcome else None,
+                    now_ms() - started,
+                )
+        finally:
+            await asyncio.to_thread(remove_job_dir, job_dir)
+
+    async def _execute(
+        self, running: _Running, spec: JobSpec, job_dir: Any, joblog: JobLog
+    ) -> RunOutcome:
+        lease, cfg = running.lease, self.config
+
+        async def on_build_log(line: str) -> None:
+            joblog.write("build", line.encode() if line.endswith("\n") else (line + "\n").encode())
+
+        # inputs
+        mounts = await self.inputs.materialize(spec, job_dir.inputs, job_dir.root / "config")
+        # image
+        if spec.build is not None:
+            image = await self.runtime.build(
+                _docker_build(spec.build),
+                work_dir=job_dir.root / "build",
+                fetch_context=self.inputs.fetch_context,
+                on_log=on_build_log,
+            )
+        else:
+            assert spec.image is not None
+            await self.runtime.ensure_image(spec.image, on_build_log)
+            image = spec.image
+        limit_s = cfg.max_job_duration_s
+        if spec.max_duration_ms is not None:
+            limit_s = min(limit_s, spec.max_duration_ms / 1000)
+        memory = spec.memory
+        if cfg.memory_limit_bytes is not None:
+            memory = min(memory or cfg.memory_limit_bytes, cfg.memory_limit_bytes)
+        cpus = spec.cpus
+        if cfg.cpus_limit is not None:
+            cpus = min(cpus or cfg.cpus_limit, cfg.cpus_limit)
+        container = ContainerSpec(
+            job_id=lease.job_id,
+            queue=lease.queue,
+            worker_id=self.worker_id,
+            attempt=lease.attempt,
+            image=image,
+            command=list(spec.command) if spec.command is not None else None,
+            entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
+            env=spec.env,
+            workdir=spec.workdir,
+            inputs_dir=job_dir.inputs,
+            outputs_dir=job_dir.outputs,
+            extra_mounts=tuple(mounts),
+            cpus=cpus,
+            memory_bytes=memory,
+            shm_size_bytes=spec.shm_size,
+            gpu_devices=running.gpus,
+            network=cfg.network,
+        )
+        await lease.start()
+        outcome = await self.runtime.run(
+            container,
+            on_output=joblog.on_output,
+            stop=running.stop,
+            timeout_s=limit_s,
+            grace_s=cfg.kill_grace_s,
+        )
+        if outcome.timed_out:
+            joblog.system(f"timed out after {limit_s:g}s: stopped")
+        if outcome.oom_killed:
+            joblog.system("the container ran out of memory and was killed")
+        return outcome
+
+    async def _collect(
+        self, running: _Running, outcome: RunOutcome, outputs_dir: Path, joblog: JobLog
+    ) -> dict[str, Any]:
+        cfg = self.config
+        files = await asyncio.to_thread(_list_outputs, outputs_dir, cfg.max_outputs)
+        for skipped in files.skipped:
+            joblog.system(f"output {skipped} skipped")
+        manifest = []
+        inline_total = 0
+        total = 0
+        for rel, path, size in files.files:
+            total += size
+            if total > cfg.max_output_bytes:
+                joblog.system(f"outputs over {cfg.max_output_bytes} bytes; the rest dropped")
+                break
+            if size <= cfg.inline_output_limit and inline_total + size <= cfg.inline_outputs_total:
+                data = await asyncio.to_thread(path.read_bytes)
+                blob = Blob(size=len(data), sha256=hashlib.sha256(data).hexdigest(), data=data)
+                inline_total += len(data)
+            else:
+                info = await self.blobs.put_file(path)
+                blob = Blob(size=info.size, sha256=info.sha256, key=info.key)
+            manifest.append({"path": rel, **blob.to_wire()})
+        if running.why == "cancelled":
+            reason = "cancelled"
+        elif outcome.timed_out:
+            reason = "timed_out"
+        elif outcome.exit_code == 0:
+            reason = "success"
+        else:
+            reason = "failed"
+        return {
+            "reason": reason,
+            "exit_code": outcome.exit_code,
+            "oom_killed": outcome.oom_killed,
+            "duration_ms": outcome.duration_ms,
+            "outputs": manifest,
+            "message": "",
+        }
+
+    async def _store_log(self, path: Path, size: int) -> dict[str, Any]:
+        if size <= self.config.inline_output_limit:
+            data = await asyncio.to_thread(path.read_bytes)
+            digest = hashlib.sha256(data).hexdigest()
+            return Blob(size=len(data), sha256=digest, data=data).to_wire()
+        info = await self.blobs.put_file(path)
+        return Blob(size=info.size, sha256=info.sha256, key=info.key).to_wire()
+
+
+@dataclass(slots=True)
+class _Outputs:
+    files: list[tuple[str, Path, int]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _list_outputs(root: Path, limit: int) -> _Outputs:
+    """Regular files under ``root``, recursively, never following a symlink out."""
+    out = _Outputs()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for d in list(dirnames):
+            if (base / d).is_symlink():
+                dirnames.remove(d)
+                out.skipped.append(f"{(base / d).relative_to(root)}/ (a symlink)")
+        for name in sorted(filenames):
+            path = base / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                out.skipped.append(f"{rel} (not a regular file)")
+                continue
+            try:
+                validate_relative_path(rel, "outputs")
+            except InvalidInput as exc:
+                out.skipped.append(f"{rel} ({exc})")
+                continue
+            if len(out.files) >= limit:
+                out.skipped.append(f"{rel} (more than {limit} output files)")
+                continue
+            out.files.append((rel, path, st.st_size))
+    out.files.sort()
+    return out
+
+
+def _docker_build(b: BuildSpec) -> docker.BuildSpec:
+    return docker.BuildSpec(
+        dockerfile=b.dockerfile,
+        context=b.context,
+        build_context=b.build_context or ".",
+        filename=b.filename,
+        target=b.target,
+        platform=b.platform,
+        build_args=dict(b.build_args),
+    )

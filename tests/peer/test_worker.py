@@ -1,0 +1,271 @@
+"""The worker end to end: real nats-server, real Docker engine, real blob store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from aiohttp import web
+
+from asman.log import jobs
+from asman.log.connection import Log, LogConfig
+from asman.log.events import JobState
+from asman.log.keys import PeerKey
+from asman.log.logstream import read_logs
+from asman.log.objstore import ObjectStoreBlobs
+from asman.peer.docker import DockerRuntime
+from asman.peer.worker import Worker, WorkerConfig
+
+pytestmark = [pytest.mark.docker]
+
+IMAGE = "asman/busybox:local"
+
+
+class Stack:
+    def __init__(self, nats_url: str, tmp: Path) -> None:
+        self.nats_url = nats_url
+        self.tmp = tmp
+        self.client: Log | None = None
+        self.tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+        self.logs: list[Log] = []
+
+    async def log(self, **overrides: Any) -> Log:
+        cfg = LogConfig(servers=(self.nats_url,), **overrides)
+        log = Log(cfg, PeerKey.generate())
+        await log.connect()
+        self.logs.append(log)
+        return log
+
+    async def blobs(self, log: Log) -> ObjectStoreBlobs:
+        store = ObjectStoreBlobs(log.js)
+        await store.ensure()
+        return store
+
+    async def start_worker(self, queue: str, **overrides: Any) -> Worker:
+        log = await self.log(lease_ttl_s=overrides.pop("lease_ttl_s", 30.0))
+        runtime = DockerRuntime()
+        await runtime.__aenter__()
+        cfg = WorkerConfig(
+            queues=(queue,),
+            data_dir=self.tmp / f"worker{len(self.tasks)}",
+            drain_grace_s=overrides.pop("drain_grace_s", 5.0),
+            kill_grace_s=1.0,
+            heartbeat_s=1.0,
+            fetch_timeout_s=1.0,
+            **overrides,
+        )
+        worker = Worker(log, await self.blobs(log), runtime, cfg)
+        stop = asyncio.Event()
+
+        async def run() -> None:
+            try:
+                await worker.run(stop)
+            finally:
+                await runtime.__aexit__(None, None, None)
+
+        self.tasks.append((stop, asyncio.create_task(run())))
+        return worker
+
+    async def close(self) -> None:
+        for stop, _ in self.tasks:
+            stop.set()
+        for _, task in self.tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 30)
+        for log in self.logs:
+            await log.close()
+
+
+@pytest.fixture
+async def stack(nats_url: str, tmp_path: Path, busybox_image: str) -> AsyncIterator[Stack]:
+    s = Stack(nats_url, tmp_path)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def run_job(
+    client: Log, queue: str, definition: dict[str, Any], timeout: float = 60
+) -> JobState:
+    sub = await jobs.submit(client, queue, definition)
+    return await jobs.wait_finished(client, queue, sub.job_id, timeout)
+
+
+async def output_bytes(blobs: ObjectStoreBlobs, state: JobState) -> dict[str, bytes]:
+    assert state.result is not None
+    out = {}
+    for f in state.result.outputs:
+        out[f.path] = (
+            f.blob.data
+            if f.blob.data is not None
+            else await blobs.get_bytes(f.blob.sha256, max_size=10**9)
+        )
+    return out
+
+
+async def job_text(client: Log, state: JobState) -> dict[str, str]:
+    chunks, _ = await read_logs(client, state)
+    text: dict[str, str] = {}
+    for c in chunks:
+        text[c.stream] = text.get(c.stream, "") + c.data.decode()
+    return text
+
+
+def containers_of(job_id: str) -> list[Any]:
+    client = docker.from_env()
+    try:
+        return client.containers.list(all=True, filters={"label": f"asman.job={job_id}"})
+    finally:
+        client.close()
+
+
+async def test_inputs_to_outputs_round_trip_byte_exact(stack: Stack) -> None:
+    client = await stack.log()
+    blobs = await stack.blobs(client)
+    big = os.urandom(3 * 1024 * 1024 + 7)
+    info = await blobs.put_bytes(big)
+    await stack.start_worker("io")
+    state = await run_job(
+        client,
+        "io",
+        {
+            "image": IMAGE,
+            "command": "sh -c 'mkdir -p /outputs/a/b && cat /inputs/small.txt > /outputs/a/b/c.txt "
+            "&& cp /inputs/nested/dir/big.bin /outputs/big.bin && cp /inputs/raw /outputs/raw'",
+            "inputs": {
+                "small.txt": {"type": "utf8", "value": "hello\n"},
+                "nested/dir/big.bin": {"type": "blob", "value": info.sha256},
+                "raw": {"type": "base64", "value": base64.b64encode(b"\x00\x01\xff").decode()},
+            },
+        },
+    )
+    assert state.reason == "success", state.result
+    outs = await output_bytes(blobs, state)
+    assert outs == {"a/b/c.txt": b"hello\n", "big.bin": big, "raw": b"\x00\x01\xff"}
+    big_entry = next(f for f in state.result.outputs if f.path == "big.bin")  # type: ignore[union-attr]
+    assert (
+        big_entry.blob.key is not None and big_entry.blob.sha256 == hashlib.sha256(big).hexdigest()
+    )
+    assert containers_of(state.job_id) == []
+
+
+async def test_failed_exit_code_and_stderr(stack: Stack) -> None:
+    client = await stack.log()
+    await stack.start_worker("fail")
+    state = await run_job(client, "fail", {"image": IMAGE, "command": "sh -c 'echo X >&2; exit 7'"})
+    assert state.reason == "failed" and state.result is not None
+    assert state.result.exit_code == 7
+    assert (await job_text(client, state)).get("stderr") == "X\n"
+    assert state.result.log is not None and state.result.log.data is not None
+    assert b"X\n" in state.result.log.data
+
+
+async def test_max_duration_times_out_and_removes_the_container(stack: Stack) -> None:
+    client = await stack.log()
+    await stack.start_worker("slow")
+    state = await run_job(
+        client, "slow", {"image": IMAGE, "command": "sleep 30", "maxDuration": "2s"}
+    )
+    assert state.reason == "timed_out"
+    assert state.result is not None and state.result.duration_ms is not None
+    assert state.result.duration_ms < 15_000
+    assert containers_of(state.job_id) == []
+
+
+async def test_cancel_running_job(stack: Stack) -> None:
+    client = await stack.log()
+    await stack.start_worker("cancel")
+    sub = await jobs.submit(client, "cancel", {"image": IMAGE, "command": "sleep 30"})
+    async for state in jobs.watch_job(client, "cancel", sub.job_id):
+        if state.started_ms is not None:
+            break
+    await jobs.cancel(client, "cancel", sub.job_id)
+    state = await jobs.wait_finished(client, "cancel", sub.job_id, 30)
+    assert state.reason == "cancelled"
+    assert containers_of(sub.job_id) == []
+
+
+@pytest.mark.slow
+async def test_two_workers_fifty_jobs_each_runs_once(stack: Stack) -> None:
+    client = await stack.log()
+    await stack.start_worker("many", slots=2)
+    await stack.start_worker("many", slots=2)
+    subs = [
+        await jobs.submit(client, "many", {"image": IMAGE, "command": f"echo {n}"})
+        for n in range(50)
+    ]
+    states = await asyncio.gather(
+        *(jobs.wait_finished(client, "many", s.job_id, 180) for s in subs)
+    )
+    for n, state in enumerate(states):
+        assert state.reason == "success"
+        assert state.claims == 1
+        assert sum(1 for h in state.history if h.type == "finished" and h.accepted) == 1
+        text = await job_text(client, state)
+        assert text.get("stdout") == f"{n}\n"
+    workers = {s.result.worker for s in states if s.result}
+    assert len(workers) == 2
+
+
+async def test_hostile_outputs_and_url_inputs(stack: Stack, unused_tcp_port: int) -> None:
+    client = await stack.log()
+
+    async def forever(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await resp.write(b"x" * 65536)
+                await asyncio.sleep(0)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/forever", forever)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", unused_tcp_port)
+    await site.start()
+    try:
+        await stack.start_worker("hostile", url_input_limit=1024 * 1024)
+        # a url input that never ends: bounded by the size limit, the job errors clearly
+        state = await run_job(
+            client,
+            "hostile",
+            {
+                "image": IMAGE,
+                "command": "true",
+                "inputs": {
+                    "f": {"type": "url", "value": f"http://127.0.0.1:{unused_tcp_port}/forever"}
+                },
+            },
+        )
+        assert state.reason == "error"
+        assert state.result is not None and "over the limit" in state.result.message
+        # a symlink in outputs pointing outside is not followed
+        state = await run_job(
+            client,
+            "hostile",
+            {
+                "image": IMAGE,
+                "command": "sh -c 'ln -s /etc/passwd /outputs/pw; echo ok > /outputs/ok'",
+            },
+        )
+        assert state.reason == "success"
+        assert [f.path for f in state.result.outputs] == ["ok"]  # type: ignore[union-attr]
+        # the worker keeps serving
+        state = await run_job(client, "hostile", {"image": IMAGE, "command": "echo still-here"})
+        assert state.reason == "success"
+    finally:
+        await runner.cleanup()
+
+
+Submitter = Callable[[], Awaitable[None]]
