@@ -14,6 +14,9 @@ import pytest
 
 from asman.log.server import NatsServer
 
+# shared fixture modules beside this file: a real Docker engine, a real S3 server
+pytest_plugins = ["dockerfixtures", "s3server"]
+
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
 os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")

@@ -33,7 +33,7 @@ from nats.js.kv import KeyValue
 
 from asman.errors import AsmanError, Conflict, LogError, LogUnavailable
 from asman.log import subjects, wire
-from asman.log.events import RawEvent
+from asman.log.events import CheckedEvent, RawEvent
 from asman.log.keys import PeerKey
 
 __all__ = ["Log", "LogConfig", "translate_errors"]
@@ -127,6 +127,7 @@ class Log:
         self._workers_kv: KeyValue | None = None
         self._closed = False
         self._reconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._replies: _DirectReplies | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -152,7 +153,8 @@ class Log:
             "servers": servers,
             "name": self.config.name,
             "connect_timeout": self.config.connect_timeout_s,
-            "max_reconnect_attempts": -1,
+            # bounded for the first connect (a wrong URL fails fast); unlimited afterwards
+            "max_reconnect_attempts": 2,
             "reconnect_time_wait": 0.5,
             "allow_reconnect": True,
             "error_cb": self._on_error,
@@ -170,6 +172,7 @@ class Log:
             ) from exc
         except nats.errors.Error as exc:
             raise LogUnavailable(f"cannot connect to NATS at {', '.join(servers)}: {exc}") from exc
+        self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(
             domain=self.config.domain, timeout=self.config.request_timeout_s
         )
@@ -328,6 +331,20 @@ class Log:
         sequence (0 = the subject must be empty): ``Conflict`` when someone wrote first.
         """
         data = wire.seal(self.key, subject, event)
+        return await self._publish_event(subject, event, data, expected_last_seq)
+
+    async def append_checked(
+        self, subject: str, event: dict[str, Any], *, expected_last_seq: int | None
+    ) -> CheckedEvent:
+        """``append``, returning the event as every reader will see it once verified (our
+        own first-hand view: no need to verify our own signature), with its sequence."""
+        data, opened = wire.seal_opened(self.key, subject, event)
+        seq = await self._publish_event(subject, event, data, expected_last_seq)
+        return CheckedEvent(seq, opened)
+
+    async def _publish_event(
+        self, subject: str, event: dict[str, Any], data: bytes, expected_last_seq: int | None
+    ) -> int:
         headers = None
         if expected_last_seq is not None:
             headers = {subjects.HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq)}
@@ -366,43 +383,24 @@ class Log:
     async def _direct_batch(
         self, stream: str, subject: str, start_seq: int, batch: int
     ) -> tuple[list[RawEvent], bool, int]:
-        nc = self.nc
-        inbox = nc.new_inbox()
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-
-        async def on_msg(msg: Msg) -> None:
-            queue.put_nowait(msg)
-
         request = json.dumps({"seq": start_seq, "next_by_subj": subject, "batch": batch})
-        out: list[RawEvent] = []
-        pending = 0
-        last = start_seq - 1
         with translate_errors(f"reading {subject}"):
-            sub = await nc.subscribe(inbox, cb=on_msg)
-            try:
-                await nc.publish(
-                    f"{self.api_prefix}.DIRECT.GET.{stream}", request.encode(), reply=inbox
-                )
-                async with asyncio.timeout(self.config.request_timeout_s):
-                    while True:
-                        msg = await queue.get()
-                        headers = msg.headers or {}
-                        status = headers.get("Status")
-                        if status == "404":
-                            return out, False, last
-                        if status == "204":
-                            pending = int(headers.get("Nats-Num-Pending", "0"))
-                            return out, pending > 0, last
-                        if status:
-                            _raise_status(status, headers.get("Description", ""), stream)
-                        last = int(headers["Nats-Sequence"])
-                        out.append(
-                            RawEvent(seq=last, data=msg.data, subject=headers["Nats-Subject"])
-                        )
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        raise LogUnavailable(f"reading {subject}: no answer")  # only if the timeout swallowed
+            if self._replies is None or self._replies.nc is not self.nc:
+                self._replies = await _DirectReplies.open(self.nc)
+            msgs, status, detail = await self._replies.request(
+                f"{self.api_prefix}.DIRECT.GET.{stream}",
+                request.encode(),
+                self.config.request_timeout_s,
+            )
+        if status not in ("404", "204"):
+            _raise_status(status, detail, stream)
+        out: list[RawEvent] = []
+        last = start_seq - 1
+        for msg in msgs:
+            headers = msg.headers or {}
+            last = int(headers["Nats-Sequence"])
+            out.append(RawEvent(seq=last, data=msg.data, subject=headers["Nats-Subject"]))
+        return out, status == "204" and detail not in ("", "0"), last
 
     async def last_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on ``subject`` (0 if none)."""
@@ -433,7 +431,65 @@ class Log:
         return stop
 
 
+class _DirectReplies:
+    """One wildcard inbox for every batched direct get of a connection.
+
+    A batch answers with its messages, then one status message (204 end of batch, 404 none,
+    or an error). Subscribing an inbox per read would cost a SUB, an UNSUB and a task each
+    time; here each request has a token and its replies are gathered by the one callback.
+    """
+
+    def __init__(self, nc: NATS, prefix: str) -> None:
+        self.nc = nc
+        self.prefix = prefix
+        self._next = 0
+        self._waiting: dict[str, tuple[list[Msg], asyncio.Future[tuple[str, str]]]] = {}
+
+    @classmethod
+    async def open(cls, nc: NATS) -> _DirectReplies:
+        self = cls(nc, nc.new_inbox())
+        await nc.subscribe(f"{self.prefix}.*", cb=self._on_msg)
+        return self
+
+    async def _on_msg(self, msg: Msg) -> None:
+        entry = self._waiting.get(msg.subject[len(self.prefix) + 1 :])
+        if entry is None:
+            return  # a reply to a request that timed out
+        msgs, done = entry
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if not status:
+            msgs.append(msg)
+            return
+        if not done.done():
+            if status == "204":
+                done.set_result((status, headers.get("Nats-Num-Pending", "0") if headers else ""))
+            else:
+                done.set_result((status, headers.get("Description", "") if headers else ""))
+
+    async def request(
+        self, subject: str, payload: bytes, timeout: float
+    ) -> tuple[list[Msg], str, str]:
+        """(messages, status, Nats-Num-Pending for 204 or the description otherwise)."""
+        self._next += 1
+        token = str(self._next)
+        msgs: list[Msg] = []
+        done: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = (msgs, done)
+        try:
+            await self.nc.publish(subject, payload, reply=f"{self.prefix}.{token}")
+            async with asyncio.timeout(timeout):
+                status, detail = await done
+        finally:
+            del self._waiting[token]
+        return msgs, status, detail
+
+
 def _raise_status(status: str, description: str, stream: str) -> NoReturn:
     if status == "408":
         raise LogUnavailable(f"direct get on {stream} timed out: {description}")
+    if status == "503":
+        # no responders: the stream's replicas are still recovering (a cluster restart) or
+        # electing a leader; transient, so reads retry it
+        raise LogUnavailable(f"direct get on {stream}: no replica answers yet ({description})")
     raise LogError(f"direct get on {stream} failed: {status} {description}")

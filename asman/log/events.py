@@ -41,13 +41,16 @@ __all__ = [
     "FINISH_REASONS",
     "RESULT_REASONS",
     "Blob",
+    "CheckedEvent",
     "HistoryEntry",
     "JobState",
     "Lease",
     "OutputFile",
     "RawEvent",
     "Result",
+    "check_event",
     "fold",
+    "fold_checked",
     "now_ms",
 ]
 
@@ -398,30 +401,62 @@ def _apply(
     return state, f"unknown event type {kind!r}"
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedEvent:
+    """One event of a job subject after verification: ``opened`` (signer and event) when its
+    envelope verified, else None and ``error`` says why it was rejected.
+
+    Folding checked events costs no cryptography, so a peer that follows one job (a lease,
+    a watcher) verifies each event once and folds its verified history as often as it likes.
+    """
+
+    seq: int
+    opened: wire.Opened | None
+    error: str = ""
+
+
+def check_event(raw: RawEvent, subject: str) -> CheckedEvent:
+    """Verify one raw event received on ``subject`` (see ``wire.open_envelope``)."""
+    try:
+        return CheckedEvent(raw.seq, wire.open_envelope(raw.data, subject))
+    except (EnvelopeError, ValueError, TypeError) as exc:
+        return CheckedEvent(raw.seq, None, str(exc))
+
+
 def fold(queue: str, job_id: str, subject: str, events: Iterable[RawEvent]) -> JobState | None:
     """The state of a job from its raw events, oldest first. None when nothing valid exists."""
+    return fold_checked(queue, job_id, subject, (check_event(raw, subject) for raw in events))
+
+
+def fold_checked(
+    queue: str, job_id: str, subject: str, events: Iterable[CheckedEvent]
+) -> JobState | None:
+    """``fold`` over events already verified by ``check_event`` (or known first-hand: an
+    event this peer signed and the log accepted). Rejected events are counted."""
     state: JobState | None = None
     history: list[HistoryEntry] = []
     rejected = 0
     last_seq = 0
-    for raw in events:
-        last_seq = raw.seq
+    for checked in events:
+        last_seq = checked.seq
+        opened = checked.opened
         try:
-            opened = wire.open_envelope(raw.data, subject)
+            if opened is None:
+                raise ValueError(checked.error)
             kind = str(opened.event.get("type", "?"))
             ts = opened.event.get("ts", 0)
-            state, why = _apply(state, raw.seq, opened.signer, opened.event, queue, job_id)
-        except (EnvelopeError, ValueError, TypeError, json.JSONDecodeError) as exc:
+            state, why = _apply(state, checked.seq, opened.signer, opened.event, queue, job_id)
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
             rejected += 1
-            logger.warning("rejected event seq=%d on %s: %s", raw.seq, subject, exc)
-            history.append(HistoryEntry(raw.seq, "?", "", 0, False, str(exc)))
+            logger.warning("rejected event seq=%d on %s: %s", checked.seq, subject, exc)
+            history.append(HistoryEntry(checked.seq, "?", "", 0, False, str(exc)))
             continue
         if why:
             rejected += 1
-            logger.info("ignored %s event seq=%d on %s: %s", kind, raw.seq, subject, why)
+            logger.info("ignored %s event seq=%d on %s: %s", kind, checked.seq, subject, why)
         history.append(
             HistoryEntry(
-                raw.seq, kind, opened.signer, ts if isinstance(ts, int) else 0, not why, why
+                checked.seq, kind, opened.signer, ts if isinstance(ts, int) else 0, not why, why
             )
         )
     if state is None:

@@ -22,9 +22,18 @@ from asman.errors import Conflict, JobNotFound, LogError, UnauthorizedSigner
 from asman.log import subjects
 from asman.log.connection import ERR_MAX_MSGS_PER_SUBJECT, Log, translate_errors
 from asman.log.definition import image_class, job_id, validate_definition
-from asman.log.events import JobState, RawEvent, fold, now_ms
+from asman.log.events import (
+    CheckedEvent,
+    JobState,
+    RawEvent,
+    check_event,
+    fold,
+    fold_checked,
+    now_ms,
+)
 
 __all__ = [
+    "JobHistory",
     "Submitted",
     "cancel",
     "ensure_ticket",
@@ -61,11 +70,60 @@ def definition_text(definition: Mapping[str, Any]) -> str:
     return json.dumps(definition, separators=(",", ":"), ensure_ascii=False)
 
 
+class JobHistory:
+    """One job's events, each read and verified once: a peer that follows a job (a lease, a
+    watcher) re-reads only what was appended since, and folds its verified copy.
+
+    Sequences only grow, so a read from the last known sequence on is complete; our own
+    appends are recorded first-hand (``appended``) when the compare-and-set proves that
+    nothing came between the last event we know and ours.
+    """
+
+    __slots__ = ("events", "job_id", "log", "queue", "subject")
+
+    def __init__(self, log: Log, queue: str, job: str) -> None:
+        self.log = log
+        self.queue = queue
+        self.job_id = job
+        self.subject = subjects.job_subject(queue, job)
+        self.events: list[CheckedEvent] = []
+
+    @property
+    def last_seq(self) -> int:
+        """Stream sequence of the last event known (0 if none)."""
+        return self.events[-1].seq if self.events else 0
+
+    def state(self) -> JobState | None:
+        """The fold of the events known so far."""
+        return fold_checked(self.queue, self.job_id, self.subject, self.events)
+
+    def _add(self, event: CheckedEvent) -> None:
+        if event.seq > self.last_seq:  # a concurrent read may have brought it already
+            self.events.append(event)
+
+    async def read(self) -> JobState | None:
+        """Read and verify what was appended since the last read; the job's state now."""
+        new = await self.log.read_subject(subjects.JOBS_STREAM, self.subject, self.last_seq + 1)
+        for raw in new:
+            if raw.seq > self.last_seq:
+                self.events.append(check_event(raw, self.subject))
+        return self.state()
+
+    async def appended(self, own: CheckedEvent, expected_last_seq: int) -> JobState | None:
+        """Record our own event, accepted by a compare-and-set on ``expected_last_seq``.
+
+        When the last event we know is that sequence, ours is the very next one on the
+        subject and needs no read. Otherwise we read (and verify) what we are missing.
+        """
+        if self.last_seq == expected_last_seq or own.seq <= self.last_seq:
+            self._add(own)
+            return self.state()
+        return await self.read()
+
+
 async def read_job(log: Log, queue: str, job: str) -> JobState | None:
     """The job's state: the fold of its verified events. None if it does not exist."""
-    subject = subjects.job_subject(queue, job)
-    events = await log.read_subject(subjects.JOBS_STREAM, subject)
-    return fold(queue, job, subject, events)
+    return await JobHistory(log, queue, job).read()
 
 
 async def _require(log: Log, queue: str, job: str) -> JobState:
@@ -117,13 +175,16 @@ async def submit(
     created = False
     expected = 0
     state: JobState | None = None
+    history = JobHistory(log, queue, jid)
     for _ in range(CAS_RETRIES):
         try:
-            await log.append(subject, event, expected_last_seq=expected)
-            created = True
+            own = await log.append_checked(subject, event, expected_last_seq=expected)
         except Conflict:
-            pass
-        state = await read_job(log, queue, jid)
+            state = await history.read()
+        else:
+            created = True
+            # on an empty subject our event is the first: its state needs no read back
+            state = await history.appended(own, expected)
         if state is not None:
             break
         # the subject holds only invalid events (noise, or a forged first event): append on top
@@ -227,13 +288,10 @@ async def _notifications(log: Log, subject: str) -> AsyncIterator[None]:
 
 async def watch_job(log: Log, queue: str, job: str) -> AsyncIterator[JobState]:
     """Yields the job's state now (once it exists) and after every change, until finished."""
-    subject = subjects.job_subject(queue, job)
-    events: list[RawEvent] = []
+    history = JobHistory(log, queue, job)
     last: JobState | None = None
-    async for _ in _notifications(log, subject):
-        start = events[-1].seq + 1 if events else 1
-        events.extend(await log.read_subject(subjects.JOBS_STREAM, subject, start))
-        state = fold(queue, job, subject, events)
+    async for _ in _notifications(log, history.subject):
+        state = await history.read()
         if state is None or (last is not None and state.last_seq == last.last_seq):
             continue
         last = state
@@ -254,7 +312,7 @@ async def wait_finished(log: Log, queue: str, job: str, timeout: float | None = 
 async def watch_queue(log: Log, queue: str) -> AsyncIterator[JobState]:
     """Yields every job of the queue now, then each job again whenever it changes."""
     flt = subjects.jobs_filter(queue)
-    by_subject: dict[str, list[RawEvent]] = defaultdict(list)
+    by_subject: dict[str, list[CheckedEvent]] = defaultdict(list)  # each verified once
     next_seq = 1
     async for _ in _notifications(log, flt):
         new = await log.read_subject(subjects.JOBS_STREAM, flt, next_seq)
@@ -262,10 +320,10 @@ async def watch_queue(log: Log, queue: str) -> AsyncIterator[JobState]:
         for ev in new:
             if ev.subject not in by_subject or ev.subject not in touched:
                 touched.append(ev.subject)
-            by_subject[ev.subject].append(ev)
+            by_subject[ev.subject].append(check_event(ev, ev.subject))
             next_seq = ev.seq + 1
         for subject in dict.fromkeys(touched):
             q, jid = subjects.job_id_from_subject(subject)
-            state = fold(q, jid, subject, by_subject[subject])
+            state = fold_checked(q, jid, subject, by_subject[subject])
             if state is not None:
                 yield state

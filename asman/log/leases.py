@@ -37,7 +37,7 @@ from asman.errors import Conflict, LeaseLost, LogError
 from asman.log import subjects
 from asman.log.connection import Log, translate_errors
 from asman.log.events import JobState, now_ms
-from asman.log.jobs import CAS_RETRIES, read_job
+from asman.log.jobs import CAS_RETRIES, JobHistory
 
 __all__ = ["JobLease", "Ticket", "TicketSource", "claim"]
 
@@ -147,9 +147,16 @@ class TicketSource:
 
 
 class JobLease:
-    """A worker's live claim on one attempt of one job."""
+    """A worker's live claim on one attempt of one job.
 
-    def __init__(self, log: Log, ticket: Ticket, state: JobState, claim_seq: int) -> None:
+    The lease keeps the job's verified history (``JobHistory``): each event is read and
+    verified once, and our own fenced appends are recorded first-hand, so ``check`` reads
+    only what others appended since and ``start``/``finish`` need no read back.
+    """
+
+    def __init__(
+        self, log: Log, ticket: Ticket, state: JobState, claim_seq: int, history: JobHistory
+    ) -> None:
         self.log = log
         self.ticket = ticket
         self.queue = ticket.queue
@@ -157,7 +164,8 @@ class JobLease:
         self.state = state
         self.attempt = state.claims
         self.last_seq = claim_seq
-        self.subject = subjects.job_subject(self.queue, self.job_id)
+        self.history = history
+        self.subject = history.subject
         self.done = False
 
     def _ours(self, state: JobState | None) -> JobState:
@@ -181,20 +189,28 @@ class JobLease:
         await self.ticket.in_progress()
 
     async def check(self) -> JobState:
-        """Re-read the job; raises LeaseLost when another claim is on top of ours."""
-        self.state = self._ours(await read_job(self.log, self.queue, self.job_id))
+        """Read what was appended to the job since; raises LeaseLost when another claim is on
+        top of ours."""
+        self.state = self._ours(await self.history.read())
         return self.state
 
-    async def _append_fenced(self, event: dict[str, Any]) -> int:
+    async def _append(self, event: dict[str, Any]) -> JobState:
+        """One fenced append on our last known sequence; Conflict if someone wrote first."""
+        expected = self.last_seq
+        own = await self.log.append_checked(self.subject, event, expected_last_seq=expected)
+        state = await self.history.appended(own, expected)
+        assert state is not None  # our own claim is in the history
+        self.last_seq = own.seq
+        self.state = state
+        return state
+
+    async def _append_fenced(self, event: dict[str, Any]) -> JobState:
         for _ in range(CAS_RETRIES):
             try:
-                seq = await self.log.append(self.subject, event, expected_last_seq=self.last_seq)
+                return await self._append(event)
             except Conflict:
                 state = await self.check()
                 self.last_seq = state.last_seq
-                continue
-            self.last_seq = seq
-            return seq
         raise LeaseLost(self.queue, self.job_id, "job subject keeps changing; giving up")
 
     async def start(self) -> None:
@@ -206,6 +222,7 @@ class JobLease:
 
         ``result`` holds reason, exit_code, oom_killed, duration_ms, message, outputs, log.
         When a cancel request landed on our claim, the job is finished as cancelled.
+        Returns the job's state with our ``finished`` folded in.
         """
         event: dict[str, Any] = {
             **result,
@@ -215,18 +232,16 @@ class JobLease:
         }
         for _ in range(CAS_RETRIES):
             try:
-                seq = await self.log.append(self.subject, event, expected_last_seq=self.last_seq)
+                final = await self._append(event)
             except Conflict:
                 state = await self.check()  # raises LeaseLost on a foreign claim
                 self.last_seq = state.last_seq
                 if state.cancel_requested and event.get("reason") != "cancelled":
                     event = {**event, "reason": "cancelled", "message": "cancelled"}
                 continue
-            self.last_seq = seq
+            # our finished is on the log, accepted by CAS on our own last event: now ack
             await self.ticket.ack()
             self.done = True
-            final = await read_job(self.log, self.queue, self.job_id)
-            assert final is not None
             return final
         raise LeaseLost(self.queue, self.job_id, "job subject keeps changing; giving up")
 
@@ -241,9 +256,10 @@ class JobLease:
 async def claim(log: Log, ticket: Ticket) -> JobLease | None:
     """Claim the job behind ``ticket``; None when there is nothing to run (ticket termed)."""
     queue, job = ticket.queue, ticket.job_id
-    subject = subjects.job_subject(queue, job)
+    history = JobHistory(log, queue, job)
+    subject = history.subject
     for _ in range(CAS_RETRIES):
-        state = await read_job(log, queue, job)
+        state = await history.read()
         if state is None or state.finished:
             await ticket.term()
             return None
@@ -274,7 +290,7 @@ async def claim(log: Log, ticket: Ticket) -> JobLease | None:
             await ticket.term()
             return None
         try:
-            seq = await log.append(
+            own = await log.append_checked(
                 subject,
                 {
                     "type": "claimed",
@@ -287,9 +303,9 @@ async def claim(log: Log, ticket: Ticket) -> JobLease | None:
             )
         except Conflict:
             continue
-        claimed = await read_job(log, queue, job)
-        if claimed is None or claimed.lease is None or claimed.lease.claim_seq != seq:
+        claimed = await history.appended(own, state.last_seq)
+        if claimed is None or claimed.lease is None or claimed.lease.claim_seq != own.seq:
             continue  # our claim was not accepted by the fold (should not happen): retry
         logger.info("job=%s queue=%s claimed attempt=%d", job, queue, claimed.claims)
-        return JobLease(log, ticket, claimed, seq)
+        return JobLease(log, ticket, claimed, own.seq, history)
     raise Conflict(f"could not claim job {job}: too many concurrent writers")

@@ -53,6 +53,7 @@ __all__ = [
     "encode",
     "open_envelope",
     "seal",
+    "seal_opened",
 ]
 
 COSE_SIGN1_TAG = 18
@@ -232,6 +233,18 @@ def seal(key: PeerKey, subject: str, event: Mapping[str, Any]) -> bytes:
     Adds ``"v": SCHEMA_VERSION`` unless the event has a ``"v"`` (which must be an int).
     ``TypeError`` if the event holds a value ``encode`` refuses.
     """
+    return _seal(key, subject, event)[0]
+
+
+def seal_opened(key: PeerKey, subject: str, event: Mapping[str, Any]) -> tuple[bytes, Opened]:
+    """``seal``, and the ``Opened`` that ``open_envelope`` returns for that envelope on
+    ``subject``: the signer's own first-hand view of its event (the payload is decoded from
+    the very bytes that were signed), so the signer need not verify its own signature."""
+    envelope, payload = _seal(key, subject, event)
+    return envelope, Opened(signer=key.peer_id, event=_loads(payload), protected_sub=subject)
+
+
+def _seal(key: PeerKey, subject: str, event: Mapping[str, Any]) -> tuple[bytes, bytes]:
     if not isinstance(subject, str):
         raise TypeError(f"subject must be a str, not {type(subject).__name__}")
     body = {"v": SCHEMA_VERSION, **event}
@@ -243,9 +256,10 @@ def seal(key: PeerKey, subject: str, event: Mapping[str, Any]) -> bytes:
     )
     subject_bytes = subject.encode()
     signature = key.sign(_sig_structure(protected, subject_bytes, payload))
-    return cbor2.dumps(
+    envelope = cbor2.dumps(
         cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]), canonical=True
     )
+    return envelope, payload
 
 
 def _malformed(what: str, subject: str) -> MalformedEnvelope:

@@ -130,6 +130,8 @@ class Worker:
         self.runtime = runtime
         self.config = config
         self.worker_id = log.peer_id
+        digest = hashlib.sha256(str(config.data_dir.resolve()).encode()).hexdigest()
+        self.instance = f"{log.peer_id[:16]}-{digest[:16]}"
         self._free = config.slots
         self._free_gpus = list(config.gpus)
         self._slot_freed = asyncio.Event()
@@ -149,7 +151,14 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         (cfg.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
-        removed = await self.runtime.cleanup_orphans(self.worker_id)
+        with _DataDirLock(cfg.data_dir):
+            await self._run(stop)
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        # Containers carry this instance id; holding the data dir's lock, anything labelled
+        # with it belongs to a worker that died here: remove it (never a live sibling's).
+        removed = await self.runtime.cleanup_orphans(self.instance)
         if removed:
             logger.info("removed %d orphaned container(s) of an earlier run", removed)
         classes = ["cpu", "gpu"] if cfg.gpus else ["cpu"]
@@ -490,7 +499,7 @@ class Worker:
         container = ContainerSpec(
             job_id=lease.job_id,
             queue=lease.queue,
-            worker_id=self.worker_id,
+            worker_id=self.instance,
             attempt=lease.attempt,
             image=image,
             command=list(spec.command) if spec.command is not None else None,
@@ -567,6 +576,34 @@ class Worker:
             return Blob(size=len(data), sha256=digest, data=data).to_wire()
         info = await self.blobs.put_file(path)
         return Blob(size=info.size, sha256=info.sha256, key=info.key).to_wire()
+
+
+class _DataDirLock:
+    """An exclusive lock on the worker's data dir: one worker per data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> _DataDirLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InvalidInput(
+                f"another worker uses the data dir {self.path.parent}: give this one its own "
+                "--data-dir"
+            ) from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass(slots=True)

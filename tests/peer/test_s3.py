@@ -22,7 +22,7 @@ from asman.peer.s3 import S3Blobs
 if TYPE_CHECKING:
     from s3server import SeaweedS3
 
-pytest_plugins = ["s3server"]  # the s3_server / s3_client / s3_bucket fixtures
+
 
 pytestmark = pytest.mark.s3
 

@@ -1,0 +1,687 @@
+"""The ``asman`` command: parse, build settings, ``asyncio.run``. Nothing else lives here.
+
+Exit codes (docs/reference/cli.md): 0 ok; 1 other error; 2 bad input or usage; 3 the log
+(NATS) failed; 4 the container runtime failed. ``asman submit --wait`` exits with the job's
+own exit code, or 124 timed out, 125 error, 130 cancelled, 75 worker lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import secrets
+import shlex
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from asman import __version__
+from asman.config import (
+    BlobSettings,
+    ClientSettings,
+    default_config_dir,
+    default_data_dir,
+    load_config_file,
+)
+from asman.errors import AsmanError, ConfigError, InvalidInput
+from asman.log.definition import parse_duration_ms, parse_size_bytes
+
+T = TypeVar("T")
+
+EXIT_BY_REASON = {"timed_out": 124, "error": 125, "cancelled": 130, "worker_lost": 75}
+
+logger = logging.getLogger("asman")
+
+
+# -- plumbing ----------------------------------------------------------------------------
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """The CLI's only signal handlers: SIGINT/SIGTERM set an event, nothing more."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+class AsmanGroup(click.Group):
+    """Turns every AsmanError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AsmanError as exc:
+            click.echo(f"asman: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("asman: interrupted", err=True)
+            ctx.exit(130)
+
+
+def _config_default_map() -> dict[str, Any]:
+    env = os.environ
+    explicit = env.get("ASMAN_CONFIG")
+    path = Path(explicit) if explicit else default_config_dir(env) / "config.toml"
+    data = load_config_file(path, required=bool(explicit))
+    top = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            out[name] = {**top, **{k.replace("-", "_"): v for k, v in value.items()}}
+    out["__top__"] = top
+    return out
+
+
+def _apply_defaults(group: click.Group, default_map: dict[str, Any]) -> dict[str, Any]:
+    top = default_map.pop("__top__", {})
+    result: dict[str, Any] = {}
+    for name, cmd in group.commands.items():
+        sub = dict(top)
+        sub.update(default_map.get(name, {}))
+        if isinstance(cmd, click.Group):
+            result[name] = {n: dict(sub) for n in cmd.commands} | sub
+        else:
+            result[name] = sub
+    return result
+
+
+def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of every command that talks to the log and the blob store."""
+    options = [
+        click.option("--nats", "nats_urls", envvar="ASMAN_NATS_URL", default="nats://127.0.0.1:4222",
+                     show_default=True, help="NATS server URL(s), comma separated."),
+        click.option("--domain", envvar="ASMAN_DOMAIN", default=None,
+                     help="JetStream domain of the queues (e.g. 'hub' from a leaf node)."),
+        click.option("--creds", envvar="ASMAN_CREDS", default=None,
+                     type=click.Path(dir_okay=False), help="NATS credentials file."),
+        click.option("--blobs", "blobs_url", envvar="ASMAN_BLOBS", default=None,
+                     help="Blob store: the JetStream object store by default, or an S3 URL "
+                     "(s3+http://host:port/bucket); credentials from ASMAN_S3_ACCESS_KEY/"
+                     "ASMAN_S3_SECRET_KEY or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."),
+        click.option("--key-file", envvar="ASMAN_KEY_FILE", default=None,
+                     type=click.Path(dir_okay=False), help="This peer's Ed25519 key."),
+        click.option("--replicas", envvar="ASMAN_REPLICAS", default=1, show_default=True,
+                     type=click.IntRange(1, 5), help="Replicas of Asman's streams."),
+        click.option("--retention", envvar="ASMAN_RETENTION", default="7d", show_default=True,
+                     help="How long jobs, logs and results are kept."),
+        click.option("--lease-ttl", envvar="ASMAN_LEASE_TTL", default="30s", show_default=True,
+                     help="A worker's lease: the ack wait of its tickets."),
+        click.option("--max-attempts", envvar="ASMAN_MAX_ATTEMPTS", default=3, show_default=True,
+                     type=click.IntRange(1, 100), help="Attempts before a job is worker_lost."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def settings_from(kwargs: dict[str, Any]) -> ClientSettings:
+    """Pop the log options out of ``kwargs`` into ClientSettings."""
+    env = os.environ
+    servers = tuple(u.strip() for u in kwargs.pop("nats_urls").split(",") if u.strip())
+    if not servers:
+        raise ConfigError("--nats needs at least one URL, e.g. nats://127.0.0.1:4222")
+    key_file = kwargs.pop("key_file")
+    retention_ms = parse_duration_ms(kwargs.pop("retention"), "--retention")
+    lease_ms = parse_duration_ms(kwargs.pop("lease_ttl"), "--lease-ttl")
+    return ClientSettings(
+        servers=servers,
+        domain=kwargs.pop("domain"),
+        creds=kwargs.pop("creds"),
+        key_file=Path(key_file) if key_file else default_config_dir(env) / "peer.key",
+        blobs=BlobSettings(
+            url=kwargs.pop("blobs_url"),
+            access_key=env.get("ASMAN_S3_ACCESS_KEY") or env.get("AWS_ACCESS_KEY_ID"),
+            secret_key=env.get("ASMAN_S3_SECRET_KEY") or env.get("AWS_SECRET_ACCESS_KEY"),
+        ),
+        replicas=kwargs.pop("replicas"),
+        retention_s=max(1, retention_ms // 1000),
+        lease_ttl_s=lease_ms / 1000,
+        max_attempts=kwargs.pop("max_attempts"),
+    )
+
+
+def asyncmain(f: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    @wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return run_async(f(*args, **kwargs))  # type: ignore[arg-type]
+
+    return wrapper
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# -- root --------------------------------------------------------------------------------
+
+
+@click.group(cls=AsmanGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="asman")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              envvar="ASMAN_LOG_FORMAT", show_default=True)
+@click.pass_context
+def main(ctx: click.Context, verbose: int, log_format: str) -> None:
+    """Asman: public compute queues on a shared log.
+
+    Put a Docker job on a queue; any worker that joined the queue runs it.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if verbose < 2:
+        logging.getLogger("nats").setLevel(logging.CRITICAL)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {"ts": record.created, "level": record.levelname, "logger": record.name,
+             "msg": record.getMessage()}
+        )
+
+
+# -- submit ------------------------------------------------------------------------------
+
+
+def build_definition(
+    image: str | None,
+    command: tuple[str, ...],
+    definition_file: str | None,
+    env: tuple[str, ...],
+    workdir: str | None,
+    max_duration: str | None,
+    gpus: int | None,
+    cpus: float | None,
+    memory: str | None,
+    tags: tuple[str, ...],
+) -> dict[str, Any]:
+    definition: dict[str, Any] = {}
+    if definition_file:
+        try:
+            text = sys.stdin.read() if definition_file == "-" else Path(definition_file).read_text()
+            loaded = json.loads(text)
+        except OSError as exc:
+            raise InvalidInput(f"cannot read --definition {definition_file}: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(
+                f"--definition {definition_file} is not valid JSON: {exc.msg} at line "
+                f"{exc.lineno} column {exc.colno}"
+            ) from exc
+        if not isinstance(loaded, dict):
+            raise InvalidInput(f"--definition {definition_file} must hold a JSON object")
+        definition.update(loaded)
+    if image:
+        definition["image"] = image
+    if command:
+        definition["command"] = shlex.join(command)
+    if env:
+        merged = dict(definition.get("env") or {})
+        for item in env:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise InvalidInput(f"--env {item!r} must be NAME=VALUE")
+            merged[name] = value
+        definition["env"] = merged
+    if workdir:
+        definition["workdir"] = workdir
+    if max_duration:
+        definition["maxDuration"] = max_duration
+    requirements = dict(definition.get("requirements") or {})
+    if gpus is not None:
+        requirements["gpus"] = gpus
+    if cpus is not None:
+        requirements["cpus"] = cpus
+    if memory:
+        requirements["memory"] = memory
+    if requirements:
+        definition["requirements"] = requirements
+    if tags:
+        definition["tags"] = list(tags)
+    if "image" not in definition and "build" not in definition:
+        raise InvalidInput("give an IMAGE (or a --definition file with an image or a build)")
+    return definition
+
+
+def definition_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--definition", "definition_file", default=None,
+                     help="A job definition JSON file ('-' for stdin); flags override it."),
+        click.option("--env", "-e", multiple=True, help="NAME=VALUE, repeatable."),
+        click.option("--workdir", "-w", default=None, help="Working directory in the container."),
+        click.option("--max-duration", default=None, help="e.g. 30s, 10m, 2h."),
+        click.option("--gpus", type=click.IntRange(0, 64), default=None, help="GPUs the job needs."),
+        click.option("--cpus", type=click.FloatRange(0.01, 1024), default=None,
+                     help="CPUs the job may use."),
+        click.option("--memory", default=None, help="Memory the job may use, e.g. 512m, 2g."),
+        click.option("--tag", "tags", multiple=True, help="A tag, repeatable."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("image", required=False)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--file", "-f", "files", multiple=True,
+              help="PATH (→ /inputs/<basename>) or PATH=NAME (→ /inputs/NAME); a folder keeps "
+              "its tree. Repeatable.")
+@definition_options
+@click.option("--wait", is_flag=True, help="Stream logs, download outputs, exit with the job's code.")
+@click.option("--outputs", "-o", "outputs_dir", default=None, type=click.Path(file_okay=False),
+              help="Where --wait puts the outputs [default: ./outputs/<job id>].")
+@click.option("--rerun", is_flag=True, help="Run again even if a result is cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@log_options
+@asyncmain
+async def submit(queue: str, image: str | None, command: tuple[str, ...], files: tuple[str, ...],
+                 wait: bool, outputs_dir: str | None, rerun: bool, as_json: bool,
+                 **kwargs: Any) -> None:
+    """Put a job on QUEUE: run IMAGE [-- CMD...]. Prints the job id."""
+    from asman.log.subjects import validate_queue
+    from asman.peer.client import Client, collect_files
+    from asman.render import Transfer, print_logs, result_json
+
+    settings = settings_from(kwargs)
+    validate_queue(queue)
+    definition = build_definition(
+        image, command, kwargs.pop("definition_file"), kwargs.pop("env"), kwargs.pop("workdir"),
+        kwargs.pop("max_duration"), kwargs.pop("gpus"), kwargs.pop("cpus"), kwargs.pop("memory"),
+        kwargs.pop("tags"),
+    )
+    inputs = collect_files(files)
+    async with Client.connect(settings) as client:
+        with Transfer(enabled=not as_json) as progress:
+            sub = await client.submit(queue, definition, files=inputs, rerun=rerun,
+                                      progress=progress.update)
+        if not wait:
+            if as_json:
+                emit_json({"job_id": sub.job_id, "queue": queue, "created": sub.created,
+                           "cached": sub.cached, "state": sub.state.state})
+            else:
+                click.echo(sub.job_id)
+                if sub.cached:
+                    click.echo("(finished earlier: the result is cached; --rerun runs it again)",
+                               err=True)
+            return
+        if not as_json:
+            click.echo(f"job {sub.job_id} on queue {queue}", err=True)
+            state = await print_logs(client, queue, sub.job_id)
+        else:
+            state = await client.wait(queue, sub.job_id)
+        dest = Path(outputs_dir) if outputs_dir else Path("outputs") / sub.job_id[:12]
+        with Transfer(enabled=not as_json) as progress:
+            written = await client.download_outputs(state, dest, progress=progress.update)
+        assert state.result is not None
+        if as_json:
+            emit_json(result_json(state) | {"outputs_dir": str(dest)})
+        else:
+            summary = f"{state.result.reason}"
+            if state.result.exit_code is not None:
+                summary += f", exit code {state.result.exit_code}"
+            if state.result.duration_ms is not None:
+                summary += f", {state.result.duration_ms / 1000:.2f}s"
+            if state.result.message and state.result.reason != "cancelled":
+                summary += f": {state.result.message}"
+            click.echo(f"job {sub.job_id[:12]}: {summary}", err=True)
+            if written:
+                click.echo(f"{len(written)} output file(s) in {dest}/", err=True)
+        raise SystemExit(job_exit_code(state))
+
+
+def job_exit_code(state: Any) -> int:
+    result = state.result
+    if result.reason in ("success", "failed"):
+        return int(result.exit_code or 0) & 0xFF
+    return EXIT_BY_REASON.get(result.reason, 1)
+
+
+# -- watch and jobs ----------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("job", required=False)
+@click.option("--once", is_flag=True, help="Render once and exit.")
+@log_options
+@asyncmain
+async def watch(queue: str, job: str | None, once: bool, **kwargs: Any) -> None:
+    """Live table of QUEUE's jobs and workers (or of one JOB), updating in place."""
+    from asman.peer.client import Client
+    from asman.render import watch_queue
+
+    async with Client.connect(settings_from(kwargs)) as client:
+        await watch_queue(client, queue, job, once=once, stop=stop_on_signals())
+
+
+@main.group()
+def jobs() -> None:
+    """List, show, follow, fetch and cancel jobs."""
+
+
+@jobs.command("ls")
+@click.argument("queue")
+@click.option("--json", "as_json", is_flag=True)
+@log_options
+@asyncmain
+async def jobs_ls(queue: str, as_json: bool, **kwargs: Any) -> None:
+    """The jobs of QUEUE."""
+    from asman.peer.client import Client
+    from asman.render import jobs_table, state_json
+
+    async with Client.connect(settings_from(kwargs)) as client:
+        states = await client.jobs(queue)
+    if as_json:
+        emit_json([state_json(s) for s in states])
+    else:
+        jobs_table(states)
+
+
+@jobs.command("show")
+@click.argument("queue")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+@log_options
+@asyncmain
+async def jobs_show(queue: str, job: str, as_json: bool, **kwargs: Any) -> None:
+    """One job: definition, state, result."""
+    from asman.peer.client import Client
+    from asman.render import show_job, state_json
+
+    async with Client.connect(settings_from(kwargs)) as client:
+        state = await client.state(queue, job)
+    if as_json:
+        emit_json(state_json(state, full=True))
+    else:
+        show_job(state)
+
+
+@jobs.command("logs")
+@click.argument("queue")
+@click.argument("job")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job finishes.")
+@click.option("--json", "as_json", is_flag=True)
+@log_options
+@asyncmain
+async def jobs_logs(queue: str, job: str, follow: bool, as_json: bool, **kwargs: Any) -> None:
+    """A job's logs (stdout to stdout; stderr, build and system lines to stderr)."""
+    from asman.peer.client import Client
+    from asman.render import print_logs
+
+    async with Client.connect(settings_from(kwargs)) as client:
+        if follow and not as_json:
+            await print_logs(client, queue, job)
+            return
+        chunks = await client.logs(queue, job)
+        if as_json:
+            emit_json([{"seq": c.seq, "attempt": c.attempt, "stream": c.stream, "ts": c.ts,
+                        "text": c.data.decode(errors="replace")} for c in chunks])
+            return
+        for c in chunks:
+            out = sys.stdout.buffer if c.stream == "stdout" else sys.stderr.buffer
+            out.write(c.data)
+            out.flush()
+
+
+@jobs.command("outputs")
+@click.argument("queue")
+@click.argument("job")
+@click.option("--dir", "-o", "dest", default=None, type=click.Path(file_okay=False),
+              help="[default: ./outputs/<job id>]")
+@click.option("--json", "as_json", is_flag=True)
+@log_options
+@asyncmain
+async def jobs_outputs(queue: str, job: str, dest: str | None, as_json: bool,
+                       **kwargs: Any) -> None:
+    """Download a finished job's outputs (sha256 verified)."""
+    from asman.peer.client import Client
+    from asman.render import Transfer
+
+    async with Client.connect(settings_from(kwargs)) as client:
+        state = await client.state(queue, job)
+        target = Path(dest) if dest else Path("outputs") / job[:12]
+        with Transfer(enabled=not as_json) as progress:
+            written = await client.download_outputs(state, target, progress=progress.update)
+    if as_json:
+        emit_json([str(p) for p in written])
+    else:
+        for p in written:
+            click.echo(str(p))
+
+
+@jobs.command("cancel")
+@click.argument("queue")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+@log_options
+@asyncmain
+async def jobs_cancel(queue: str, job: str, as_json: bool, **kwargs: Any) -> None:
+    """Cancel a job you submitted (a running one is stopped by its worker)."""
+    from asman.peer.client import Client
+    from asman.render import state_json
+
+    async with Client.connect(settings_from(kwargs)) as client:
+        state = await client.cancel(queue, job)
+    if as_json:
+        emit_json(state_json(state))
+    elif state.finished:
+        click.echo(f"{job[:12]}: {state.reason}")
+    else:
+        click.echo(f"{job[:12]}: cancel requested; its worker is stopping it")
+
+
+# -- queue, url, keys --------------------------------------------------------------------
+
+
+@main.group()
+def queue() -> None:
+    """Queues: a queue is a name; knowing it is the capability to use it."""
+
+
+def new_queue_name() -> str:
+    """128 random bits, base32 without padding, lower case: 26 characters."""
+    return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+@queue.command("new")
+@click.option("--json", "as_json", is_flag=True)
+def queue_new(as_json: bool) -> None:
+    """Print a new unguessable queue name."""
+    name = new_queue_name()
+    if as_json:
+        emit_json({"queue": name})
+    else:
+        click.echo(name)
+
+
+@main.command()
+@click.argument("image", required=False)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--queue", "-q", default=None, help="The queue the link submits to.")
+@click.option("--base", envvar="ASMAN_GATEWAY_URL", default="http://127.0.0.1:8080",
+              show_default=True, help="The gateway the link opens.")
+@definition_options
+@click.option("--json", "as_json", is_flag=True)
+def url(image: str | None, command: tuple[str, ...], queue: str | None, base: str,
+        as_json: bool, **kwargs: Any) -> None:
+    """The browser link for a job: its definition in the URL hash (compute-queues' format)."""
+    try:
+        from asman.log.definition import job_id, validate_definition
+        from asman.log.subjects import validate_queue
+        from asman.peer.links import job_link
+
+        if queue:
+            validate_queue(queue)
+        definition = validate_definition(build_definition(
+            image, command, kwargs["definition_file"], kwargs["env"], kwargs["workdir"],
+            kwargs["max_duration"], kwargs["gpus"], kwargs["cpus"], kwargs["memory"],
+            kwargs["tags"]))
+        link = job_link(base, definition, queue=queue)
+    except AsmanError as exc:
+        click.echo(f"asman: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    if as_json:
+        emit_json({"url": link, "job_id": job_id(definition), "queue": queue})
+    else:
+        click.echo(link)
+
+
+@main.command()
+@click.option("--key-file", envvar="ASMAN_KEY_FILE", default=None, type=click.Path(dir_okay=False))
+@click.option("--create", is_flag=True, help="Create the key if it does not exist.")
+@click.option("--json", "as_json", is_flag=True)
+def keys(key_file: str | None, create: bool, as_json: bool) -> None:
+    """Show this peer's id (its Ed25519 public key)."""
+    from asman.errors import KeyFileError
+    from asman.log.keys import PeerKey
+
+    path = Path(key_file) if key_file else default_config_dir(os.environ) / "peer.key"
+    try:
+        key = PeerKey.load_or_create(path) if create else PeerKey.load(path)
+    except KeyFileError as exc:
+        if not path.exists() and not create:
+            click.echo(f"asman: no key at {path} yet: run `asman keys --create`", err=True)
+            raise SystemExit(2) from None
+        click.echo(f"asman: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    if as_json:
+        emit_json({"peer_id": key.peer_id, "key_file": str(path)})
+    else:
+        click.echo(key.peer_id)
+
+
+# -- worker, gateway, dev ----------------------------------------------------------------
+
+
+def parse_gpus(value: str | None) -> tuple[str, ...]:
+    """``--gpus 2`` → devices 0,1; ``--gpus 1,3`` or ``device=1,3`` → those devices."""
+    if not value:
+        return ()
+    text = value.removeprefix("device=").strip()
+    if text.isdigit():
+        return tuple(str(i) for i in range(int(text)))
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not devices or not all(d.replace("-", "").isalnum() for d in devices):
+        raise InvalidInput(f"--gpus {value!r}: give a count (2) or a device list (0,2)")
+    return devices
+
+
+@main.command()
+@click.argument("queues", nargs=-1, required=True)
+@click.option("--slots", "--cpus", "slots", envvar="ASMAN_SLOTS", default=1, show_default=True,
+              type=click.IntRange(1, 1024), help="Jobs run at once.")
+@click.option("--gpus", envvar="ASMAN_GPUS", default=None,
+              help="GPUs to offer: a count (2) or device ids (0,2).")
+@click.option("--max-job-duration", envvar="ASMAN_MAX_JOB_DURATION", default="1h",
+              show_default=True, help="Ceiling for every job's run time.")
+@click.option("--memory", envvar="ASMAN_MEMORY", default=None,
+              help="Ceiling for every job's memory, e.g. 4g.")
+@click.option("--data-dir", envvar="ASMAN_DATA_DIR", default=None, type=click.Path(file_okay=False),
+              help="Job folders and the input cache [default: ~/.local/share/asman/worker].")
+@click.option("--labels", envvar="ASMAN_LABELS", default="", help="Comma-separated labels.")
+@click.option("--network", envvar="ASMAN_NETWORK", type=click.Choice(["none", "bridge"]),
+              default="none", show_default=True, help="Network for jobs (the owner's choice).")
+@click.option("--once", envvar="ASMAN_ONCE", is_flag=True, help="Run one job, then exit.")
+@click.option("--drain-grace", envvar="ASMAN_DRAIN_GRACE", default="30s", show_default=True,
+              help="On SIGTERM: time running jobs get before they are handed back.")
+@log_options
+@asyncmain
+async def worker(queues: tuple[str, ...], slots: int, gpus: str | None, max_job_duration: str,
+                 memory: str | None, data_dir: str | None, labels: str, network: str,
+                 once: bool, drain_grace: str, **kwargs: Any) -> None:
+    """Join QUEUES and run their jobs in hardened containers."""
+    from asman.peer.client import Client
+    from asman.peer.docker import DockerRuntime
+    from asman.peer.worker import Worker, WorkerConfig
+
+    settings = settings_from(kwargs)
+    config = WorkerConfig(
+        queues=queues,
+        data_dir=Path(data_dir) if data_dir else default_data_dir(os.environ) / "worker",
+        slots=slots,
+        gpus=parse_gpus(gpus),
+        max_job_duration_s=parse_duration_ms(max_job_duration, "--max-job-duration") / 1000,
+        memory_limit_bytes=parse_size_bytes(memory, "--memory") if memory else None,
+        labels=tuple(x.strip() for x in labels.split(",") if x.strip()),
+        network=network,
+        once=once,
+        drain_grace_s=parse_duration_ms(drain_grace, "--drain-grace") / 1000,
+    )
+    stop = stop_on_signals()
+    async with Client.connect(settings, name="asman-worker") as client, DockerRuntime() as runtime:
+        await runtime.ping()
+        click.echo(f"worker {client.peer_id[:12]} on {', '.join(queues)} "
+                   f"({slots} slot(s), network {network})", err=True)
+        await Worker(client.log, client.blobs, runtime, config).run(stop)
+
+
+@main.command()
+@click.option("--host", envvar="ASMAN_HTTP_HOST", default="127.0.0.1", show_default=True)
+@click.option("--port", envvar="ASMAN_HTTP_PORT", default=8080, show_default=True, type=int)
+@log_options
+@asyncmain
+async def gateway(host: str, port: int, **kwargs: Any) -> None:
+    """Serve the browser page and the HTTP API."""
+    from asman.dev import gateway_config, serve_gateway
+
+    settings = settings_from(kwargs)
+    stop = stop_on_signals()
+    click.echo(f"gateway on http://{host}:{port}/", err=True)
+    await serve_gateway(gateway_config(settings, host, port), stop)
+
+
+@main.command()
+@click.option("--queue", default=None, help="Queue of the local worker [default: a new one, kept].")
+@click.option("--data-dir", envvar="ASMAN_DATA_DIR", default=None, type=click.Path(file_okay=False),
+              help="[default: ~/.local/share/asman/dev]")
+@click.option("--nats-port", default=4222, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--http-port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--slots", default=2, show_default=True, type=click.IntRange(1, 64))
+def dev(queue: str | None, data_dir: str | None, nats_port: int, http_port: int,
+        slots: int) -> None:
+    """Everything on this machine: nats-server, object store, gateway and a worker."""
+    from asman.dev import DevOptions, run_dev
+
+    options = DevOptions(
+        data_dir=Path(data_dir) if data_dir else default_data_dir(os.environ) / "dev",
+        queue=queue,
+        nats_port=nats_port,
+        http_port=http_port,
+        slots=slots,
+        new_queue=new_queue_name,
+    )
+    raise SystemExit(run_async(run_dev(options)))
+
+
+def entrypoint() -> None:
+    try:
+        default_map = _apply_defaults(main, _config_default_map())
+    except AsmanError as exc:
+        click.echo(f"asman: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    main(default_map=default_map)
+
+
+if __name__ == "__main__":
+    entrypoint()

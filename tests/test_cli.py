@@ -1,0 +1,251 @@
+"""The CLI through click's runner and as real subprocesses against real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from asman.cli import main, new_queue_name
+from asman.log.definition import job_id
+from asman.log.server import NatsServer
+from asman.peer.links import parse_link
+
+ASMAN = str(Path(sys.executable).parent / "asman")
+IMAGE = "asman/busybox:local"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    runner = CliRunner()
+    result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+class Procs:
+    """Subprocesses started by a test, stopped by PID."""
+
+    def __init__(self, home: Path, nats_url: str) -> None:
+        self.env = {**os.environ, "HOME": str(home), "ASMAN_NATS_URL": nats_url,
+                    "XDG_CONFIG_HOME": str(home / "config"), "XDG_DATA_HOME": str(home / "data")}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.home = home
+
+    def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+        out = open(self.home / log, "wb")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen([ASMAN, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, *args: str, timeout: float = 120, cwd: Path | None = None,
+            stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([ASMAN, *args], env=self.env, capture_output=True, timeout=timeout,
+                              cwd=cwd or self.home, input=stdin)
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.fixture
+def procs(tmp_path: Path, nats_server: NatsServer) -> Iterator[Procs]:
+    p = Procs(tmp_path, nats_server.url)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+# -- no servers --------------------------------------------------------------------------
+
+
+def test_queue_new_is_an_unguessable_valid_name() -> None:
+    code, out, _ = run_cli("queue", "new")
+    assert code == 0
+    name = out.strip()
+    assert len(name) == 26 and name.isalnum() and name == name.lower()
+    assert new_queue_name() != new_queue_name()
+
+
+def test_url_link_opens_to_the_same_definition_and_id() -> None:
+    code, out, _ = run_cli("url", IMAGE, "-q", "myq", "--env", "A=1", "--", "echo", "hello world")
+    assert code == 0
+    definition, queue = parse_link(out.strip())
+    assert queue == "myq"
+    assert definition == {"image": IMAGE, "command": "echo 'hello world'", "env": {"A": "1"}}
+    code, out, _ = run_cli("url", IMAGE, "--json", "--", "true")
+    data = json.loads(out)
+    assert data["job_id"] == job_id({"image": IMAGE, "command": "true"})
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["submit", "bad.queue", IMAGE], 2, "queue name 'bad.queue' is not valid"),
+        (["submit", "q", IMAGE, "-f", "/nonexistent/file"], 2, "does not exist"),
+        (["submit", "q", "--definition", "{bad"], 2, "cannot read --definition"),
+        (["submit", "q", IMAGE, "--env", "NOVALUE"], 2, "must be NAME=VALUE"),
+        (["submit", "q"], 2, "give an IMAGE"),
+        (["url", IMAGE, "--max-duration", "forever"], 2, "maxDuration"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_documented_code(
+    args: list[str], code: int, message: str, tmp_path: Path
+) -> None:
+    env = {"HOME": str(tmp_path), "ASMAN_NATS_URL": "nats://127.0.0.1:1"}
+    got, _, err = run_cli(*args, env=env)
+    assert got == code
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_malformed_definition_json(tmp_path: Path) -> None:
+    bad = tmp_path / "def.json"
+    bad.write_text('{"image": "x",')
+    got, _, err = run_cli("submit", "q", "--definition", str(bad),
+                          env={"HOME": str(tmp_path), "ASMAN_NATS_URL": "nats://127.0.0.1:1"})
+    assert got == 2 and "is not valid JSON" in err and "line 1" in err
+
+
+def test_unreachable_nats_is_exit_3(tmp_path: Path) -> None:
+    got, _, err = run_cli("submit", "q", IMAGE, env={"HOME": str(tmp_path),
+                                                     "ASMAN_NATS_URL": "nats://127.0.0.1:1"})
+    assert got == 3
+    assert "cannot reach NATS at nats://127.0.0.1:1" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# -- real servers ------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_submit_wait_with_files_outputs_and_exit_code(
+    procs: Procs, tmp_path: Path, busybox_image: str
+) -> None:
+    procs.start("worker", "cliq", "--slots", "2", "--data-dir", str(tmp_path / "w"), log="w.log")
+    small = tmp_path / "small.txt"
+    small.write_text("tiny\n")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(300_000))
+    folder = tmp_path / "tree"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "leaf.txt").write_text("leaf\n")
+    done = procs.run(
+        "submit", "cliq", IMAGE, "-f", str(small), "-f", f"{big}=data/big.bin", "-f", str(folder),
+        "--wait", "-o", str(tmp_path / "out"), "--",
+        "sh", "-c", "cat /inputs/small.txt; cp /inputs/data/big.bin /outputs/; "
+        "mkdir -p /outputs/n && cp /inputs/tree/sub/leaf.txt /outputs/n/; echo oops >&2; exit 7",
+    )
+    assert done.returncode == 7, done.stderr.decode()
+    assert done.stdout == b"tiny\n"
+    assert b"oops" in done.stderr
+    assert (tmp_path / "out" / "big.bin").read_bytes() == big.read_bytes()
+    assert (tmp_path / "out" / "n" / "leaf.txt").read_text() == "leaf\n"
+    # the same job again: cached, not run twice, same id
+    again = procs.run("submit", "cliq", IMAGE, "-f", str(small), "-f", f"{big}=data/big.bin",
+                      "-f", str(folder), "--json", "--",
+                      "sh", "-c", "cat /inputs/small.txt; cp /inputs/data/big.bin /outputs/; "
+                      "mkdir -p /outputs/n && cp /inputs/tree/sub/leaf.txt /outputs/n/; "
+                      "echo oops >&2; exit 7")
+    data = json.loads(again.stdout)
+    assert data["cached"] is True and data["state"] == "finished"
+    ls = procs.run("jobs", "ls", "cliq", "--json")
+    jobs_listed = json.loads(ls.stdout)
+    assert [j["job_id"] for j in jobs_listed] == [data["job_id"]]
+    assert jobs_listed[0]["exit_code"] == 7
+    watch = procs.run("watch", "cliq", "--once")
+    assert watch.returncode == 0 and data["job_id"][:12].encode() in watch.stdout
+
+
+@pytest.mark.docker
+def test_cancel_from_the_cli(procs: Procs, tmp_path: Path, busybox_image: str) -> None:
+    procs.start("worker", "cq2", "--data-dir", str(tmp_path / "w"), log="w.log")
+    sub = procs.run("submit", "cq2", IMAGE, "--", "sleep", "60")
+    jid = sub.stdout.decode().strip()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        show = json.loads(procs.run("jobs", "show", "cq2", jid, "--json").stdout)
+        if show["started_ms"]:
+            break
+        time.sleep(0.3)
+    cancel = procs.run("jobs", "cancel", "cq2", jid)
+    assert cancel.returncode == 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        show = json.loads(procs.run("jobs", "show", "cq2", jid, "--json").stdout)
+        if show["reason"]:
+            break
+        time.sleep(0.3)
+    assert show["reason"] == "cancelled"
+    # `submit --wait` on a job that gets cancelled exits with the documented 130
+    waiting = subprocess.Popen([ASMAN, "submit", "cq2", IMAGE, "--wait", "--", "sleep", "61"],
+                               env=procs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    jid2 = job_id({"image": IMAGE, "command": "sleep 61"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        listed = procs.run("jobs", "show", "cq2", jid2, "--json")
+        if listed.returncode == 0 and json.loads(listed.stdout)["started_ms"]:
+            break
+        time.sleep(0.3)
+    assert procs.run("jobs", "cancel", "cq2", jid2).returncode == 0
+    assert waiting.wait(60) == 130
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_worker_killed_mid_job_another_finishes_it(
+    procs: Procs, tmp_path: Path, busybox_image: str
+) -> None:
+    import docker
+
+    first = procs.start("worker", "crash", "--lease-ttl", "3s", "--data-dir",
+                        str(tmp_path / "w1"), log="w1.log")
+    sub = procs.run("submit", "crash", IMAGE, "--", "sh", "-c", "sleep 4; echo survived > /outputs/r")
+    jid = sub.stdout.decode().strip()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        show = json.loads(procs.run("jobs", "show", "crash", jid, "--json").stdout)
+        if show["started_ms"]:
+            break
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    # the orphan container of the dead worker is still there until cleanup
+    procs.start("worker", "crash", "--lease-ttl", "3s", "--data-dir", str(tmp_path / "w2"),
+                log="w2.log")
+    done = procs.run("submit", "crash", IMAGE, "--wait", "-o", str(tmp_path / "out"), "--",
+                     "sh", "-c", "sleep 4; echo survived > /outputs/r", timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert (tmp_path / "out" / "r").read_text() == "survived\n"
+    show = json.loads(procs.run("jobs", "show", "crash", jid, "--json").stdout)
+    finished = [h for h in show["history"] if h["type"] == "finished" and h["accepted"]]
+    assert len(finished) == 1
+    assert show["attempts"] == 2
+    # a fresh worker on the first worker's data dir removes its orphans at start
+    procs.start("worker", "crash", "--data-dir", str(tmp_path / "w1"), "--once", log="w3.log")
+    client = docker.from_env()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = client.containers.list(all=True, filters={"label": f"asman.job={jid}"})
+            if not left:
+                break
+            time.sleep(0.5)
+        assert left == []
+    finally:
+        client.close()
