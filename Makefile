@@ -6,7 +6,7 @@ export TESTCONTAINERS_RYUK_DISABLED := true
 export TESTCONTAINERS_CONNECTION_MODE := docker_host
 export TESTCONTAINERS_HOST_OVERRIDE := 127.0.0.1
 
-.PHONY: install system venv images lint typecheck test test-fast bench dev clean
+.PHONY: install system venv images lint typecheck test test-fast bench dev demo clean
 
 install: system venv images
 
@@ -43,6 +43,10 @@ bench: install
 
 dev: install
 	$(VENV)/bin/asman dev
+
+# Quick start: asman dev + one real job with an input and output files, printed.
+demo:
+	bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -101,26 +101,73 @@ def _apply_defaults(group: click.Group, default_map: dict[str, Any]) -> dict[str
 def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options of every command that talks to the log and the blob store."""
     options = [
-        click.option("--nats", "nats_urls", envvar="ASMAN_NATS_URL", default="nats://127.0.0.1:4222",
-                     show_default=True, help="NATS server URL(s), comma separated."),
-        click.option("--domain", envvar="ASMAN_DOMAIN", default=None,
-                     help="JetStream domain of the queues (e.g. 'hub' from a leaf node)."),
-        click.option("--creds", envvar="ASMAN_CREDS", default=None,
-                     type=click.Path(dir_okay=False), help="NATS credentials file."),
-        click.option("--blobs", "blobs_url", envvar="ASMAN_BLOBS", default=None,
-                     help="Blob store: the JetStream object store by default, or an S3 URL "
-                     "(s3+http://host:port/bucket); credentials from ASMAN_S3_ACCESS_KEY/"
-                     "ASMAN_S3_SECRET_KEY or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."),
-        click.option("--key-file", envvar="ASMAN_KEY_FILE", default=None,
-                     type=click.Path(dir_okay=False), help="This peer's Ed25519 key."),
-        click.option("--replicas", envvar="ASMAN_REPLICAS", default=1, show_default=True,
-                     type=click.IntRange(1, 5), help="Replicas of Asman's streams."),
-        click.option("--retention", envvar="ASMAN_RETENTION", default="7d", show_default=True,
-                     help="How long jobs, logs and results are kept."),
-        click.option("--lease-ttl", envvar="ASMAN_LEASE_TTL", default="30s", show_default=True,
-                     help="A worker's lease: the ack wait of its tickets."),
-        click.option("--max-attempts", envvar="ASMAN_MAX_ATTEMPTS", default=3, show_default=True,
-                     type=click.IntRange(1, 100), help="Attempts before a job is worker_lost."),
+        click.option(
+            "--nats",
+            "nats_urls",
+            envvar="ASMAN_NATS_URL",
+            default="nats://127.0.0.1:4222",
+            show_default=True,
+            help="NATS server URL(s), comma separated.",
+        ),
+        click.option(
+            "--domain",
+            envvar="ASMAN_DOMAIN",
+            default=None,
+            help="JetStream domain of the queues (e.g. 'hub' from a leaf node).",
+        ),
+        click.option(
+            "--creds",
+            envvar="ASMAN_CREDS",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="NATS credentials file.",
+        ),
+        click.option(
+            "--blobs",
+            "blobs_url",
+            envvar="ASMAN_BLOBS",
+            default=None,
+            help="Blob store: the JetStream object store by default, or an S3 URL "
+            "(s3+http://host:port/bucket); credentials from ASMAN_S3_ACCESS_KEY/"
+            "ASMAN_S3_SECRET_KEY or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.",
+        ),
+        click.option(
+            "--key-file",
+            envvar="ASMAN_KEY_FILE",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="This peer's Ed25519 key.",
+        ),
+        click.option(
+            "--replicas",
+            envvar="ASMAN_REPLICAS",
+            default=1,
+            show_default=True,
+            type=click.IntRange(1, 5),
+            help="Replicas of Asman's streams.",
+        ),
+        click.option(
+            "--retention",
+            envvar="ASMAN_RETENTION",
+            default="7d",
+            show_default=True,
+            help="How long jobs, logs and results are kept.",
+        ),
+        click.option(
+            "--lease-ttl",
+            envvar="ASMAN_LEASE_TTL",
+            default="30s",
+            show_default=True,
+            help="A worker's lease: the ack wait of its tickets.",
+        ),
+        click.option(
+            "--max-attempts",
+            envvar="ASMAN_MAX_ATTEMPTS",
+            default=3,
+            show_default=True,
+            type=click.IntRange(1, 100),
+            help="Attempts before a job is worker_lost.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -171,8 +218,14 @@ def emit_json(data: Any) -> None:
 @click.group(cls=AsmanGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="asman")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
-              envvar="ASMAN_LOG_FORMAT", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="ASMAN_LOG_FORMAT",
+    show_default=True,
+    help="Log lines as text or JSON.",
+)
 @click.pass_context
 def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     """Asman: public compute queues on a shared log.
@@ -195,8 +248,12 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps(
-            {"ts": record.created, "level": record.levelname, "logger": record.name,
-             "msg": record.getMessage()}
+            {
+                "ts": record.created,
+                "level": record.levelname,
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
         )
 
 
@@ -221,7 +278,9 @@ def build_definition(
             text = sys.stdin.read() if definition_file == "-" else Path(definition_file).read_text()
             loaded = json.loads(text)
         except OSError as exc:
-            raise InvalidInput(f"cannot read --definition {definition_file}: {exc.strerror}") from exc
+            raise InvalidInput(
+                f"cannot read --definition {definition_file}: {exc.strerror}"
+            ) from exc
         except json.JSONDecodeError as exc:
             raise InvalidInput(
                 f"--definition {definition_file} is not valid JSON: {exc.msg} at line "
@@ -264,14 +323,21 @@ def build_definition(
 
 def definition_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--definition", "definition_file", default=None,
-                     help="A job definition JSON file ('-' for stdin); flags override it."),
+        click.option(
+            "--definition",
+            "definition_file",
+            default=None,
+            help="A job definition JSON file ('-' for stdin); flags override it.",
+        ),
         click.option("--env", "-e", multiple=True, help="NAME=VALUE, repeatable."),
         click.option("--workdir", "-w", default=None, help="Working directory in the container."),
         click.option("--max-duration", default=None, help="e.g. 30s, 10m, 2h."),
-        click.option("--gpus", type=click.IntRange(0, 64), default=None, help="GPUs the job needs."),
-        click.option("--cpus", type=click.FloatRange(0.01, 1024), default=None,
-                     help="CPUs the job may use."),
+        click.option(
+            "--gpus", type=click.IntRange(0, 64), default=None, help="GPUs the job needs."
+        ),
+        click.option(
+            "--cpus", type=click.FloatRange(0.01, 1024), default=None, help="CPUs the job may use."
+        ),
         click.option("--memory", default=None, help="Memory the job may use, e.g. 512m, 2g."),
         click.option("--tag", "tags", multiple=True, help="A tag, repeatable."),
     ]
@@ -284,20 +350,41 @@ def definition_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("queue")
 @click.argument("image", required=False)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@click.option("--file", "-f", "files", multiple=True,
-              help="PATH (→ /inputs/<basename>) or PATH=NAME (→ /inputs/NAME); a folder keeps "
-              "its tree. Repeatable.")
+@click.option(
+    "--file",
+    "-f",
+    "files",
+    multiple=True,
+    help="PATH (→ /inputs/<basename>) or PATH=NAME (→ /inputs/NAME); a folder keeps "
+    "its tree. Repeatable.",
+)
 @definition_options
-@click.option("--wait", is_flag=True, help="Stream logs, download outputs, exit with the job's code.")
-@click.option("--outputs", "-o", "outputs_dir", default=None, type=click.Path(file_okay=False),
-              help="Where --wait puts the outputs [default: ./outputs/<job id>].")
+@click.option(
+    "--wait", is_flag=True, help="Stream logs, download outputs, exit with the job's code."
+)
+@click.option(
+    "--outputs",
+    "-o",
+    "outputs_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where --wait puts the outputs [default: ./outputs/<job id>].",
+)
 @click.option("--rerun", is_flag=True, help="Run again even if a result is cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @log_options
 @asyncmain
-async def submit(queue: str, image: str | None, command: tuple[str, ...], files: tuple[str, ...],
-                 wait: bool, outputs_dir: str | None, rerun: bool, as_json: bool,
-                 **kwargs: Any) -> None:
+async def submit(
+    queue: str,
+    image: str | None,
+    command: tuple[str, ...],
+    files: tuple[str, ...],
+    wait: bool,
+    outputs_dir: str | None,
+    rerun: bool,
+    as_json: bool,
+    **kwargs: Any,
+) -> None:
     """Put a job on QUEUE: run IMAGE [-- CMD...]. Prints the job id."""
     from asman.log.subjects import validate_queue
     from asman.peer.client import Client, collect_files
@@ -306,24 +393,40 @@ async def submit(queue: str, image: str | None, command: tuple[str, ...], files:
     settings = settings_from(kwargs)
     validate_queue(queue)
     definition = build_definition(
-        image, command, kwargs.pop("definition_file"), kwargs.pop("env"), kwargs.pop("workdir"),
-        kwargs.pop("max_duration"), kwargs.pop("gpus"), kwargs.pop("cpus"), kwargs.pop("memory"),
+        image,
+        command,
+        kwargs.pop("definition_file"),
+        kwargs.pop("env"),
+        kwargs.pop("workdir"),
+        kwargs.pop("max_duration"),
+        kwargs.pop("gpus"),
+        kwargs.pop("cpus"),
+        kwargs.pop("memory"),
         kwargs.pop("tags"),
     )
     inputs = collect_files(files)
     async with Client.connect(settings) as client:
         with Transfer(enabled=not as_json) as progress:
-            sub = await client.submit(queue, definition, files=inputs, rerun=rerun,
-                                      progress=progress.update)
+            sub = await client.submit(
+                queue, definition, files=inputs, rerun=rerun, progress=progress.update
+            )
         if not wait:
             if as_json:
-                emit_json({"job_id": sub.job_id, "queue": queue, "created": sub.created,
-                           "cached": sub.cached, "state": sub.state.state})
+                emit_json(
+                    {
+                        "job_id": sub.job_id,
+                        "queue": queue,
+                        "created": sub.created,
+                        "cached": sub.cached,
+                        "state": sub.state.state,
+                    }
+                )
             else:
                 click.echo(sub.job_id)
                 if sub.cached:
-                    click.echo("(finished earlier: the result is cached; --rerun runs it again)",
-                               err=True)
+                    click.echo(
+                        "(finished earlier: the result is cached; --rerun runs it again)", err=True
+                    )
             return
         if not as_json:
             click.echo(f"job {sub.job_id} on queue {queue}", err=True)
@@ -435,8 +538,18 @@ async def jobs_logs(queue: str, job: str, follow: bool, as_json: bool, **kwargs:
             return
         chunks = await client.logs(queue, job)
         if as_json:
-            emit_json([{"seq": c.seq, "attempt": c.attempt, "stream": c.stream, "ts": c.ts,
-                        "text": c.data.decode(errors="replace")} for c in chunks])
+            emit_json(
+                [
+                    {
+                        "seq": c.seq,
+                        "attempt": c.attempt,
+                        "stream": c.stream,
+                        "ts": c.ts,
+                        "text": c.data.decode(errors="replace"),
+                    }
+                    for c in chunks
+                ]
+            )
             return
         for c in chunks:
             out = sys.stdout.buffer if c.stream == "stdout" else sys.stderr.buffer
@@ -447,13 +560,20 @@ async def jobs_logs(queue: str, job: str, follow: bool, as_json: bool, **kwargs:
 @jobs.command("outputs")
 @click.argument("queue")
 @click.argument("job")
-@click.option("--dir", "-o", "dest", default=None, type=click.Path(file_okay=False),
-              help="[default: ./outputs/<job id>]")
+@click.option(
+    "--dir",
+    "-o",
+    "dest",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="[default: ./outputs/<job id>]",
+)
 @click.option("--json", "as_json", is_flag=True)
 @log_options
 @asyncmain
-async def jobs_outputs(queue: str, job: str, dest: str | None, as_json: bool,
-                       **kwargs: Any) -> None:
+async def jobs_outputs(
+    queue: str, job: str, dest: str | None, as_json: bool, **kwargs: Any
+) -> None:
     """Download a finished job's outputs (sha256 verified)."""
     from asman.peer.client import Client
     from asman.render import Transfer
@@ -519,12 +639,23 @@ def queue_new(as_json: bool) -> None:
 @click.argument("image", required=False)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--queue", "-q", default=None, help="The queue the link submits to.")
-@click.option("--base", envvar="ASMAN_GATEWAY_URL", default="http://127.0.0.1:8080",
-              show_default=True, help="The gateway the link opens.")
+@click.option(
+    "--base",
+    envvar="ASMAN_GATEWAY_URL",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="The gateway the link opens.",
+)
 @definition_options
 @click.option("--json", "as_json", is_flag=True)
-def url(image: str | None, command: tuple[str, ...], queue: str | None, base: str,
-        as_json: bool, **kwargs: Any) -> None:
+def url(
+    image: str | None,
+    command: tuple[str, ...],
+    queue: str | None,
+    base: str,
+    as_json: bool,
+    **kwargs: Any,
+) -> None:
     """The browser link for a job: its definition in the URL hash (compute-queues' format)."""
     try:
         from asman.log.definition import job_id, validate_definition
@@ -533,10 +664,20 @@ def url(image: str | None, command: tuple[str, ...], queue: str | None, base: st
 
         if queue:
             validate_queue(queue)
-        definition = validate_definition(build_definition(
-            image, command, kwargs["definition_file"], kwargs["env"], kwargs["workdir"],
-            kwargs["max_duration"], kwargs["gpus"], kwargs["cpus"], kwargs["memory"],
-            kwargs["tags"]))
+        definition = validate_definition(
+            build_definition(
+                image,
+                command,
+                kwargs["definition_file"],
+                kwargs["env"],
+                kwargs["workdir"],
+                kwargs["max_duration"],
+                kwargs["gpus"],
+                kwargs["cpus"],
+                kwargs["memory"],
+                kwargs["tags"],
+            )
+        )
         link = job_link(base, definition, queue=queue)
     except AsmanError as exc:
         click.echo(f"asman: {exc}", err=True)
@@ -589,27 +730,71 @@ def parse_gpus(value: str | None) -> tuple[str, ...]:
 
 @main.command()
 @click.argument("queues", nargs=-1, required=True)
-@click.option("--slots", "--cpus", "slots", envvar="ASMAN_SLOTS", default=1, show_default=True,
-              type=click.IntRange(1, 1024), help="Jobs run at once.")
-@click.option("--gpus", envvar="ASMAN_GPUS", default=None,
-              help="GPUs to offer: a count (2) or device ids (0,2).")
-@click.option("--max-job-duration", envvar="ASMAN_MAX_JOB_DURATION", default="1h",
-              show_default=True, help="Ceiling for every job's run time.")
-@click.option("--memory", envvar="ASMAN_MEMORY", default=None,
-              help="Ceiling for every job's memory, e.g. 4g.")
-@click.option("--data-dir", envvar="ASMAN_DATA_DIR", default=None, type=click.Path(file_okay=False),
-              help="Job folders and the input cache [default: ~/.local/share/asman/worker].")
+@click.option(
+    "--slots",
+    "--cpus",
+    "slots",
+    envvar="ASMAN_SLOTS",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="Jobs run at once.",
+)
+@click.option(
+    "--gpus",
+    envvar="ASMAN_GPUS",
+    default=None,
+    help="GPUs to offer: a count (2) or device ids (0,2).",
+)
+@click.option(
+    "--max-job-duration",
+    envvar="ASMAN_MAX_JOB_DURATION",
+    default="1h",
+    show_default=True,
+    help="Ceiling for every job's run time.",
+)
+@click.option(
+    "--memory", envvar="ASMAN_MEMORY", default=None, help="Ceiling for every job's memory, e.g. 4g."
+)
+@click.option(
+    "--data-dir",
+    envvar="ASMAN_DATA_DIR",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Job folders and the input cache [default: ~/.local/share/asman/worker].",
+)
 @click.option("--labels", envvar="ASMAN_LABELS", default="", help="Comma-separated labels.")
-@click.option("--network", envvar="ASMAN_NETWORK", type=click.Choice(["none", "bridge"]),
-              default="none", show_default=True, help="Network for jobs (the owner's choice).")
+@click.option(
+    "--network",
+    envvar="ASMAN_NETWORK",
+    type=click.Choice(["none", "bridge"]),
+    default="none",
+    show_default=True,
+    help="Network for jobs (the owner's choice).",
+)
 @click.option("--once", envvar="ASMAN_ONCE", is_flag=True, help="Run one job, then exit.")
-@click.option("--drain-grace", envvar="ASMAN_DRAIN_GRACE", default="30s", show_default=True,
-              help="On SIGTERM: time running jobs get before they are handed back.")
+@click.option(
+    "--drain-grace",
+    envvar="ASMAN_DRAIN_GRACE",
+    default="30s",
+    show_default=True,
+    help="On SIGTERM: time running jobs get before they are handed back.",
+)
 @log_options
 @asyncmain
-async def worker(queues: tuple[str, ...], slots: int, gpus: str | None, max_job_duration: str,
-                 memory: str | None, data_dir: str | None, labels: str, network: str,
-                 once: bool, drain_grace: str, **kwargs: Any) -> None:
+async def worker(
+    queues: tuple[str, ...],
+    slots: int,
+    gpus: str | None,
+    max_job_duration: str,
+    memory: str | None,
+    data_dir: str | None,
+    labels: str,
+    network: str,
+    once: bool,
+    drain_grace: str,
+    **kwargs: Any,
+) -> None:
     """Join QUEUES and run their jobs in hardened containers."""
     from asman.peer.client import Client
     from asman.peer.docker import DockerRuntime
@@ -631,14 +816,25 @@ async def worker(queues: tuple[str, ...], slots: int, gpus: str | None, max_job_
     stop = stop_on_signals()
     async with Client.connect(settings, name="asman-worker") as client, DockerRuntime() as runtime:
         await runtime.ping()
-        click.echo(f"worker {client.peer_id[:12]} on {', '.join(queues)} "
-                   f"({slots} slot(s), network {network})", err=True)
+        click.echo(
+            f"worker {client.peer_id[:12]} on {', '.join(queues)} "
+            f"({slots} slot(s), network {network})",
+            err=True,
+        )
         await Worker(client.log, client.blobs, runtime, config).run(stop)
 
 
 @main.command()
-@click.option("--host", envvar="ASMAN_HTTP_HOST", default="127.0.0.1", show_default=True)
-@click.option("--port", envvar="ASMAN_HTTP_PORT", default=8080, show_default=True, type=int)
+@click.option(
+    "--host",
+    envvar="ASMAN_HTTP_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 to serve other machines).",
+)
+@click.option(
+    "--port", envvar="ASMAN_HTTP_PORT", default=8080, show_default=True, type=int, help="HTTP port."
+)
 @log_options
 @asyncmain
 async def gateway(host: str, port: int, **kwargs: Any) -> None:
@@ -653,13 +849,37 @@ async def gateway(host: str, port: int, **kwargs: Any) -> None:
 
 @main.command()
 @click.option("--queue", default=None, help="Queue of the local worker [default: a new one, kept].")
-@click.option("--data-dir", envvar="ASMAN_DATA_DIR", default=None, type=click.Path(file_okay=False),
-              help="[default: ~/.local/share/asman/dev]")
-@click.option("--nats-port", default=4222, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--http-port", default=8080, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--slots", default=2, show_default=True, type=click.IntRange(1, 64))
-def dev(queue: str | None, data_dir: str | None, nats_port: int, http_port: int,
-        slots: int) -> None:
+@click.option(
+    "--data-dir",
+    envvar="ASMAN_DATA_DIR",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="[default: ~/.local/share/asman/dev]",
+)
+@click.option(
+    "--nats-port",
+    default=4222,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Client port of the local nats-server.",
+)
+@click.option(
+    "--http-port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port of the gateway (the browser page).",
+)
+@click.option(
+    "--slots",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Jobs the local worker runs at once.",
+)
+def dev(
+    queue: str | None, data_dir: str | None, nats_port: int, http_port: int, slots: int
+) -> None:
     """Everything on this machine: nats-server, object store, gateway and a worker."""
     from asman.dev import DevOptions, run_dev
 

@@ -87,9 +87,7 @@ async def run_dev(options: DevOptions) -> int:
     try:
         await asyncio.to_thread(server.start)
     except LogUnavailable as exc:
-        raise LogUnavailable(
-            f"{exc} (is port {options.nats_port} taken? use --nats-port)"
-        ) from exc
+        raise LogUnavailable(f"{exc} (is port {options.nats_port} taken? use --nats-port)") from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,7 +101,10 @@ async def run_dev(options: DevOptions) -> int:
     )
     base = f"http://127.0.0.1:{options.http_port}"
     try:
-        async with Client.connect(settings, name="asman-dev") as client, contextlib.AsyncExitStack() as stack:
+        async with (
+            Client.connect(settings, name="asman-dev") as client,
+            contextlib.AsyncExitStack() as stack,
+        ):
             runtime: DockerRuntime | None = None
             try:
                 runtime = await stack.enter_async_context(DockerRuntime())
@@ -119,7 +120,9 @@ async def run_dev(options: DevOptions) -> int:
                     err=True,
                 )
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(serve_gateway(gateway_config(settings, "127.0.0.1", options.http_port), stop))
+                tg.create_task(
+                    serve_gateway(gateway_config(settings, "127.0.0.1", options.http_port), stop)
+                )
                 if runtime is not None:
                     config = WorkerConfig(
                         queues=(queue,),

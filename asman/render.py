@@ -116,8 +116,14 @@ def state_json(s: JobState, *, full: bool = False) -> dict[str, Any]:
         data["definition"] = s.definition
         data["submitter"] = s.submitter
         data["history"] = [
-            {"seq": h.seq, "type": h.type, "signer": h.signer, "ts": h.ts,
-             "accepted": h.accepted, "note": h.note}
+            {
+                "seq": h.seq,
+                "type": h.type,
+                "signer": h.signer,
+                "ts": h.ts,
+                "accepted": h.accepted,
+                "note": h.note,
+            }
             for h in s.history
         ]
     return data
@@ -150,8 +156,9 @@ def _jobs(states: list[JobState]) -> Table:
     for s in sorted(states, key=lambda x: x.submitted_ms, reverse=True)[:50]:
         worker = s.lease.worker if s.lease else (s.result.worker if s.result else "")
         dur = f"{s.result.duration_ms / 1000:.1f}s" if s.result and s.result.duration_ms else ""
-        table.add_row(s.job_id[:12], _state_text(s), str(s.claims), worker[:12],
-                      _ago(s.submitted_ms), dur)
+        table.add_row(
+            s.job_id[:12], _state_text(s), str(s.claims), worker[:12], _ago(s.submitted_ms), dur
+        )
     return table
 
 
@@ -160,8 +167,14 @@ def _workers(workers: list[WorkerInfo]) -> Table:
     for col in ("worker", "host", "slots free", "gpus free", "running", "seen"):
         table.add_column(col)
     for w in workers:
-        table.add_row(w.worker_id[:12], w.hostname, f"{w.free_slots}/{w.slots}",
-                      f"{w.free_gpus}/{w.gpus}", str(len(w.running)), _ago(w.ts))
+        table.add_row(
+            w.worker_id[:12],
+            w.hostname,
+            f"{w.free_slots}/{w.slots}",
+            f"{w.free_gpus}/{w.gpus}",
+            str(len(w.running)),
+            _ago(w.ts),
+        )
     return table
 
 

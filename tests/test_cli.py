@@ -33,8 +33,13 @@ class Procs:
     """Subprocesses started by a test, stopped by PID."""
 
     def __init__(self, home: Path, nats_url: str) -> None:
-        self.env = {**os.environ, "HOME": str(home), "ASMAN_NATS_URL": nats_url,
-                    "XDG_CONFIG_HOME": str(home / "config"), "XDG_DATA_HOME": str(home / "data")}
+        self.env = {
+            **os.environ,
+            "HOME": str(home),
+            "ASMAN_NATS_URL": nats_url,
+            "XDG_CONFIG_HOME": str(home / "config"),
+            "XDG_DATA_HOME": str(home / "data"),
+        }
         self.procs: list[subprocess.Popen[bytes]] = []
         self.home = home
 
@@ -44,10 +49,17 @@ class Procs:
         self.procs.append(proc)
         return proc
 
-    def run(self, *args: str, timeout: float = 120, cwd: Path | None = None,
-            stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([ASMAN, *args], env=self.env, capture_output=True, timeout=timeout,
-                              cwd=cwd or self.home, input=stdin)
+    def run(
+        self, *args: str, timeout: float = 120, cwd: Path | None = None, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [ASMAN, *args],
+            env=self.env,
+            capture_output=True,
+            timeout=timeout,
+            cwd=cwd or self.home,
+            input=stdin,
+        )
 
     def stop_all(self) -> None:
         for p in self.procs:
@@ -117,14 +129,20 @@ def test_bad_input_is_one_line_and_a_documented_code(
 def test_malformed_definition_json(tmp_path: Path) -> None:
     bad = tmp_path / "def.json"
     bad.write_text('{"image": "x",')
-    got, _, err = run_cli("submit", "q", "--definition", str(bad),
-                          env={"HOME": str(tmp_path), "ASMAN_NATS_URL": "nats://127.0.0.1:1"})
+    got, _, err = run_cli(
+        "submit",
+        "q",
+        "--definition",
+        str(bad),
+        env={"HOME": str(tmp_path), "ASMAN_NATS_URL": "nats://127.0.0.1:1"},
+    )
     assert got == 2 and "is not valid JSON" in err and "line 1" in err
 
 
 def test_unreachable_nats_is_exit_3(tmp_path: Path) -> None:
-    got, _, err = run_cli("submit", "q", IMAGE, env={"HOME": str(tmp_path),
-                                                     "ASMAN_NATS_URL": "nats://127.0.0.1:1"})
+    got, _, err = run_cli(
+        "submit", "q", IMAGE, env={"HOME": str(tmp_path), "ASMAN_NATS_URL": "nats://127.0.0.1:1"}
+    )
     assert got == 3
     assert "cannot reach NATS at nats://127.0.0.1:1" in err
     assert len(err.strip().splitlines()) == 1
@@ -146,9 +164,22 @@ def test_submit_wait_with_files_outputs_and_exit_code(
     (folder / "sub").mkdir(parents=True)
     (folder / "sub" / "leaf.txt").write_text("leaf\n")
     done = procs.run(
-        "submit", "cliq", IMAGE, "-f", str(small), "-f", f"{big}=data/big.bin", "-f", str(folder),
-        "--wait", "-o", str(tmp_path / "out"), "--",
-        "sh", "-c", "cat /inputs/small.txt; cp /inputs/data/big.bin /outputs/; "
+        "submit",
+        "cliq",
+        IMAGE,
+        "-f",
+        str(small),
+        "-f",
+        f"{big}=data/big.bin",
+        "-f",
+        str(folder),
+        "--wait",
+        "-o",
+        str(tmp_path / "out"),
+        "--",
+        "sh",
+        "-c",
+        "cat /inputs/small.txt; cp /inputs/data/big.bin /outputs/; "
         "mkdir -p /outputs/n && cp /inputs/tree/sub/leaf.txt /outputs/n/; echo oops >&2; exit 7",
     )
     assert done.returncode == 7, done.stderr.decode()
@@ -157,11 +188,24 @@ def test_submit_wait_with_files_outputs_and_exit_code(
     assert (tmp_path / "out" / "big.bin").read_bytes() == big.read_bytes()
     assert (tmp_path / "out" / "n" / "leaf.txt").read_text() == "leaf\n"
     # the same job again: cached, not run twice, same id
-    again = procs.run("submit", "cliq", IMAGE, "-f", str(small), "-f", f"{big}=data/big.bin",
-                      "-f", str(folder), "--json", "--",
-                      "sh", "-c", "cat /inputs/small.txt; cp /inputs/data/big.bin /outputs/; "
-                      "mkdir -p /outputs/n && cp /inputs/tree/sub/leaf.txt /outputs/n/; "
-                      "echo oops >&2; exit 7")
+    again = procs.run(
+        "submit",
+        "cliq",
+        IMAGE,
+        "-f",
+        str(small),
+        "-f",
+        f"{big}=data/big.bin",
+        "-f",
+        str(folder),
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        "cat /inputs/small.txt; cp /inputs/data/big.bin /outputs/; "
+        "mkdir -p /outputs/n && cp /inputs/tree/sub/leaf.txt /outputs/n/; "
+        "echo oops >&2; exit 7",
+    )
     data = json.loads(again.stdout)
     assert data["cached"] is True and data["state"] == "finished"
     ls = procs.run("jobs", "ls", "cliq", "--json")
@@ -193,8 +237,12 @@ def test_cancel_from_the_cli(procs: Procs, tmp_path: Path, busybox_image: str) -
         time.sleep(0.3)
     assert show["reason"] == "cancelled"
     # `submit --wait` on a job that gets cancelled exits with the documented 130
-    waiting = subprocess.Popen([ASMAN, "submit", "cq2", IMAGE, "--wait", "--", "sleep", "61"],
-                               env=procs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    waiting = subprocess.Popen(
+        [ASMAN, "submit", "cq2", IMAGE, "--wait", "--", "sleep", "61"],
+        env=procs.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     jid2 = job_id({"image": IMAGE, "command": "sleep 61"})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -213,9 +261,12 @@ def test_worker_killed_mid_job_another_finishes_it(
 ) -> None:
     import docker
 
-    first = procs.start("worker", "crash", "--lease-ttl", "3s", "--data-dir",
-                        str(tmp_path / "w1"), log="w1.log")
-    sub = procs.run("submit", "crash", IMAGE, "--", "sh", "-c", "sleep 4; echo survived > /outputs/r")
+    first = procs.start(
+        "worker", "crash", "--lease-ttl", "3s", "--data-dir", str(tmp_path / "w1"), log="w1.log"
+    )
+    sub = procs.run(
+        "submit", "crash", IMAGE, "--", "sh", "-c", "sleep 4; echo survived > /outputs/r"
+    )
     jid = sub.stdout.decode().strip()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -226,10 +277,22 @@ def test_worker_killed_mid_job_another_finishes_it(
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     # the orphan container of the dead worker is still there until cleanup
-    procs.start("worker", "crash", "--lease-ttl", "3s", "--data-dir", str(tmp_path / "w2"),
-                log="w2.log")
-    done = procs.run("submit", "crash", IMAGE, "--wait", "-o", str(tmp_path / "out"), "--",
-                     "sh", "-c", "sleep 4; echo survived > /outputs/r", timeout=120)
+    procs.start(
+        "worker", "crash", "--lease-ttl", "3s", "--data-dir", str(tmp_path / "w2"), log="w2.log"
+    )
+    done = procs.run(
+        "submit",
+        "crash",
+        IMAGE,
+        "--wait",
+        "-o",
+        str(tmp_path / "out"),
+        "--",
+        "sh",
+        "-c",
+        "sleep 4; echo survived > /outputs/r",
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr.decode()
     assert (tmp_path / "out" / "r").read_text() == "survived\n"
     show = json.loads(procs.run("jobs", "show", "crash", jid, "--json").stdout)

@@ -76,7 +76,9 @@ def collect_files(specs: Iterable[str]) -> list[FileInput]:
     names = [f.name for f in out]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
-        raise InvalidInput(f"two files would both be /inputs/{sorted(dupes)[0]}: rename one (-f PATH=NAME)")
+        raise InvalidInput(
+            f"two files would both be /inputs/{sorted(dupes)[0]}: rename one (-f PATH=NAME)"
+        )
     return out
 
 
@@ -93,9 +95,7 @@ async def open_blobs(settings: ClientSettings, log: Log) -> BlobStore:
             "an S3 blob store needs credentials: set ASMAN_S3_ACCESS_KEY and ASMAN_S3_SECRET_KEY "
             "(or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
         )
-    s3 = S3Blobs.from_url(
-        settings.blobs.url, settings.blobs.access_key, settings.blobs.secret_key
-    )
+    s3 = S3Blobs.from_url(settings.blobs.url, settings.blobs.access_key, settings.blobs.secret_key)
     await s3.ensure()
     return s3
 
@@ -245,7 +245,7 @@ class Client:
         written = []
         total = sum(f.blob.size for f in state.result.outputs)
         done = 0
-        root = dest.resolve()
+        root = await asyncio.to_thread(dest.resolve)
         for f in state.result.outputs:
             validate_relative_path(f.path, "outputs")
             target = (root / f.path).resolve()
