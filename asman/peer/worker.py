@@ -43,6 +43,9 @@ __all__ = ["Runtime", "Worker", "WorkerConfig"]
 
 logger = logging.getLogger(__name__)
 
+#: How long a GPU ticket handed back by a worker without enough GPUs stays away from it.
+GPU_HANDBACK_S = 10.0
+
 OnOutput = Callable[[str, bytes], Awaitable[None]]
 OnLog = Callable[[str], Awaitable[None]]
 
@@ -161,7 +164,9 @@ class Worker:
         removed = await self.runtime.cleanup_orphans(self.instance)
         if removed:
             logger.info("removed %d orphaned container(s) of an earlier run", removed)
-        classes = ["cpu", "gpu"] if cfg.gpus else ["cpu"]
+        # every worker watches the GPU tickets too: one without (enough) GPUs hands them back
+        # while a worker that can run them exists, and refuses them with a reason otherwise
+        classes = ["cpu", "gpu"]
         sources = [await TicketSource(self.log, q, c).open() for q in cfg.queues for c in classes]
         stop_fetching = asyncio.Event()
         logger.info(
@@ -177,7 +182,10 @@ class Worker:
                 beats = tg.create_task(self._heartbeats(stop_fetching))
                 sweeper = tg.create_task(self._sweeper(stop_fetching))
                 for src in sources:
-                    tg.create_task(self._fetch_loop(src, stop_fetching, tg))
+                    if src.job_class == "gpu" and not cfg.gpus:
+                        tg.create_task(self._refusal_loop(src, stop_fetching))
+                    else:
+                        tg.create_task(self._fetch_loop(src, stop_fetching, tg))
                 waiters = [asyncio.ensure_future(stop.wait())]
                 if cfg.once:
                     waiters.append(asyncio.ensure_future(self._done_once.wait()))
@@ -241,6 +249,9 @@ class Worker:
                     await beat(self.log, info)
                 except LogError as exc:  # a reconnect in progress: try again next beat
                     logger.warning("heartbeat failed: %s", exc)
+            if stopping.is_set():  # draining: keep the pace (a set event would spin this loop)
+                await asyncio.sleep(self.config.heartbeat_s)
+                continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.heartbeat_s):
                     await stopping.wait()
@@ -285,26 +296,14 @@ class Worker:
             want = 1 if (self.config.once or source.job_class == "gpu") else self._free
             self._free -= want  # reserve before the fetch: never pull more than we can run
             try:
-                fetch = asyncio.ensure_future(source.fetch(want, self.config.fetch_timeout_s))
-                stopper = asyncio.ensure_future(stopping.wait())
-                await asyncio.wait([fetch, stopper], return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                if not fetch.done():
-                    fetch.cancel()
-                    with contextlib.suppress(BaseException):
-                        await fetch
-                    tickets: list[Ticket] = []
-                else:
-                    try:
-                        tickets = fetch.result()
-                    except LogError as exc:
-                        logger.warning("fetch from %s failed: %s", source.durable, exc)
-                        await asyncio.sleep(1.0)
-                        tickets = []
+                tickets = await self._fetch_or_stop(source, want, stopping)
             except BaseException:
                 self._free += want
                 raise
             self._free += want - len(tickets)
+            if len(tickets) < want:
+                self._slot_freed.set()  # wake the other sources waiting for a slot
+                await asyncio.sleep(0)  # and let them take it before we reserve again
             for ticket in tickets:
                 if stopping.is_set():
                     with contextlib.suppress(AsmanError):
@@ -313,6 +312,55 @@ class Worker:
                     continue
                 tg.create_task(self._job(ticket), name=f"job-{ticket.job_id[:8]}")
 
+    async def _fetch_or_stop(
+        self, source: TicketSource, want: int, stopping: asyncio.Event
+    ) -> list[Ticket]:
+        """Fetch up to ``want`` tickets, giving up at once when ``stopping`` is set (a long
+        poll must never hold shutdown up; nats-py's fetch can also stall past its timeout)."""
+        fetch = asyncio.ensure_future(source.fetch(want, self.config.fetch_timeout_s))
+        stopper = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait(
+                [fetch, stopper],
+                timeout=self.config.fetch_timeout_s + 10,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stopper.cancel()
+        if not fetch.done():
+            fetch.cancel()
+            with contextlib.suppress(BaseException):
+                await fetch
+            return []
+        try:
+            return fetch.result()
+        except LogError as exc:
+            logger.warning("fetch from %s failed: %s", source.durable, exc)
+            await asyncio.sleep(1.0)
+            return []
+
+    async def _refusal_loop(self, source: TicketSource, stopping: asyncio.Event) -> None:
+        """A worker without GPUs watches the queue's GPU tickets without using a slot: it
+        hands them back while some worker can run them and refuses them (``error``, with the
+        reason) when no worker on the queue has enough GPUs."""
+        while not stopping.is_set():
+            for ticket in await self._fetch_or_stop(source, 1, stopping):
+                try:
+                    if stopping.is_set():
+                        await ticket.nak()
+                    elif await self._gpu_ticket_is_ours(ticket):
+                        lease = await claim(self.log, ticket)
+                        if lease is None:
+                            continue
+                        try:
+                            wanted = JobSpec.from_definition(lease.state.definition).gpus
+                        except AsmanError as exc:
+                            await self._finish_error(lease, f"invalid definition: {exc}")
+                            continue
+                        await self._take_gpus(lease, wanted)
+                except AsmanError as exc:
+                    logger.warning("job=%s gpu ticket: %s", ticket.job_id, exc)
+
     def _release_slot(self, gpus: tuple[str, ...] = ()) -> None:
         self._free += 1
         self._free_gpus.extend(gpus)
@@ -320,9 +368,34 @@ class Worker:
 
     # -- one job -----------------------------------------------------------------------
 
+    async def _gpu_ticket_is_ours(self, ticket: Ticket) -> bool:
+        """Before claiming a GPU ticket: False (and the ticket handed back untouched, no
+        event written) when another worker should take it."""
+        state = await jobs.read_job(self.log, ticket.queue, ticket.job_id)
+        if state is None or state.finished:
+            return True  # claim() terms it
+        try:
+            wanted = JobSpec.from_definition(state.definition).gpus
+        except AsmanError:
+            return True  # claim, then finish as error with the reason
+        if wanted <= len(self._free_gpus):
+            return True
+        if wanted <= len(self.config.gpus):
+            await ticket.nak(delay=1.0)  # ours, but our GPUs are busy now
+            return False
+        others = [
+            w for w in await list_workers(self.log, ticket.queue) if w.worker_id != self.worker_id
+        ]
+        if any(w.gpus >= wanted for w in others):
+            await ticket.nak(delay=GPU_HANDBACK_S)
+            return False
+        return True  # nobody has enough GPUs: claim it and refuse it with the reason
+
     async def _job(self, ticket: Ticket) -> None:
         gpus: tuple[str, ...] = ()
         try:
+            if ticket.job_class == "gpu" and not await self._gpu_ticket_is_ours(ticket):
+                return
             lease = await claim(self.log, ticket)
             if lease is None:
                 return
@@ -380,7 +453,7 @@ class Worker:
         """Stop the container at once when a cancel or a foreign claim lands on the job."""
         lease = running.lease
         wake = asyncio.Event()
-        stop_sub = await self.log.wake_on(lease.subject, wake)
+        stop_sub = await self.log.wake_on(lease.subject, wake, ignore=lease.is_own)
         ttl = self.log.config.lease_ttl_s
         try:
             while not running.stop.is_set():

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from s3server import SeaweedS3
 
 
-
 pytestmark = pytest.mark.s3
 
 

@@ -7,7 +7,7 @@ import base64
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -268,4 +268,14 @@ async def test_hostile_outputs_and_url_inputs(stack: Stack, unused_tcp_port: int
         await runner.cleanup()
 
 
-Submitter = Callable[[], Awaitable[None]]
+async def test_job_needing_more_gpus_than_any_worker_is_refused_with_a_reason(
+    stack: Stack,
+) -> None:
+    client = await stack.log()
+    await stack.start_worker("gpuq")
+    state = await run_job(
+        client, "gpuq", {"image": IMAGE, "command": "true", "requirements": {"gpus": 2}}
+    )
+    assert state.reason == "error"
+    assert state.result is not None
+    assert "asks for 2 GPUs and no worker on queue 'gpuq' has that many" in state.result.message
