@@ -49,7 +49,7 @@ class Stack:
         await store.ensure()
         return store
 
-    async def start_worker(self, queue: str, **overrides: Any) -> Worker:
+    async def start_worker(self, queue: str, *, blobs: Any = None, **overrides: Any) -> Worker:
         log = await self.log(lease_ttl_s=overrides.pop("lease_ttl_s", 30.0))
         runtime = DockerRuntime()
         await runtime.__aenter__()
@@ -62,7 +62,7 @@ class Stack:
             fetch_timeout_s=1.0,
             **overrides,
         )
-        worker = Worker(log, await self.blobs(log), runtime, cfg)
+        worker = Worker(log, blobs or await self.blobs(log), runtime, cfg)
         stop = asyncio.Event()
 
         async def run() -> None:
@@ -100,7 +100,7 @@ async def run_job(
     return await jobs.wait_finished(client, queue, sub.job_id, timeout)
 
 
-async def output_bytes(blobs: ObjectStoreBlobs, state: JobState) -> dict[str, bytes]:
+async def output_bytes(blobs: Any, state: JobState) -> dict[str, bytes]:
     assert state.result is not None
     out = {}
     for f in state.result.outputs:
@@ -279,3 +279,95 @@ async def test_job_needing_more_gpus_than_any_worker_is_refused_with_a_reason(
     assert state.reason == "error"
     assert state.result is not None
     assert "asks for 2 GPUs and no worker on queue 'gpuq' has that many" in state.result.message
+
+
+@pytest.mark.s3
+async def test_round_trip_through_s3_blobs(stack: Stack, s3_server: Any, s3_bucket: str) -> None:
+    from asman.peer.s3 import S3Blobs
+
+    def s3() -> S3Blobs:
+        return S3Blobs.from_url(
+            f"s3+http://{s3_server.endpoint}/{s3_bucket}/asman",
+            s3_server.access_key,
+            s3_server.secret_key,
+        )
+
+    client = await stack.log()
+    blobs = s3()
+    big = os.urandom(2 * 1024 * 1024 + 3)
+    info = await blobs.put_bytes(big)
+    await stack.start_worker("s3q", blobs=s3())
+    state = await run_job(
+        client,
+        "s3q",
+        {
+            "image": IMAGE,
+            "command": "sh -c 'mkdir -p /outputs/x/y && cp /inputs/in/big /outputs/x/y/big'",
+            "inputs": {"in/big": {"type": "blob", "value": info.sha256}},
+        },
+    )
+    assert state.reason == "success", state.result
+    assert await output_bytes(blobs, state) == {"x/y/big": big}
+
+
+async def test_build_job_and_failing_build(stack: Stack) -> None:
+    client = await stack.log()
+    await stack.start_worker("build")
+    dockerfile = f"FROM {IMAGE}\nARG WHO\nRUN echo BUILD_MARKER $WHO > /built\nCMD cat /built\n"
+    state = await run_job(
+        client,
+        "build",
+        {"build": {"dockerfile": dockerfile, "buildArgs": ["WHO=asman"]}, "command": "cat /built"},
+    )
+    assert state.reason == "success", state.result
+    text = await job_text(client, state)
+    assert text.get("stdout") == "BUILD_MARKER asman\n"
+    assert "BUILD_MARKER" in text.get("build", "")
+    assert state.result is not None and state.result.log is not None
+    assert b"BUILD_MARKER asman" in (state.result.log.data or b"")
+    failing = await run_job(
+        client,
+        "build",
+        {"build": {"dockerfile": f"FROM {IMAGE}\nRUN echo about-to-fail && exit 3\n"}},
+    )
+    assert failing.reason == "error"
+    assert failing.result is not None and "build" in failing.result.message.lower()
+    build_text = (await job_text(client, failing)).get("build", "")
+    assert "about-to-fail" in build_text
+    assert "stdout" not in await job_text(client, failing)
+
+
+async def test_hostile_definitions_written_straight_to_the_log(stack: Stack) -> None:
+    """A peer that skips validation cannot make a worker write outside the job folder."""
+    from asman.log import subjects
+    from asman.log.events import now_ms
+
+    client = await stack.log()
+    await stack.start_worker("raw")
+    bad = [
+        {"image": IMAGE, "command": "true", "inputs": {"../escape": "x"}},
+        {"image": IMAGE, "command": "true", "inputs": {"/etc/passwd": "x"}},
+        {"image": IMAGE, "command": "true", "inputs": {"big": "x" * (100 * 1024)}},
+    ]
+    ids = []
+    for n, definition in enumerate(bad):
+        jid = f"{n:064x}"
+        await client.append(
+            subjects.job_subject("raw", jid),
+            {
+                "type": "submitted",
+                "ts": now_ms(),
+                "definition": jobs.definition_text(definition),
+                "class": "cpu",
+            },
+            expected_last_seq=0,
+        )
+        await jobs.ensure_ticket(client, "raw", "cpu", jid)
+        ids.append(jid)
+    for jid in ids:
+        state = await jobs.wait_finished(client, "raw", jid, 60)
+        assert state.reason == "error"
+        assert state.result is not None and "invalid definition" in state.result.message
+    assert not (stack.tmp / "escape").exists()
+    # and the worker keeps serving
+    assert (await run_job(client, "raw", {"image": IMAGE, "command": "true"})).reason == "success"
