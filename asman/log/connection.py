@@ -31,9 +31,10 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from asman.errors import AsmanError, Conflict, LogError, LogUnavailable
+from asman.errors import AsmanError, ConfigError, Conflict, LogError, LogUnavailable
 from asman.log import subjects, wire
 from asman.log.events import CheckedEvent, RawEvent
+from asman.log.filtered import read_filtered
 from asman.log.keys import PeerKey
 
 __all__ = ["Log", "LogConfig", "translate_errors"]
@@ -67,7 +68,23 @@ class LogConfig:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 5.0
     max_event_bytes: int = 1024 * 1024
+    # create Asman's streams when they are missing
     manage_streams: bool = True
+    # change existing streams to these settings (replicas, retention); off by default, so a
+    # peer started with defaults never shrinks an operator's 3-replica streams
+    update_streams: bool = False
+    # "direct": batched direct get (fast; the subject filter is in the payload, so a reader
+    # can read every queue). "consumer": filtered ephemeral consumers whose filter is in the
+    # API subject, for credentials confined to some queues (asman.log.filtered,
+    # deploy/nats/accounts).
+    reads: str = "direct"
+    # the user's own reply subjects (e.g. "_INBOX.alpha-worker"), so that a confined user may
+    # subscribe to its replies only and never to anyone else's
+    inbox_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reads not in ("direct", "consumer"):
+            raise ConfigError(f"reads must be 'direct' or 'consumer', not {self.reads!r}")
 
 
 class _Translate:
@@ -163,6 +180,8 @@ class Log:
         }
         if self.config.creds:
             options["user_credentials"] = self.config.creds
+        if self.config.inbox_prefix:
+            options["inbox_prefix"] = self.config.inbox_prefix
         try:
             self._nc = await nats.connect(**options)
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
@@ -288,6 +307,9 @@ class Log:
             except nats.js.errors.APIError as exc:
                 if exc.err_code != ERR_STREAM_CONFIG_CHANGED:
                     raise
+                if not self.config.update_streams:
+                    logger.info("stream %s exists with other settings; left as it is", cfg.name)
+                    return
                 logger.info("updating stream %s to the configured settings", cfg.name)
                 await self.js.update_stream(cfg)
 
@@ -314,6 +336,15 @@ class Log:
                 self._workers_kv = await self.js.key_value(subjects.WORKERS_BUCKET)
 
     async def workers_kv(self) -> KeyValue:
+        if self._workers_kv is None and self.config.reads == "consumer":
+            # a confined user may not read stream info: bind to the bucket by name
+            self._workers_kv = KeyValue(
+                name=subjects.WORKERS_BUCKET,
+                stream=f"KV_{subjects.WORKERS_BUCKET}",
+                pre=f"$KV.{subjects.WORKERS_BUCKET}.",
+                js=self.js,
+                direct=True,
+            )
         if self._workers_kv is None:
             with translate_errors("opening the workers bucket"):
                 self._workers_kv = await self.js.key_value(subjects.WORKERS_BUCKET)
@@ -334,11 +365,19 @@ class Log:
         return await self._publish_event(subject, event, data, expected_last_seq)
 
     async def append_checked(
-        self, subject: str, event: dict[str, Any], *, expected_last_seq: int | None
+        self,
+        subject: str,
+        event: dict[str, Any],
+        *,
+        expected_last_seq: int | None,
+        sent: set[bytes] | None = None,
     ) -> CheckedEvent:
         """``append``, returning the event as every reader will see it once verified (our
-        own first-hand view: no need to verify our own signature), with its sequence."""
+        own first-hand view: no need to verify our own signature). The envelope is added to
+        ``sent`` before it is published, so a subscriber can tell our own events apart."""
         data, opened = wire.seal_opened(self.key, subject, event)
+        if sent is not None:
+            sent.add(data)
         seq = await self._publish_event(subject, event, data, expected_last_seq)
         return CheckedEvent(seq, opened)
 
@@ -355,8 +394,14 @@ class Log:
     async def read_subject(self, stream: str, subject: str, start_seq: int = 1) -> list[RawEvent]:
         """Every message on ``subject`` from ``start_seq``, oldest first.
 
-        Uses batched direct get: one round trip per 256 messages, served by any replica.
+        Uses batched direct get: one round trip per 256 messages, served by any replica; or,
+        with ``LogConfig(reads="consumer")``, a filtered consumer (``asman.log.filtered``).
         """
+        if self.config.reads == "consumer":
+            with translate_errors(f"reading {subject}"):
+                return await read_filtered(
+                    self.js, stream, subject, start_seq, self.config.request_timeout_s
+                )
         out: list[RawEvent] = []
         seq = start_seq
         while True:
@@ -411,15 +456,23 @@ class Log:
                 return 0
         return int(msg.seq or 0)
 
-    async def wake_on(self, subject: str, wake: asyncio.Event) -> Callable[[], Awaitable[None]]:
-        """Set ``wake`` on every message published on ``subject`` (live only, no history).
+    async def wake_on(
+        self,
+        subject: str,
+        wake: asyncio.Event,
+        *,
+        ignore: Callable[[bytes], bool] | None = None,
+    ) -> Callable[[], Awaitable[None]]:
+        """Set ``wake`` on every message published on ``subject`` (live only, no history),
+        except those whose bytes ``ignore`` recognises (a lease's own events).
 
         Returns the coroutine function that stops it. Workers use it to learn at once that a
         job they run got a cancel or a foreign claim; watchers to re-read only on change.
         """
 
         async def on_msg(msg: Msg) -> None:
-            wake.set()
+            if ignore is None or not ignore(msg.data):
+                wake.set()
 
         with translate_errors(f"subscribing to {subject}"):
             sub = await self.nc.subscribe(subject, cb=on_msg)

@@ -43,6 +43,7 @@ __all__ = [
     "Blob",
     "CheckedEvent",
     "HistoryEntry",
+    "JobFold",
     "JobState",
     "Lease",
     "OutputFile",
@@ -433,32 +434,73 @@ def fold_checked(
 ) -> JobState | None:
     """``fold`` over events already verified by ``check_event`` (or known first-hand: an
     event this peer signed and the log accepted). Rejected events are counted."""
-    state: JobState | None = None
-    history: list[HistoryEntry] = []
-    rejected = 0
-    last_seq = 0
+    folder = JobFold(queue, job_id, subject)
     for checked in events:
-        last_seq = checked.seq
+        folder.add(checked)
+    return folder.state()
+
+
+class JobFold:
+    """``fold_checked`` one event at a time: a peer that follows a job adds each new event
+    once instead of replaying the whole history."""
+
+    __slots__ = (
+        "_cached",
+        "_history",
+        "_last_seq",
+        "_rejected",
+        "_state",
+        "job_id",
+        "queue",
+        "subject",
+    )
+
+    def __init__(self, queue: str, job_id: str, subject: str) -> None:
+        self.queue = queue
+        self.job_id = job_id
+        self.subject = subject
+        self._state: JobState | None = None
+        self._history: list[HistoryEntry] = []
+        self._rejected = 0
+        self._last_seq = 0
+        self._cached: JobState | None = None
+
+    def add(self, checked: CheckedEvent) -> None:
+        """Apply the next event (oldest first)."""
+        self._cached = None
+        self._last_seq = checked.seq
         opened = checked.opened
         try:
             if opened is None:
                 raise ValueError(checked.error)
             kind = str(opened.event.get("type", "?"))
             ts = opened.event.get("ts", 0)
-            state, why = _apply(state, checked.seq, opened.signer, opened.event, queue, job_id)
+            self._state, why = _apply(
+                self._state, checked.seq, opened.signer, opened.event, self.queue, self.job_id
+            )
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            rejected += 1
-            logger.warning("rejected event seq=%d on %s: %s", checked.seq, subject, exc)
-            history.append(HistoryEntry(checked.seq, "?", "", 0, False, str(exc)))
-            continue
+            self._rejected += 1
+            logger.warning("rejected event seq=%d on %s: %s", checked.seq, self.subject, exc)
+            self._history.append(HistoryEntry(checked.seq, "?", "", 0, False, str(exc)))
+            return
         if why:
-            rejected += 1
-            logger.info("ignored %s event seq=%d on %s: %s", kind, checked.seq, subject, why)
-        history.append(
+            self._rejected += 1
+            logger.info("ignored %s event seq=%d on %s: %s", kind, checked.seq, self.subject, why)
+        self._history.append(
             HistoryEntry(
                 checked.seq, kind, opened.signer, ts if isinstance(ts, int) else 0, not why, why
             )
         )
-    if state is None:
-        return None
-    return replace(state, last_seq=last_seq, history=tuple(history), rejected=rejected)
+
+    def state(self) -> JobState | None:
+        """The job's state after the events added so far (None when nothing valid yet)."""
+        if self._state is None:
+            return None
+        if self._cached is None:
+            self._cached = replace(
+                self._state,
+                last_seq=self._last_seq,
+                history=tuple(self._history),
+                rejected=self._rejected,
+            )
+        return self._cached

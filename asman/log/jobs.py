@@ -19,16 +19,16 @@ from typing import Any
 import nats.js.errors
 
 from asman.errors import Conflict, JobNotFound, LogError, UnauthorizedSigner
-from asman.log import subjects
+from asman.log import subjects, wire
 from asman.log.connection import ERR_MAX_MSGS_PER_SUBJECT, Log, translate_errors
 from asman.log.definition import image_class, job_id, validate_definition
 from asman.log.events import (
     CheckedEvent,
+    JobFold,
     JobState,
     RawEvent,
     check_event,
     fold,
-    fold_checked,
     now_ms,
 )
 
@@ -72,41 +72,38 @@ def definition_text(definition: Mapping[str, Any]) -> str:
 
 class JobHistory:
     """One job's events, each read and verified once: a peer that follows a job (a lease, a
-    watcher) re-reads only what was appended since, and folds its verified copy.
+    watcher) re-reads only what was appended since, and folds each new event once.
 
     Sequences only grow, so a read from the last known sequence on is complete; our own
     appends are recorded first-hand (``appended``) when the compare-and-set proves that
     nothing came between the last event we know and ours.
     """
 
-    __slots__ = ("events", "job_id", "log", "queue", "subject")
+    __slots__ = ("_fold", "job_id", "last_seq", "log", "queue", "subject")
 
     def __init__(self, log: Log, queue: str, job: str) -> None:
         self.log = log
         self.queue = queue
         self.job_id = job
         self.subject = subjects.job_subject(queue, job)
-        self.events: list[CheckedEvent] = []
-
-    @property
-    def last_seq(self) -> int:
-        """Stream sequence of the last event known (0 if none)."""
-        return self.events[-1].seq if self.events else 0
+        self.last_seq = 0  # stream sequence of the last event known (0 if none)
+        self._fold = JobFold(queue, job, self.subject)
 
     def state(self) -> JobState | None:
         """The fold of the events known so far."""
-        return fold_checked(self.queue, self.job_id, self.subject, self.events)
+        return self._fold.state()
 
     def _add(self, event: CheckedEvent) -> None:
         if event.seq > self.last_seq:  # a concurrent read may have brought it already
-            self.events.append(event)
+            self._fold.add(event)
+            self.last_seq = event.seq
 
     async def read(self) -> JobState | None:
         """Read and verify what was appended since the last read; the job's state now."""
         new = await self.log.read_subject(subjects.JOBS_STREAM, self.subject, self.last_seq + 1)
         for raw in new:
             if raw.seq > self.last_seq:
-                self.events.append(check_event(raw, self.subject))
+                self._add(check_event(raw, self.subject))
         return self.state()
 
     async def appended(self, own: CheckedEvent, expected_last_seq: int) -> JobState | None:
@@ -133,12 +130,17 @@ async def _require(log: Log, queue: str, job: str) -> JobState:
     return state
 
 
-async def ensure_ticket(log: Log, queue: str, job_class: str, job: str) -> bool:
-    """Publish the job's dispatch ticket; False when one is already waiting."""
+async def ensure_ticket(
+    log: Log, queue: str, job_class: str, job: str, *, last_seq: int = 0
+) -> bool:
+    """Publish the job's dispatch ticket; False when one is already waiting.
+
+    ``last_seq``, the sequence of the job's last event when known, lets the worker claim
+    without reading first (see ``wire.ticket_payload``)."""
     subject = subjects.pending_subject(queue, job_class, job)
     with translate_errors(f"publishing ticket {subject}"):
         try:
-            await log.js.publish(subject, job.encode())
+            await log.js.publish(subject, wire.ticket_payload(job, last_seq))
         except nats.js.errors.APIError as exc:
             if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
                 return False
@@ -201,7 +203,7 @@ async def submit(
         state = await requeue(log, queue, jid, _state=state)
         requeued = True
     if state.state == "queued":
-        await ensure_ticket(log, queue, state.job_class, jid)
+        await ensure_ticket(log, queue, state.job_class, jid, last_seq=state.last_seq)
     logger.info("job=%s queue=%s submitted created=%s", jid, queue, created)
     return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
 
@@ -219,7 +221,7 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
             )
         state = await _require(log, queue, job)
     if state.state == "queued":
-        await ensure_ticket(log, queue, state.job_class, job)
+        await ensure_ticket(log, queue, state.job_class, job, last_seq=state.last_seq)
     return state
 
 
@@ -312,18 +314,20 @@ async def wait_finished(log: Log, queue: str, job: str, timeout: float | None = 
 async def watch_queue(log: Log, queue: str) -> AsyncIterator[JobState]:
     """Yields every job of the queue now, then each job again whenever it changes."""
     flt = subjects.jobs_filter(queue)
-    by_subject: dict[str, list[CheckedEvent]] = defaultdict(list)  # each verified once
+    by_subject: dict[str, JobFold] = {}  # each event verified and folded once
     next_seq = 1
     async for _ in _notifications(log, flt):
         new = await log.read_subject(subjects.JOBS_STREAM, flt, next_seq)
-        touched: list[str] = []
+        touched: dict[str, None] = {}
         for ev in new:
-            if ev.subject not in by_subject or ev.subject not in touched:
-                touched.append(ev.subject)
-            by_subject[ev.subject].append(check_event(ev, ev.subject))
+            folder = by_subject.get(ev.subject)
+            if folder is None:
+                q, jid = subjects.job_id_from_subject(ev.subject)
+                folder = by_subject[ev.subject] = JobFold(q, jid, ev.subject)
+            folder.add(check_event(ev, ev.subject))
+            touched[ev.subject] = None
             next_seq = ev.seq + 1
-        for subject in dict.fromkeys(touched):
-            q, jid = subjects.job_id_from_subject(subject)
-            state = fold_checked(q, jid, subject, by_subject[subject])
+        for subject in touched:
+            state = by_subject[subject].state()
             if state is not None:
                 yield state

@@ -19,10 +19,20 @@ State machine of one attempt, as seen by the worker that holds it::
 
 The ticket's ack wait *is* the lease: a worker that stops calling ``in_progress`` loses the
 ticket to redelivery, and the next worker claims on top of the stale claim.
+
+Cost. A ticket names the job's last sequence when it was written (``wire.ticket_payload``),
+so on a first delivery the worker sends its CAS claim on that sequence and the read of the
+history together (one round trip); the claim counts only once the fold of the verified
+history accepts it, exactly as on the read-first path, which any other case takes. The lease
+keeps the verified history (``JobHistory``): each event is read and verified once, our own
+accepted appends are recorded first-hand, so started and finished need no read back and a
+watcher's ``check`` reads only what others appended.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +44,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from asman.errors import Conflict, LeaseLost, LogError
-from asman.log import subjects
+from asman.log import subjects, wire
 from asman.log.connection import Log, translate_errors
-from asman.log.events import JobState, now_ms
+from asman.log.events import CheckedEvent, JobState, now_ms
 from asman.log.jobs import CAS_RETRIES, JobHistory
 
 __all__ = ["JobLease", "Ticket", "TicketSource", "claim"]
@@ -54,6 +64,7 @@ class Ticket:
     delivered: int
     stream_seq: int
     _msg: Msg
+    hint_seq: int = 0  # the job's last sequence as the ticket's writer saw it (0: unknown)
 
     async def in_progress(self) -> None:
         with translate_errors(f"extending the lease on {self.job_id}"):
@@ -135,6 +146,7 @@ class TicketSource:
                     delivered=md.num_delivered,
                     stream_seq=md.sequence.stream,
                     _msg=msg,
+                    hint_seq=wire.ticket_hint(msg.data),
                 )
             )
         return out
@@ -155,7 +167,13 @@ class JobLease:
     """
 
     def __init__(
-        self, log: Log, ticket: Ticket, state: JobState, claim_seq: int, history: JobHistory
+        self,
+        log: Log,
+        ticket: Ticket,
+        state: JobState,
+        claim_seq: int,
+        history: JobHistory,
+        sent: set[bytes] | None = None,
     ) -> None:
         self.log = log
         self.ticket = ticket
@@ -167,6 +185,7 @@ class JobLease:
         self.history = history
         self.subject = history.subject
         self.done = False
+        self._sent = sent if sent is not None else set()  # envelopes of our own events
 
     def _ours(self, state: JobState | None) -> JobState:
         if (
@@ -184,6 +203,11 @@ class JobLease:
             )
         return state
 
+    def is_own(self, data: bytes) -> bool:
+        """Whether ``data`` is an envelope this lease appended (the claim included): a
+        watcher need not re-read the job for its own events."""
+        return data in self._sent
+
     async def keepalive(self) -> None:
         """Push the ticket's ack deadline back (the lease ttl)."""
         await self.ticket.in_progress()
@@ -197,7 +221,9 @@ class JobLease:
     async def _append(self, event: dict[str, Any]) -> JobState:
         """One fenced append on our last known sequence; Conflict if someone wrote first."""
         expected = self.last_seq
-        own = await self.log.append_checked(self.subject, event, expected_last_seq=expected)
+        own = await self.log.append_checked(
+            self.subject, event, expected_last_seq=expected, sent=self._sent
+        )
         state = await self.history.appended(own, expected)
         assert state is not None  # our own claim is in the history
         self.last_seq = own.seq
@@ -253,11 +279,80 @@ class JobLease:
         self.done = True
 
 
+def _claim_event(log: Log, ticket: Ticket) -> dict[str, Any]:
+    return {
+        "type": "claimed",
+        "ts": now_ms(),
+        "lease_ms": int(log.config.lease_ttl_s * 1000),
+        "delivered": ticket.delivered,
+        "ticket_seq": ticket.stream_seq,
+    }
+
+
+async def _finish_worker_lost(log: Log, ticket: Ticket, state: JobState) -> None:
+    """Attempts exhausted: finish the job as ``worker_lost`` (CAS on its last event)."""
+    await log.append(
+        subjects.job_subject(ticket.queue, ticket.job_id),
+        {
+            "type": "finished",
+            "ts": now_ms(),
+            "reason": "worker_lost",
+            "attempt": state.claims,
+            "message": f"no worker finished the job in {state.claims} attempts",
+        },
+        expected_last_seq=state.last_seq,
+    )
+    logger.info(
+        "job=%s queue=%s worker_lost attempts=%d", ticket.job_id, ticket.queue, state.claims
+    )
+    await ticket.term()
+
+
+async def _claim_on_hint(
+    log: Log, ticket: Ticket, history: JobHistory, sent: set[bytes]
+) -> JobLease | None:
+    """First delivery of a ticket that names the job's last sequence: claim by CAS on that
+    sequence while the history is read and verified, in one round trip instead of two.
+
+    The claim is believed only when the fold of the verified history accepts it, as in the
+    read-first path; None sends the caller down that path (the CAS lost, or the claim is
+    noise on a job that does not admit it: a stale or forged hint)."""
+    hint = ticket.hint_seq
+    appending = asyncio.ensure_future(
+        log.append_checked(
+            history.subject, _claim_event(log, ticket), expected_last_seq=hint, sent=sent
+        )
+    )
+    try:
+        await history.read()
+    finally:
+        # never leave the append behind: its outcome decides whether we hold a claim
+        own: CheckedEvent | None = None
+        with contextlib.suppress(Conflict):
+            own = await appending
+    if own is None:
+        return None
+    state = await history.appended(own, hint)
+    if state is None or state.lease is None or state.lease.claim_seq != own.seq:
+        return None
+    if state.claims > log.config.max_attempts:  # only a forged ticket gets here
+        with contextlib.suppress(Conflict):
+            await _finish_worker_lost(log, ticket, state)
+        return None
+    logger.info("job=%s queue=%s claimed attempt=%d", ticket.job_id, ticket.queue, state.claims)
+    return JobLease(log, ticket, state, own.seq, history, sent)
+
+
 async def claim(log: Log, ticket: Ticket) -> JobLease | None:
     """Claim the job behind ``ticket``; None when there is nothing to run (ticket termed)."""
     queue, job = ticket.queue, ticket.job_id
     history = JobHistory(log, queue, job)
     subject = history.subject
+    sent: set[bytes] = set()  # our claims, for JobLease.is_own
+    if ticket.hint_seq > 0 and ticket.delivered == 1:
+        lease = await _claim_on_hint(log, ticket, history, sent)
+        if lease is not None:
+            return lease
     for _ in range(CAS_RETRIES):
         state = await history.read()
         if state is None or state.finished:
@@ -273,33 +368,16 @@ async def claim(log: Log, ticket: Ticket) -> JobLease | None:
             return None
         if state.lease is not None and state.claims >= log.config.max_attempts:
             try:
-                await log.append(
-                    subject,
-                    {
-                        "type": "finished",
-                        "ts": now_ms(),
-                        "reason": "worker_lost",
-                        "attempt": state.claims,
-                        "message": f"no worker finished the job in {state.claims} attempts",
-                    },
-                    expected_last_seq=state.last_seq,
-                )
+                await _finish_worker_lost(log, ticket, state)
             except Conflict:
                 continue
-            logger.info("job=%s queue=%s worker_lost attempts=%d", job, queue, state.claims)
-            await ticket.term()
             return None
         try:
             own = await log.append_checked(
                 subject,
-                {
-                    "type": "claimed",
-                    "ts": now_ms(),
-                    "lease_ms": int(log.config.lease_ttl_s * 1000),
-                    "delivered": ticket.delivered,
-                    "ticket_seq": ticket.stream_seq,
-                },
+                _claim_event(log, ticket),
                 expected_last_seq=state.last_seq,
+                sent=sent,
             )
         except Conflict:
             continue
@@ -307,5 +385,5 @@ async def claim(log: Log, ticket: Ticket) -> JobLease | None:
         if claimed is None or claimed.lease is None or claimed.lease.claim_seq != own.seq:
             continue  # our claim was not accepted by the fold (should not happen): retry
         logger.info("job=%s queue=%s claimed attempt=%d", job, queue, claimed.claims)
-        return JobLease(log, ticket, claimed, own.seq, history)
+        return JobLease(log, ticket, claimed, own.seq, history, sent)
     raise Conflict(f"could not claim job {job}: too many concurrent writers")

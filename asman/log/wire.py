@@ -54,6 +54,8 @@ __all__ = [
     "open_envelope",
     "seal",
     "seal_opened",
+    "ticket_hint",
+    "ticket_payload",
 ]
 
 COSE_SIGN1_TAG = 18
@@ -360,3 +362,24 @@ def open_envelope(data: bytes, subject: str, *, max_size: int = DEFAULT_MAX_SIZE
     if type(event.get("v")) is not int:
         raise _malformed("payload has no integer schema version 'v'", subject)
     return Opened(signer=kid.hex(), event=event, protected_sub=signed_sub)
+
+
+# -- dispatch tickets ----------------------------------------------------------------------
+
+
+def ticket_payload(job_id: str, last_seq: int = 0) -> bytes:
+    """A dispatch ticket's body: the job id, and the stream sequence of the job's last event
+    when the ticket was written (``"<job id> <seq>"``; a bare job id from older peers).
+
+    The sequence is only a hint, never trusted: a worker claims by compare-and-set on it
+    while it reads and verifies the job's history, and believes the claim only when the fold
+    of that verified history accepts it. A wrong hint costs one refused compare-and-set."""
+    return f"{job_id} {last_seq}".encode() if last_seq > 0 else job_id.encode()
+
+
+def ticket_hint(data: bytes) -> int:
+    """The sequence hint of a ticket body (0 when it has none or it is not a number)."""
+    _, _, seq = data.partition(b" ")
+    if not seq or len(seq) > 20 or not seq.isdigit():
+        return 0
+    return int(seq)
