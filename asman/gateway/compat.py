@@ -1,0 +1,331 @@
+"""compute-queues' HTTP routes and shapes (reference/compute-queues.md §4.1), so its clients
+can point at an Asman gateway.
+
+Differences, on purpose:
+
+* A job is found by its queue. ``/j/{id}`` routes take the queue from ``?queue=``; without it
+  they answer 400 saying so. Queue names are capabilities, and the log is keyed by queue, so
+  the gateway does not search every queue for an id (that would also tell anyone who can
+  compute a job id which queue ran it). A browser opening ``/j/{id}`` (the short link form,
+  ``/j/{id}#?queue=q``) gets the page, which reads the queue from the hash.
+* Namespaces (``control.namespace``, ``?namespace=``) are accepted and ignored: a job is
+  cancelled by the peer that submitted it, which for jobs sent here is this gateway.
+* Cancelled jobs stay listed as ``Finished``/``Cancelled``; a non-zero exit code is
+  ``Success`` with its ``StatusCode``, as in compute-queues (Asman's own reason is ``failed``).
+* The client-supplied ``id`` of a submission is ignored; the answer carries the real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from asman.errors import InvalidInput
+from asman.gateway import api, files, sse
+from asman.gateway.limits import read_json
+from asman.gateway.page import page
+from asman.gateway.state import BLOBS, CONFIG, LOG
+from asman.gateway.views import cq_record, worker_view
+from asman.log import jobs, subjects
+from asman.log.events import JobState
+from asman.log.logstream import read_logs
+from asman.log.workers import list_workers
+
+__all__ = ["add_routes"]
+
+MAX_LISTED = 1000
+RUN_STREAMS = ("stdout", "stderr")
+BUILD_STREAMS = ("build", "system")
+
+
+def _queue(request: web.Request) -> str:
+    if "queue" not in request.match_info and not request.query.get("queue"):
+        raise InvalidInput(
+            "this route needs the job's queue: use /q/<queue>/j/<id>/… or add ?queue=<queue> "
+            "(a job is found by its queue and id; the gateway does not search across queues)"
+        )
+    return api.queue_param(request)
+
+
+def _job(request: web.Request) -> str:
+    raw = request.match_info["job"]
+    return subjects.validate_job_id(raw.removesuffix(".json"))
+
+
+def _blob_url(request: web.Request) -> str:
+    return f"{api.public_base(request)}/f"
+
+
+async def _logs(request: web.Request, state: JobState) -> list[Any]:
+    chunks, cursor = await read_logs(request.app[LOG], state, 1)
+    budget = request.app[CONFIG].limits.max_log_response_bytes
+    kept, _, _ = api.bounded_logs(chunks, cursor, budget)
+    return kept
+
+
+async def submit(request: web.Request) -> web.Response:
+    queue = api.queue_param(request)
+    body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
+    if isinstance(body, dict) and isinstance(body.get("definition"), Mapping):
+        definition = body["definition"]  # EnqueueJob {id?, definition, debug?, control?}
+    else:
+        definition = body
+    submitted = await api.submit_definition(request, queue, definition)
+    cq_state, cq_reason = submitted.state.cq_state
+    return web.json_response(
+        {
+            "success": True,
+            "jobId": submitted.job_id,
+            "state": cq_state,
+            "finishedReason": cq_reason,
+            "cached": submitted.cached,
+        }
+    )
+
+
+async def list_queue(request: web.Request) -> web.Response:
+    queue = api.queue_param(request)
+    states = await jobs.list_jobs(request.app[LOG], queue)
+    return web.json_response({"data": {s.job_id: cq_record(s) for s in states[-MAX_LISTED:]}})
+
+
+async def status(request: web.Request) -> web.Response:
+    queue = api.queue_param(request)
+    log = request.app[LOG]
+    states = await jobs.list_jobs(log, queue)
+    workers = await list_workers(log, queue)
+    active = [s for s in states if not s.finished]
+    return web.json_response(
+        {
+            "jobs": {
+                s.job_id: {"state": s.cq_state[0], "finishedReason": s.cq_state[1]}
+                for s in states[-MAX_LISTED:]
+            },
+            "otherServers": [],
+            "localWorkers": [worker_view(w) for w in workers],
+            "clientCount": 0,
+            "queueInfo": {
+                "address": api.public_base(request),
+                "serverId": log.peer_id,
+                "jobCount": len(active),
+                "localWorkerCount": len(workers),
+                "otherWorkerCount": 0,
+                "clientCount": 0,
+                "jobStates": {
+                    name: sum(1 for s in states if s.cq_state[0] == name)
+                    for name in ("Queued", "Running", "Finished")
+                },
+            },
+        }
+    )
+
+
+async def job(request: web.Request) -> web.StreamResponse:
+    if (
+        "queue" not in request.match_info
+        and not request.query.get("queue")
+        and not request.match_info["job"].endswith(".json")
+        and _wants_html(request)
+    ):
+        return await page(request)  # the short link /j/<id>#?queue=<q> is the page
+    queue, jid = _queue(request), _job(request)
+    state = await api.load_job(request, queue, jid)
+    logs = await _logs(request, state) if state.finished else None
+    record = cq_record(state, blob_url=_blob_url(request), with_result=True, logs=logs)
+    return web.json_response({"data": {"definition": state.definition, "results": record}})
+
+
+def _wants_html(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    return "text/html" in accept and "application/json" not in accept
+
+
+async def definition(request: web.Request) -> web.Response:
+    queue, jid = _queue(request), _job(request)
+    state = await jobs.read_job(request.app[LOG], queue, jid)
+    if state is None:
+        return _not_found(queue, jid)
+    return web.json_response({"data": state.definition})
+
+
+def _not_found(queue: str, jid: str) -> web.Response:
+    return web.json_response(
+        {
+            "data": None,
+            "error": f"job {jid} not found on queue {queue!r}",
+            "message": "Job not found",
+            "code": "job_not_found",
+            "status": 404,
+        },
+        status=404,
+    )
+
+
+async def result(request: web.Request) -> web.Response:
+    queue, jid = _queue(request), _job(request)
+    state = await jobs.read_job(request.app[LOG], queue, jid)
+    if state is None:
+        return _not_found(queue, jid)
+    if not state.finished:
+        return web.json_response({"data": None})
+    logs = await _logs(request, state)
+    return web.json_response(
+        {"data": cq_record(state, blob_url=_blob_url(request), with_result=True, logs=logs)}
+    )
+
+
+async def history(request: web.Request) -> web.Response:
+    queue, jid = _queue(request), _job(request)
+    state = await api.load_job(request, queue, jid)
+    return web.json_response(
+        {
+            "data": [
+                {
+                    "seq": h.seq,
+                    "type": h.type,
+                    "signer": h.signer,
+                    "time": h.ts,
+                    "accepted": h.accepted,
+                }
+                for h in state.history
+            ]
+        }
+    )
+
+
+def _log_route(kinds: tuple[str, ...]) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        queue, jid = _queue(request), _job(request)
+        since = api.int_query(request, "since", 1, 1, sse.MAX_SEQ)
+        state = await api.load_job(request, queue, jid)
+        chunks, cursor = await read_logs(request.app[LOG], state, since)
+        budget = request.app[CONFIG].limits.max_log_response_bytes
+        kept, cursor, more = api.bounded_logs(chunks, cursor, budget)
+        return web.json_response(
+            {
+                "data": [
+                    c.data.decode("utf-8", errors="replace") for c in kept if c.stream in kinds
+                ],
+                "sliceStart": since,
+                "nextCursor": cursor,
+                "isFinal": state.finished and not more,
+            }
+        )
+
+    return handler
+
+
+async def outputs(request: web.Request) -> web.StreamResponse:
+    queue, jid = _queue(request), _job(request)
+    state = await api.load_job(request, queue, jid)
+    return await api.output_response(request, state, request.match_info["path"])
+
+
+async def inputs(request: web.Request) -> web.StreamResponse:
+    queue, jid = _queue(request), _job(request)
+    state = await api.load_job(request, queue, jid)
+    return await api.input_response(request, state, request.match_info["path"])
+
+
+async def cancel(request: web.Request) -> web.Response:
+    queue, jid = _queue(request), _job(request)
+    namespace = request.query.get("namespace", "_")
+    message = request.query.get("message") or "cancelled through the gateway"
+    message = api.check_message(message)
+    before = await api.load_job(request, queue, jid)
+    if before.finished:
+        return web.json_response({"message": "Job already Finished", "jobId": jid})
+    await jobs.cancel(request.app[LOG], queue, jid, message)
+    return web.json_response({"success": True, "jobId": jid, "namespace": namespace})
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """compute-queues' (PCG) job stream: ``state``, ``run-log``, ``build-log``, ``final``."""
+    queue, jid = _queue(request), _job(request)
+    await api.load_job(request, queue, jid)
+    start = sse.Cursor.parse(
+        request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    )
+    blob_url = _blob_url(request)
+    poll = request.app[CONFIG].poll_s
+
+    async def events() -> AsyncIterator[sse.Outgoing]:
+        async for ev in sse.job_events(request.app[LOG], queue, jid, start, poll_s=poll):
+            cursor = str(ev.cursor) if ev.cursor else None
+            if ev.kind == "log":
+                run = [
+                    c.data.decode("utf-8", errors="replace")
+                    for c in ev.chunks
+                    if c.stream in RUN_STREAMS
+                ]
+                build = [
+                    c.data.decode("utf-8", errors="replace")
+                    for c in ev.chunks
+                    if c.stream in BUILD_STREAMS
+                ]
+                if build:
+                    yield "build-log", {"lines": build, "cursor": cursor}, cursor
+                if run:
+                    yield "run-log", {"lines": run, "cursor": cursor}, cursor
+            elif ev.kind == "state":
+                cq_state, reason = ev.state.cq_state
+                data: dict[str, Any] = {"state": cq_state}
+                if reason:
+                    data["reason"] = reason
+                yield "state", data, cursor
+            elif ev.kind == "end":
+                yield "final", cq_record(ev.state, blob_url=blob_url, with_result=True), cursor
+
+    return await sse.stream(request, events())
+
+
+async def blob_get(request: web.Request) -> web.StreamResponse:
+    sha = files.parse_sha256(request.match_info["key"])
+    return await files.send_blob(request, sha, sha)
+
+
+async def blob_put(request: web.Request) -> web.StreamResponse:
+    sha = files.parse_sha256(request.match_info["key"])
+    blobs = request.app[BLOBS]
+    url = await blobs.presigned_put(sha, expires_s=request.app[CONFIG].presign_expires_s)
+    if url is not None:
+        raise web.HTTPFound(url)  # compute-queues: the client follows it with the body
+    info = await blobs.exists(sha)
+    if info is None:
+        info = await files.receive_blob(request, sha)
+    return web.json_response(
+        {"success": True, "exists": True, "sha256": info.sha256, "size": info.size}
+    )
+
+
+async def blob_exists(request: web.Request) -> web.Response:
+    sha = files.parse_sha256(request.match_info["key"])
+    info = await request.app[BLOBS].exists(sha)
+    return web.json_response(files.blob_exists_view(info), status=200 if info else 404)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    for q in ("/q/{queue}", "/q/{queue}/j"):
+        r.add_post(q, submit)
+        r.add_get(q, list_queue)
+    r.add_get("/q/{queue}/status", status)
+    r.add_get("/q/{queue}/metrics", api.get_metrics)
+    r.add_get("/q/{queue}/j/{job}/stream", stream, allow_head=False)
+    for prefix in ("/q/{queue}/j/{job}", "/j/{job}"):
+        r.add_get(f"{prefix}/definition.json", definition)
+        r.add_get(f"{prefix}/result.json", result)
+        r.add_get(f"{prefix}/results.json", result)
+        r.add_get(f"{prefix}/history.json", history)
+        r.add_get(f"{prefix}/run-logs.json", _log_route(RUN_STREAMS))
+        r.add_get(f"{prefix}/build-logs.json", _log_route(BUILD_STREAMS))
+        r.add_get(f"{prefix}/inputs/{{path:.+}}", inputs)
+        r.add_get(f"{prefix}/outputs/{{path:.+}}", outputs)
+        r.add_post(f"{prefix}/cancel", cancel)
+        r.add_get(prefix, job)
+    r.add_post("/q/{queue}/j/{job}/{namespace}/cancel", cancel)
+    r.add_get("/f/{key}", blob_get)
+    r.add_put("/f/{key}", blob_put)
+    r.add_get("/f/{key}/exists", blob_exists)

@@ -1,0 +1,776 @@
+"""The OpenAPI 3.1 document of the gateway, served at ``/openapi.json``.
+
+Written by hand, next to the handlers it describes; a test fuzzes the gateway from it
+(schemathesis) and checks that every route the app serves is in it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asman import __version__
+from asman.gateway.config import GatewayConfig
+
+__all__ = ["openapi_document"]
+
+JSON = "application/json"
+QUEUE_RE = "^[A-Za-z0-9_-]{1,64}$"
+SHA_RE = "^[0-9a-f]{64}$"
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Bad input: the body says what is wrong",
+        403: "This gateway may not do that (e.g. cancel a job another peer submitted)",
+        404: "Not found",
+        413: "Body over its limit",
+        429: "Rate limited (see Retry-After)",
+        503: "The log (NATS) cannot be reached",
+    }
+    out = {str(c): _json(_ref("Error"), text[c]) for c in codes}
+    out.setdefault("429", _json(_ref("Error"), text[429]))
+    out.setdefault("503", _json(_ref("Error"), text[503]))
+    return out
+
+
+def _param(
+    name: str, where: str, schema: dict[str, Any], description: str, required: bool = True
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": required if where != "path" else True,
+        "description": description,
+        "schema": schema,
+    }
+
+
+QUEUE = _param(
+    "queue", "path", {"type": "string", "pattern": QUEUE_RE}, "Queue name (a capability)"
+)
+JOB = _param(
+    "job", "path", {"type": "string", "pattern": SHA_RE}, "Job id: SHA-256 of the definition"
+)
+PATH = _param(
+    "path", "path", {"type": "string", "minLength": 1}, "File path, relative, may hold '/'"
+)
+SHA = _param("sha256", "path", {"type": "string", "pattern": SHA_RE}, "SHA-256 of the blob's bytes")
+KEY = _param("key", "path", {"type": "string", "pattern": SHA_RE}, "SHA-256 of the blob's bytes")
+QUEUE_QUERY = _param(
+    "queue",
+    "query",
+    {"type": "string", "pattern": QUEUE_RE},
+    "The job's queue (needed: the gateway does not search across queues)",
+)
+DOWNLOAD = _param(
+    "download", "query", {"type": "string", "enum": ["1", "0"]}, "1: send as an attachment", False
+)
+LAST_EVENT = _param(
+    "Last-Event-ID", "header", {"type": "string"}, "Resume after this event id", False
+)
+
+BYTES = {
+    "description": "The file's bytes (or 302 to a presigned URL when blobs live in S3)",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+REDIRECT = {"description": "Redirect to a presigned S3 URL (or the input's own URL)"}
+SSE = {
+    "description": "Server-Sent Events (see docs/reference/http-api.md)",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+
+def _schemas() -> dict[str, Any]:
+    nullable_int = {"type": ["integer", "null"]}
+    nullable_str = {"type": ["string", "null"]}
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error", "code", "status"],
+            "properties": {
+                "error": {"type": "string", "description": "What is wrong, for people"},
+                "code": {"type": "string", "description": "Stable machine-readable code"},
+                "status": {"type": "integer"},
+                "field": {"type": "string"},
+                "queue": {"type": "string"},
+                "jobId": {"type": "string"},
+                "path": {"type": "string"},
+            },
+        },
+        "Definition": {
+            "type": "object",
+            "description": "A job definition in compute-queues' shape (image or build, "
+            "command, env, inputs, configFiles, requirements, maxDuration, ...)",
+            "required": ["image"],
+            "properties": {
+                "image": {"type": "string", "pattern": "^[^\\s]{1,100}$"},
+                "command": {
+                    "oneOf": [
+                        {"type": "string"},
+                        {"type": "array", "items": {"type": "string"}},
+                    ]
+                },
+                "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                "inputs": {"type": "object", "additionalProperties": _ref("DataRef")},
+                "configFiles": {"type": "object", "additionalProperties": _ref("DataRef")},
+                "requirements": {
+                    "type": "object",
+                    "properties": {
+                        "cpus": {"type": "number"},
+                        "gpus": {"type": "integer"},
+                        "memory": {"type": "string"},
+                    },
+                },
+                "maxDuration": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+                "tags": {"type": "array", "items": {"type": "string"}},
+            },
+            "additionalProperties": True,
+        },
+        "DataRef": {
+            "oneOf": [
+                {"type": "string"},
+                {
+                    "type": "object",
+                    "required": ["value"],
+                    "properties": {
+                        "value": {},
+                        "type": {
+                            "type": "string",
+                            "enum": ["utf8", "base64", "json", "url", "key", "blob"],
+                        },
+                        "hash": {"type": "string"},
+                    },
+                },
+            ]
+        },
+        "SubmitRequest": {
+            "type": "object",
+            "required": ["definition"],
+            "properties": {"definition": _ref("Definition"), "rerun": {"type": "boolean"}},
+            "additionalProperties": False,
+        },
+        "Output": {
+            "type": "object",
+            "properties": {
+                "path": {"type": "string"},
+                "size": {"type": "integer"},
+                "sha256": {"type": "string"},
+                "inline": {"type": "boolean"},
+                "url": {"type": "string"},
+            },
+        },
+        "Result": {
+            "type": "object",
+            "properties": {
+                "reason": {
+                    "type": "string",
+                    "enum": ["success", "failed", "error", "timed_out", "cancelled", "worker_lost"],
+                },
+                "exitCode": nullable_int,
+                "oomKilled": {"type": "boolean"},
+                "durationMs": nullable_int,
+                "message": {"type": "string"},
+                "worker": {"type": "string"},
+                "attempt": {"type": "integer"},
+                "finishedMs": {"type": "integer"},
+                "outputs": {"type": "array", "items": _ref("Output")},
+                "log": {"type": ["object", "null"]},
+            },
+        },
+        "Waiting": {
+            "type": ["object", "null"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "Job": {
+            "type": "object",
+            "required": ["queue", "jobId", "state"],
+            "properties": {
+                "queue": {"type": "string"},
+                "jobId": {"type": "string"},
+                "state": {"type": "string", "enum": ["queued", "running", "finished"]},
+                "reason": nullable_str,
+                "tesState": {"type": "string"},
+                "cqState": {"type": "string"},
+                "cqFinishedReason": nullable_str,
+                "submittedMs": {"type": "integer"},
+                "startedMs": nullable_int,
+                "finishedMs": nullable_int,
+                "attempts": {"type": "integer"},
+                "worker": nullable_str,
+                "cancelRequested": {"type": "boolean"},
+                "submitter": {"type": "string"},
+                "via": {"type": "string"},
+                "seq": {"type": "integer"},
+                "result": {"oneOf": [_ref("Result"), {"type": "null"}]},
+                "waiting": _ref("Waiting"),
+                "definition": _ref("Definition"),
+                "history": {"type": "array", "items": {"type": "object"}},
+                "links": {"type": "object"},
+                "created": {"type": "boolean"},
+                "cached": {"type": "boolean"},
+                "requeued": {"type": "boolean"},
+            },
+        },
+        "JobSummary": {
+            "type": "object",
+            "properties": {
+                "jobId": {"type": "string"},
+                "state": {"type": "string"},
+                "reason": nullable_str,
+                "submittedMs": {"type": "integer"},
+                "finishedMs": nullable_int,
+                "exitCode": nullable_int,
+                "seq": {"type": "integer"},
+            },
+        },
+        "Worker": {
+            "type": "object",
+            "properties": {
+                "workerId": {"type": "string"},
+                "slots": {"type": "integer"},
+                "freeSlots": {"type": "integer"},
+                "gpus": {"type": "integer"},
+                "freeGpus": {"type": "integer"},
+                "memoryBytes": {"type": "integer"},
+                "labels": {"type": "array", "items": {"type": "string"}},
+                "running": {"type": "array", "items": {"type": "string"}},
+                "draining": {"type": "boolean"},
+            },
+        },
+        "LogChunk": {
+            "type": "object",
+            "properties": {
+                "seq": {"type": "integer"},
+                "attempt": {"type": "integer"},
+                "stream": {"type": "string", "enum": ["stdout", "stderr", "build", "system"]},
+                "ts": {"type": "integer"},
+                "text": {"type": "string"},
+            },
+        },
+        "BlobExists": {
+            "type": "object",
+            "required": ["exists"],
+            "properties": {
+                "exists": {"type": "boolean"},
+                "sha256": {"type": "string"},
+                "size": {"type": "integer"},
+            },
+        },
+        "CqRecord": {
+            "type": "object",
+            "description": "compute-queues' InMemoryDockerJob",
+            "properties": {
+                "queuedTime": {"type": "integer"},
+                "state": {"type": "string", "enum": ["Queued", "Running", "Finished"]},
+                "time": {"type": "integer"},
+                "worker": {"type": "string"},
+                "finishedReason": {"type": "string"},
+                "finished": {"type": "object"},
+            },
+        },
+    }
+
+
+def _op(
+    summary: str,
+    responses: dict[str, Any],
+    *params: dict[str, Any],
+    body: dict[str, Any] | None = None,
+    tag: str = "asman",
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": responses}
+    if params:
+        op["parameters"] = list(params)
+    if body is not None:
+        op["requestBody"] = body
+    return op
+
+
+def _native() -> dict[str, Any]:
+    p = "/api/v1"
+    q = f"{p}/queues/{{queue}}"
+    j = f"{q}/jobs/{{job}}"
+    submit_body = {"required": True, "content": {JSON: {"schema": _ref("SubmitRequest")}}}
+    return {
+        f"{p}/validate": {
+            "post": _op(
+                "Check a definition and compute its job id (nothing is submitted)",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "jobId": {"type": "string"},
+                                "class": {"type": "string"},
+                                "definition": _ref("Definition"),
+                            },
+                        },
+                        "The definition is valid",
+                    ),
+                    **_errors(400, 413),
+                },
+                body={
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "object",
+                                "required": ["definition"],
+                                "properties": {"definition": _ref("Definition")},
+                            }
+                        }
+                    },
+                },
+            )
+        },
+        f"{p}/info": {
+            "get": _op(
+                "The gateway's name, version, peer id, blob store and limits",
+                {"200": _json({"type": "object"}, "Gateway info")},
+            )
+        },
+        f"{q}/jobs": {
+            "get": _op(
+                "List a queue's jobs (within retention), oldest submission first",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "queue": {"type": "string"},
+                                "count": {"type": "integer"},
+                                "jobs": {"type": "array", "items": _ref("JobSummary")},
+                            },
+                        },
+                        "The jobs",
+                    ),
+                    **_errors(400),
+                },
+                QUEUE,
+                _param(
+                    "state",
+                    "query",
+                    {"type": "string", "enum": ["queued", "running", "finished"]},
+                    "Only jobs in this state",
+                    False,
+                ),
+                _param(
+                    "limit",
+                    "query",
+                    {"type": "integer", "minimum": 1, "maximum": 10000},
+                    "At most this many (the newest)",
+                    False,
+                ),
+            ),
+            "post": _op(
+                "Submit a job (idempotent: the same definition is the same job)",
+                {
+                    "201": _json(_ref("Job"), "A new job"),
+                    "200": _json(
+                        _ref("Job"), "The job existed (queued, running, or a cached result)"
+                    ),
+                    **_errors(400, 413),
+                },
+                QUEUE,
+                body=submit_body,
+            ),
+        },
+        f"{q}/workers": {
+            "get": _op(
+                "Workers online on the queue (live heartbeats)",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {"workers": {"type": "array", "items": _ref("Worker")}},
+                        },
+                        "The workers",
+                    ),
+                    **_errors(400),
+                },
+                QUEUE,
+            )
+        },
+        f"{q}/metrics": {
+            "get": _op(
+                "Prometheus metrics of the queue",
+                {
+                    "200": {
+                        "description": "Prometheus text",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(400),
+                },
+                QUEUE,
+            )
+        },
+        f"{q}/events": {
+            "get": _op(
+                "The queue's jobs and workers, live (SSE)",
+                {"200": SSE, **_errors(400)},
+                QUEUE,
+                LAST_EVENT,
+            )
+        },
+        j: {
+            "get": _op(
+                "A job: definition, state, result, history",
+                {"200": _json(_ref("Job"), "The job"), **_errors(400, 404)},
+                QUEUE,
+                JOB,
+            )
+        },
+        f"{j}/cancel": {
+            "post": _op(
+                "Cancel a job submitted through this gateway",
+                {"200": _json(_ref("Job"), "The job after the cancel"), **_errors(400, 403, 404)},
+                QUEUE,
+                JOB,
+                body={
+                    "required": False,
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"message": {"type": "string", "maxLength": 1000}},
+                            }
+                        }
+                    },
+                },
+            )
+        },
+        f"{j}/logs": {
+            "get": _op(
+                "Log chunks from a cursor (the first call uses 1)",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "chunks": {"type": "array", "items": _ref("LogChunk")},
+                                "cursor": {"type": "integer"},
+                                "more": {"type": "boolean"},
+                                "final": {"type": "boolean"},
+                            },
+                        },
+                        "Chunks and the next cursor",
+                    ),
+                    **_errors(400, 404),
+                },
+                QUEUE,
+                JOB,
+                _param(
+                    "cursor", "query", {"type": "integer", "minimum": 1}, "Where to start", False
+                ),
+            )
+        },
+        f"{j}/events": {
+            "get": _op(
+                "The job's state, logs and result, live (SSE)",
+                {"200": SSE, **_errors(400, 404)},
+                QUEUE,
+                JOB,
+                LAST_EVENT,
+            )
+        },
+        f"{j}/outputs/{{path}}": {
+            "get": _op(
+                "An output file by path",
+                {"200": BYTES, "302": REDIRECT, **_errors(400, 404)},
+                QUEUE,
+                JOB,
+                PATH,
+                DOWNLOAD,
+            )
+        },
+        f"{j}/inputs/{{path}}": {
+            "get": _op(
+                "An input file by path",
+                {"200": BYTES, "302": REDIRECT, **_errors(400, 404)},
+                QUEUE,
+                JOB,
+                PATH,
+                DOWNLOAD,
+            )
+        },
+        f"{p}/blobs/{{sha256}}": {
+            "get": _op("A blob's bytes", {"200": BYTES, "302": REDIRECT, **_errors(400, 404)}, SHA),
+            "put": _op(
+                "Store a blob (its bytes must hash to the name)",
+                {
+                    "200": _json({"type": "object"}, "Stored (or already there)"),
+                    "307": {"description": "Upload to this presigned S3 URL instead"},
+                    **_errors(400, 413),
+                },
+                SHA,
+                body={
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+            ),
+        },
+        f"{p}/blobs/{{sha256}}/exists": {
+            "get": _op(
+                "Whether a blob is stored",
+                {
+                    "200": _json(_ref("BlobExists"), "Stored"),
+                    "404": _json(_ref("BlobExists"), "Not stored"),
+                    **_errors(400),
+                },
+                SHA,
+            )
+        },
+        "/healthz": {
+            "get": _op(
+                "Health: 200 while connected to NATS",
+                {
+                    "200": _json({"type": "object"}, "Healthy"),
+                    "503": _json({"type": "object"}, "Not connected"),
+                },
+            )
+        },
+        "/metrics": {
+            "get": _op(
+                "The gateway's own Prometheus metrics",
+                {
+                    "200": {
+                        "description": "Prometheus text",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            )
+        },
+    }
+
+
+def _compat() -> dict[str, Any]:
+    cq = "compute-queues"
+    data = {"type": "object", "properties": {"data": {}}}
+    enqueue = {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["definition"],
+                            "properties": {
+                                "definition": _ref("Definition"),
+                                "id": {"type": "string"},
+                                "control": {"type": "object"},
+                                "debug": {"type": "boolean"},
+                            },
+                        },
+                        _ref("Definition"),
+                    ]
+                }
+            }
+        },
+    }
+    submitted = _json(
+        {
+            "type": "object",
+            "properties": {"success": {"type": "boolean"}, "jobId": {"type": "string"}},
+        },
+        "Submitted",
+    )
+    paths: dict[str, Any] = {}
+    for q in ("/q/{queue}", "/q/{queue}/j"):
+        paths[q] = {
+            "post": _op(
+                "Submit (EnqueueJob or a bare definition)",
+                {"200": submitted, **_errors(400, 413)},
+                QUEUE,
+                body=enqueue,
+                tag=cq,
+            ),
+            "get": _op(
+                "The queue's jobs as {data: {jobId: record}}",
+                {"200": _json(data, "Jobs"), **_errors(400)},
+                QUEUE,
+                tag=cq,
+            ),
+        }
+    paths["/q/{queue}/status"] = {
+        "get": _op(
+            "Queue status",
+            {"200": _json({"type": "object"}, "Status"), **_errors(400)},
+            QUEUE,
+            tag=cq,
+        )
+    }
+    paths["/q/{queue}/metrics"] = {
+        "get": _op(
+            "Prometheus metrics (queue_length and Asman's gauges)",
+            {
+                "200": {
+                    "description": "Prometheus text",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                **_errors(400),
+            },
+            QUEUE,
+            tag=cq,
+        )
+    }
+    paths["/q/{queue}/j/{job}/stream"] = {
+        "get": _op(
+            "Job stream: state, run-log, build-log, final (SSE)",
+            {"200": SSE, **_errors(400, 404)},
+            QUEUE,
+            JOB,
+            LAST_EVENT,
+            tag=cq,
+        )
+    }
+    paths["/q/{queue}/j/{job}/{namespace}/cancel"] = {
+        "post": _op(
+            "Cancel (the namespace is ignored)",
+            {"200": _json({"type": "object"}, "Cancelled"), **_errors(400, 403, 404)},
+            QUEUE,
+            JOB,
+            _param(
+                "namespace",
+                "path",
+                {"type": "string", "pattern": "^[A-Za-z0-9_*-]{1,64}$"},
+                "Ignored",
+            ),
+            tag=cq,
+        )
+    }
+    for prefix, extra in (("/q/{queue}/j/{job}", [QUEUE, JOB]), ("/j/{job}", [JOB, QUEUE_QUERY])):
+        paths[prefix] = {
+            "get": _op(
+                "{data: {definition, results}}",
+                {"200": _json(data, "The job"), **_errors(400, 404)},
+                *extra,
+                tag=cq,
+            )
+        }
+        paths[f"{prefix}/definition.json"] = {
+            "get": _op(
+                "{data: definition}",
+                {"200": _json(data, "Definition"), **_errors(400, 404)},
+                *extra,
+                tag=cq,
+            )
+        }
+        for name in ("result.json", "results.json"):
+            paths[f"{prefix}/{name}"] = {
+                "get": _op(
+                    "{data: record with finished.result, or null}",
+                    {"200": _json(data, "Result"), **_errors(400, 404)},
+                    *extra,
+                    tag=cq,
+                )
+            }
+        paths[f"{prefix}/history.json"] = {
+            "get": _op(
+                "{data: events}",
+                {"200": _json(data, "History"), **_errors(400, 404)},
+                *extra,
+                tag=cq,
+            )
+        }
+        for name in ("run-logs.json", "build-logs.json"):
+            paths[f"{prefix}/{name}"] = {
+                "get": _op(
+                    "{data: lines, sliceStart, nextCursor, isFinal}",
+                    {"200": _json({"type": "object"}, "Log lines"), **_errors(400, 404)},
+                    *extra,
+                    _param("since", "query", {"type": "integer", "minimum": 1}, "Cursor", False),
+                    tag=cq,
+                )
+            }
+        for kind in ("inputs", "outputs"):
+            paths[f"{prefix}/{kind}/{{path}}"] = {
+                "get": _op(
+                    f"An {kind[:-1]} file by path",
+                    {"200": BYTES, "302": REDIRECT, **_errors(400, 404)},
+                    *extra,
+                    PATH,
+                    DOWNLOAD,
+                    tag=cq,
+                )
+            }
+        paths[f"{prefix}/cancel"] = {
+            "post": _op(
+                "Cancel: {success, jobId, namespace}",
+                {
+                    "200": _json({"type": "object"}, "Cancelled, or already finished"),
+                    **_errors(400, 403, 404),
+                },
+                *extra,
+                _param("namespace", "query", {"type": "string"}, "Ignored", False),
+                tag=cq,
+            )
+        }
+    paths["/f/{key}"] = {
+        "get": _op(
+            "A blob (302 to presigned S3, or the bytes)",
+            {"200": BYTES, "302": REDIRECT, **_errors(400, 404)},
+            KEY,
+            tag=cq,
+        ),
+        "put": _op(
+            "Store a blob (302 to a presigned PUT with S3)",
+            {"200": _json({"type": "object"}, "Stored"), "302": REDIRECT, **_errors(400, 413)},
+            KEY,
+            body={
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            },
+            tag=cq,
+        ),
+    }
+    paths["/f/{key}/exists"] = {
+        "get": _op(
+            "{exists}",
+            {
+                "200": _json(_ref("BlobExists"), "Stored"),
+                "404": _json(_ref("BlobExists"), "Not stored"),
+                **_errors(400),
+            },
+            KEY,
+            tag=cq,
+        )
+    }
+    return paths
+
+
+def openapi_document(config: GatewayConfig) -> dict[str, Any]:
+    """The document (``servers`` is the configured public URL when there is one)."""
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Asman gateway",
+            "version": __version__,
+            "description": "Public compute queues on a shared log. Asman's own API is under "
+            "/api/v1; the compute-queues routes (/q, /j, /f) keep that system's shapes. "
+            "Every error is a JSON body {error, code, status}. See docs/reference/http-api.md.",
+        },
+        "paths": {**_native(), **_compat()},
+        "components": {"schemas": _schemas()},
+        "tags": [
+            {"name": "asman", "description": "Asman's own API"},
+            {"name": "compute-queues", "description": "Routes and shapes of compute-queues"},
+        ],
+    }
+    if config.public_url:
+        doc["servers"] = [{"url": config.public_url.rstrip("/")}]
+    return doc

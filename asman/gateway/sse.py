@@ -1,0 +1,305 @@
+"""Live updates by Server-Sent Events: a job stream and a queue stream.
+
+Job stream (``GET /api/v1/queues/{q}/jobs/{id}/events``): on connect it replays the job's
+history (its current state and every log chunk so far), then sends each change as it lands
+on the log, and closes after the final result.
+
+=========  ====  ===========================================================================
+event      id    data
+=========  ====  ===========================================================================
+state      yes   the job (as ``GET …/jobs/{id}`` without definition and history)
+log        yes   ``{"seq", "chunks": [{seq, attempt, stream, ts, text}]}``: one log message
+waiting    no    ``{"code", "message"}``: why a queued job has not started (on change)
+end        yes   the final job, once finished; the stream closes after it
+error      no    ``{"error", "code"}`` when the stream cannot go on
+=========  ====  ===========================================================================
+
+Event ids are ``<job seq>-<log seq>``: the last job event and the last log message the client
+has. A client that reconnects with ``Last-Event-ID`` (browsers do it by themselves; or
+``?lastEventId=``) gets exactly what came after, so a dropped connection loses nothing.
+
+Queue stream (``GET /api/v1/queues/{q}/events``): ``job`` events (a job summary, id = the
+sequence of the job's last event, in increasing order) for every job, then for each change;
+``workers`` events (no id) with the live workers whenever they change.
+
+Watchers never hold a NATS subscription as their only source of truth: they wake on messages,
+after a reconnect, and every ``poll_s`` as a safety net, and re-read the log; a read that
+fails while NATS is away is retried, so a stream survives a NATS restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from asman.errors import AsmanError, LogUnavailable
+from asman.gateway.limits import client_key
+from asman.gateway.middleware import error_body
+from asman.gateway.state import CLOSING, CONFIG, LIMITER, METRICS
+from asman.gateway.views import Waiting, waiting, worker_view
+from asman.log import subjects
+from asman.log.connection import Log
+from asman.log.events import JobState, RawEvent, fold
+from asman.log.logstream import LogChunk, read_logs
+from asman.log.workers import WorkerInfo, list_workers
+
+__all__ = [
+    "MAX_SEQ",
+    "Cursor",
+    "JobEvent",
+    "QueueEvent",
+    "job_events",
+    "queue_events",
+    "stream",
+]
+
+logger = logging.getLogger(__name__)
+
+RETRY_MS = 2000
+MAX_SEQ = 2**62  # stream sequences are uint64; anything larger is not one of ours
+Outgoing = tuple[str, Any, str | None]  # (event name, JSON data, id)
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a job stream is: the last job event and the last log message delivered."""
+
+    job_seq: int = 0
+    log_seq: int = 0
+
+    @classmethod
+    def parse(cls, text: str | None) -> Cursor:
+        """Read an event id; anything unreadable starts from the beginning."""
+        if not text:
+            return cls()
+        job, _, logs = text.strip().partition("-")
+        try:
+            j, lg = int(job), int(logs or 0)
+        except ValueError:
+            return cls()
+        if not (0 <= j <= MAX_SEQ and 0 <= lg <= MAX_SEQ):
+            return cls()
+        return cls(j, lg)
+
+    def __str__(self) -> str:
+        return f"{self.job_seq}-{self.log_seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One thing that happened to a job: ``state``, ``log``, ``waiting`` or ``end``."""
+
+    kind: str
+    state: JobState
+    cursor: Cursor | None = None
+    chunks: tuple[LogChunk, ...] = ()
+    waiting: Waiting | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEvent:
+    """``job`` (a job changed) or ``workers`` (the live workers changed)."""
+
+    kind: str
+    job: JobState | None = None
+    workers: tuple[WorkerInfo, ...] = ()
+
+
+class _Waker:
+    """An event set by messages on some subjects and by reconnects; unsubscribes on close."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.event = asyncio.Event()
+        self._stops: list[Callable[[], Awaitable[None]]] = []
+        self._unregister: Callable[[], None] | None = None
+
+    async def __aenter__(self) -> _Waker:
+        async def on_reconnect() -> None:
+            self.event.set()
+
+        self._unregister = self.log.on_reconnect(on_reconnect)
+        return self
+
+    async def watch(self, subject: str) -> None:
+        self._stops.append(await self.log.wake_on(subject, self.event))
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.event.wait()
+        self.event.clear()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._unregister is not None:
+            self._unregister()
+        for stop in self._stops:
+            await stop()
+
+
+def _writers(state: JobState) -> frozenset[str]:
+    return frozenset(h.signer for h in state.history if h.accepted and h.type == "claimed")
+
+
+async def job_events(
+    log: Log, queue: str, job: str, start: Cursor, *, poll_s: float
+) -> AsyncIterator[JobEvent]:
+    """The job's events after ``start``, live, until it is finished (see module docstring)."""
+    subject = subjects.job_subject(queue, job)
+    raw: list[RawEvent] = []
+    sent_job = start.job_seq
+    log_next = start.log_seq + 1
+    last_waiting: Waiting | None = None
+    async with _Waker(log) as waker:
+        await waker.watch(subject)
+        await waker.watch(subjects.logs_subject(queue, job))
+        while True:
+            try:
+                raw.extend(
+                    await log.read_subject(
+                        subjects.JOBS_STREAM, subject, raw[-1].seq + 1 if raw else 1
+                    )
+                )
+                state = fold(queue, job, subject, raw)
+                if state is None:
+                    return
+                chunks, cursor = await read_logs(log, state, log_next)
+                if cursor > log_next:
+                    # a chunk is kept only if its writer's claim is in `state`: a claim that
+                    # landed after `state` was read hides its chunks, so read them again
+                    more = await log.read_subject(subjects.JOBS_STREAM, subject, raw[-1].seq + 1)
+                    if more:
+                        raw.extend(more)
+                        newer = fold(queue, job, subject, raw)
+                        if newer is not None:
+                            if _writers(newer) != _writers(state):
+                                chunks, cursor = await read_logs(log, newer, log_next)
+                            state = newer
+                for seq, group in groupby(chunks, key=lambda c: c.seq):
+                    yield JobEvent("log", state, Cursor(sent_job, seq), tuple(group))
+                log_next = cursor
+                if state.last_seq > sent_job:
+                    sent_job = state.last_seq
+                    yield JobEvent("state", state, Cursor(sent_job, log_next - 1))
+                if state.state == "queued":
+                    now = waiting(state, await list_workers(log, queue))
+                    if now != last_waiting:
+                        last_waiting = now
+                        yield JobEvent("waiting", state, waiting=now)
+                else:
+                    last_waiting = None
+                if state.finished:
+                    yield JobEvent("end", state, Cursor(sent_job, log_next - 1))
+                    return
+            except LogUnavailable as exc:
+                logger.info("job stream %s/%s: log unavailable, retrying: %s", queue, job, exc)
+                await waker.wait(min(poll_s, 1.0))
+                continue
+            await waker.wait(poll_s)
+
+
+async def queue_events(
+    log: Log, queue: str, after_seq: int, *, poll_s: float
+) -> AsyncIterator[QueueEvent]:
+    """Every job of the queue changed after ``after_seq`` (oldest change first), then each
+    change; and the live workers whenever they change."""
+    flt = subjects.jobs_filter(queue)
+    by_subject: dict[str, list[RawEvent]] = defaultdict(list)
+    next_seq = 1
+    sent = after_seq
+    last_workers: list[dict[str, Any]] | None = None
+    async with _Waker(log) as waker:
+        await waker.watch(flt)
+        while True:
+            try:
+                new = await log.read_subject(subjects.JOBS_STREAM, flt, next_seq)
+                touched: dict[str, None] = {}
+                for ev in new:
+                    by_subject[ev.subject].append(ev)
+                    touched[ev.subject] = None
+                    next_seq = ev.seq + 1
+                changed: list[JobState] = []
+                for subject in touched:
+                    q, jid = subjects.job_id_from_subject(subject)
+                    state = fold(q, jid, subject, by_subject[subject])
+                    if state is not None and state.last_seq > sent:
+                        changed.append(state)
+                for state in sorted(changed, key=lambda s: s.last_seq):
+                    sent = state.last_seq
+                    yield QueueEvent("job", job=state)
+                workers = await list_workers(log, queue)
+                shown = [{**worker_view(w), "heartbeatMs": 0} for w in workers]
+                if shown != last_workers:
+                    last_workers = shown
+                    yield QueueEvent("workers", workers=tuple(workers))
+            except LogUnavailable as exc:
+                logger.info("queue stream %s: log unavailable, retrying: %s", queue, exc)
+                await waker.wait(min(poll_s, 1.0))
+                continue
+            await waker.wait(poll_s)
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+async def stream(request: web.Request, events: AsyncIterator[Outgoing]) -> web.StreamResponse:
+    """Send ``events`` as an SSE response until they end, the client leaves, or the gateway
+    shuts down. Counts against the client's open-stream limit."""
+    app = request.app
+    config = app[CONFIG]
+    limiter = app[LIMITER]
+    client = client_key(request, trust_forwarded=config.trust_forwarded)
+    limiter.open_stream(client)
+    app[METRICS].streams.inc()
+    response = EventSourceResponse(
+        ping_interval=config.sse_ping_s,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+    try:
+        await response.prepare(request)
+        await response.send("", event="hello", retry=RETRY_MS)
+
+        async def pump() -> None:
+            try:
+                async for name, data, event_id in events:
+                    await response.send(_dumps(data), event=name, id=event_id)
+            except AsmanError as exc:
+                _, body = error_body(exc)
+                await response.send(_dumps(body), event="error")
+
+        tasks = [
+            asyncio.ensure_future(pump()),
+            asyncio.ensure_future(response.wait()),
+            asyncio.ensure_future(app[CLOSING].wait()),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, TimeoutError):
+                    await task
+        with contextlib.suppress(RuntimeError):
+            response.stop_streaming()
+    except (ConnectionError, TimeoutError):
+        pass  # the client went away
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+        limiter.close_stream(client)
+        app[METRICS].streams.dec()
+    return response

@@ -1,0 +1,526 @@
+// Asman's page. The job lives in the URL hash, in compute-queues' format:
+//   #?job=<base64(encodeURIComponent(stable JSON))>&inputs=<same, {name: text}>&queue=<q>
+// Any other hash parameter is merged into the job's env (as compute-queues does).
+// No build step, no dependencies: plain DOM, fetch and EventSource.
+"use strict";
+
+(() => {
+  const API = "/api/v1";
+  // compute-queues' metaframe.json hashParams: never merged into env
+  const SYSTEM_PARAMS = new Set([
+    "allowsetjob", "autostart", "config", "control", "debug", "definition",
+    "ignoreQueueOverride", "inputs", "job", "maxJobDuration", "queue", "queueOverride",
+    "resolverefs", "terminal",
+  ]);
+  const LEGACY_INJECTED = new Set(["channel", "CHANNEL", "readonly", "edit", "parent-metapage-id", "fs-path"]);
+  const QUEUE_RE = /^[A-Za-z0-9_-]{1,64}$/;
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    queue: $("queue"), run: $("run"), cancel: $("cancel"), badge: $("state"),
+    definition: $("definition"), validation: $("validation"), files: $("files"),
+    addFile: $("add-file"), workers: document.querySelector("#workers tbody"),
+    workersNote: $("workers-note"), jobId: $("job-id"), jobLink: $("job-link"),
+    jobState: $("job-state"), exitCode: $("exit-code"), duration: $("duration"),
+    worker: $("worker"), waiting: $("waiting"), message: $("message"),
+    logs: $("logs"), outputs: $("outputs"),
+  };
+
+  const app = {
+    params: {},        // raw hash parameters (values as written in the URL)
+    job: null,         // the `job` parameter: the definition without inputs
+    inputs: {},        // the `inputs` parameter: {file name: text}
+    jobId: null,       // id of the definition the page shows (from /api/v1/validate)
+    followed: null,    // {queue, jobId} followed by `source`
+    source: null,      // EventSource of the followed job
+    state: null,       // last job view
+    validateSeq: 0,
+  };
+
+  // -- the hash format ----------------------------------------------------------------------
+
+  function stable(value) {
+    // fast-json-stable-stringify: sorted keys (UTF-16 order), no spaces
+    if (Array.isArray(value)) return "[" + value.map((v) => (v === undefined ? "null" : stable(v))).join(",") + "]";
+    if (value && typeof value === "object") {
+      return "{" + Object.keys(value).sort().filter((k) => value[k] !== undefined)
+        .map((k) => JSON.stringify(k) + ":" + stable(value[k])).join(",") + "}";
+    }
+    return JSON.stringify(value);
+  }
+
+  function encodeParam(obj) {
+    return btoa(encodeURIComponent(stable(obj))).replace(/=/g, "%3D");
+  }
+
+  function decodeParam(text) {
+    let s = text;
+    try { s = decodeURIComponent(text); } catch (e) { /* keep as written */ }
+    s = s.trim().replace(/=+$/, "");
+    s += "=".repeat((4 - (s.length % 4)) % 4);
+    const raw = atob(s);
+    let decoded;
+    if (/^[A-Za-z0-9\-_.!~*'()%]*$/.test(raw)) {
+      decoded = decodeURIComponent(raw);
+    } else {
+      // the single-encoded form: base64 of UTF-8 JSON
+      const bytes = Uint8Array.from(raw, (c) => c.charCodeAt(0));
+      decoded = new TextDecoder().decode(bytes);
+    }
+    return JSON.parse(decoded);
+  }
+
+  function encodePlain(value) {
+    return encodeURIComponent(value).replace(/%3A/gi, ":").replace(/%2F/gi, "/");
+  }
+
+  function readHash() {
+    const params = {};
+    const hash = location.hash.replace(/^#/, "");
+    const q = hash.indexOf("?");
+    if (q >= 0) {
+      for (const part of hash.slice(q + 1).split("&")) {
+        if (!part) continue;
+        const i = part.indexOf("=");
+        params[i < 0 ? part : part.slice(0, i)] = i < 0 ? "" : part.slice(i + 1);
+      }
+    }
+    return params;
+  }
+
+  function plainParam(name) {
+    const raw = app.params[name];
+    if (raw === undefined) return undefined;
+    try { return decodeURIComponent(raw); } catch (e) { return raw; }
+  }
+
+  function writeHash() {
+    const params = { ...app.params };
+    params.job = encodeParam(app.job || {});
+    if (Object.keys(app.inputs).length) params.inputs = encodeParam(app.inputs);
+    else delete params.inputs;
+    const queue = el.queue.value.trim();
+    if (queue) params.queue = encodePlain(queue);
+    else delete params.queue;
+    app.params = params;
+    const query = Object.keys(params).sort().map((k) => `${k}=${params[k]}`).join("&");
+    const path = location.pathname.startsWith("/j/") ? "/" : location.pathname;
+    history.replaceState(null, "", `${path}#?${query}`);
+  }
+
+  function queueName() {
+    const override = plainParam("queueOverride");
+    if (override && plainParam("ignoreQueueOverride") !== "true") return override;
+    return el.queue.value.trim();
+  }
+
+  // The definition the browser submits: job + env from extra params + inputs as configFiles.
+  function definition() {
+    const def = { ...(app.job || {}) };
+    delete def.inputs;
+    const extra = {};
+    for (const key of Object.keys(app.params)) {
+      if (SYSTEM_PARAMS.has(key) || key.startsWith("mp-") || key.startsWith("mp_") || LEGACY_INJECTED.has(key)) continue;
+      extra[key] = plainParam(key);
+    }
+    const env = { ...(def.env && typeof def.env === "object" ? def.env : {}), ...extra };
+    if (Object.keys(env).length) def.env = env; else delete def.env;
+    for (const [key, value] of Object.entries(extra)) {
+      if (typeof def.command === "string") def.command = def.command.replace("${" + key + "}", value);
+      if (def.build && typeof def.build.context === "string") {
+        def.build = { ...def.build, context: def.build.context.replace("${" + key + "}", value) };
+      }
+    }
+    if (Object.keys(app.inputs).length) {
+      def.configFiles = {};
+      for (const [name, text] of Object.entries(app.inputs)) def.configFiles[name] = { type: "utf8", value: text };
+    }
+    if (def.configFiles && !Object.keys(def.configFiles).length) delete def.configFiles;
+    return def;
+  }
+
+  // -- HTTP ---------------------------------------------------------------------------------
+
+  async function call(method, url, body) {
+    const init = { method, headers: { Accept: "application/json" } };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const resp = await fetch(url, init);
+    let data = null;
+    try { data = await resp.json(); } catch (e) { data = null; }
+    if (!resp.ok) {
+      const err = new Error((data && data.error) || `${method} ${url}: HTTP ${resp.status}`);
+      err.status = resp.status;
+      err.body = data;
+      throw err;
+    }
+    return data;
+  }
+
+  const jobUrl = (queue, id) => `${API}/queues/${encodeURIComponent(queue)}/jobs/${id}`;
+
+  // -- rendering ----------------------------------------------------------------------------
+
+  function fmtDuration(ms) {
+    if (ms === null || ms === undefined) return "–";
+    if (ms < 1000) return `${ms} ms`;
+    if (ms < 60000) return `${(ms / 1000).toFixed(2)} s`;
+    return `${Math.floor(ms / 60000)} min ${Math.round((ms % 60000) / 1000)} s`;
+  }
+
+  function fmtBytes(n) {
+    if (!n) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return `${i ? n.toFixed(1) : n} ${units[i]}`;
+  }
+
+  function short(id) { return id ? `${id.slice(0, 12)}…` : "–"; }
+
+  function setBadge(text, state) {
+    el.badge.textContent = text;
+    el.badge.dataset.state = state;
+  }
+
+  function renderJob(view) {
+    // a worker claimed or finished the job: the workers' free slots changed too
+    if (!app.state || app.state.state !== view.state) refreshWorkers();
+    app.state = view;
+    const label = view.state === "finished" ? view.reason : view.state;
+    setBadge(label, label);
+    el.jobState.textContent = view.state === "finished" ? `finished (${view.reason})` : view.state;
+    const result = view.result;
+    el.exitCode.textContent = result && result.exitCode !== null ? String(result.exitCode) : "–";
+    el.duration.textContent = result ? fmtDuration(result.durationMs) : "–";
+    el.worker.textContent = view.worker ? short(view.worker) : "–";
+    el.worker.title = view.worker || "";
+    el.message.textContent = result && result.message ? result.message : "";
+    if (view.state !== "queued") showWaiting(null);
+    else if (view.waiting) showWaiting(view.waiting);
+    el.cancel.disabled = view.state === "finished";
+    if (result) renderOutputs(view);
+  }
+
+  function showWaiting(w) {
+    el.waiting.hidden = !w;
+    el.waiting.textContent = w ? `Waiting: ${w.message}` : "";
+    el.waiting.dataset.code = w ? w.code : "";
+  }
+
+  function renderOutputs(view) {
+    el.outputs.replaceChildren();
+    const outputs = (view.result && view.result.outputs) || [];
+    if (!outputs.length) {
+      const li = document.createElement("li");
+      li.className = "note";
+      li.textContent = "the job wrote nothing to /outputs";
+      el.outputs.append(li);
+      return;
+    }
+    for (const out of outputs) {
+      const li = document.createElement("li");
+      const a = document.createElement("a");
+      a.href = `${out.url}?download=1`;
+      a.textContent = out.path;
+      a.setAttribute("download", out.path.split("/").pop());
+      a.dataset.path = out.path;
+      const size = document.createElement("span");
+      size.className = "note";
+      size.textContent = ` ${fmtBytes(out.size)}`;
+      li.append(a, size);
+      el.outputs.append(li);
+    }
+  }
+
+  function appendLog(chunks) {
+    const stick = el.logs.scrollTop + el.logs.clientHeight >= el.logs.scrollHeight - 8;
+    for (const c of chunks) {
+      const span = document.createElement("span");
+      span.className = c.stream;
+      span.textContent = c.text;
+      el.logs.append(span);
+    }
+    if (stick) el.logs.scrollTop = el.logs.scrollHeight;
+  }
+
+  function resetJob() {
+    el.logs.replaceChildren();
+    el.outputs.replaceChildren();
+    const li = document.createElement("li");
+    li.className = "note";
+    li.textContent = "none yet";
+    el.outputs.append(li);
+    for (const k of ["jobState", "exitCode", "duration", "worker"]) el[k].textContent = "–";
+    el.message.textContent = "";
+    showWaiting(null);
+    el.cancel.disabled = true;
+    app.state = null;
+  }
+
+  function renderFiles() {
+    el.files.replaceChildren();
+    for (const [name, text] of Object.entries(app.inputs)) {
+      const box = document.createElement("div");
+      box.className = "file";
+      const row = document.createElement("div");
+      row.className = "row";
+      const nameInput = document.createElement("input");
+      nameInput.value = name;
+      nameInput.spellcheck = false;
+      nameInput.setAttribute("aria-label", "file name");
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "small";
+      remove.textContent = "remove";
+      const area = document.createElement("textarea");
+      area.value = text;
+      area.spellcheck = false;
+      area.setAttribute("aria-label", `content of ${name}`);
+      row.append(nameInput, remove);
+      box.append(row, area);
+      el.files.append(box);
+      let current = name;
+      nameInput.addEventListener("change", () => {
+        const next = nameInput.value.trim();
+        if (!next || next === current || next in app.inputs) { nameInput.value = current; return; }
+        const entries = Object.entries(app.inputs).map(([k, v]) => (k === current ? [next, v] : [k, v]));
+        app.inputs = Object.fromEntries(entries);
+        current = next;
+        changed();
+      });
+      area.addEventListener("input", () => { app.inputs[current] = area.value; changed(); });
+      remove.addEventListener("click", () => { delete app.inputs[current]; renderFiles(); changed(); });
+    }
+  }
+
+  function renderWorkers(workers, queue) {
+    el.workers.replaceChildren();
+    for (const w of workers) {
+      const tr = document.createElement("tr");
+      const cells = [
+        short(w.workerId) + (w.draining ? " (draining)" : ""),
+        `${w.freeSlots} / ${w.slots}`,
+        w.gpus ? `${w.freeGpus} / ${w.gpus}` : "–",
+        w.memoryBytes ? fmtBytes(w.memoryBytes) : "no limit",
+        w.hostname || "–",
+      ];
+      for (const text of cells) {
+        const td = document.createElement("td");
+        td.textContent = text;
+        tr.append(td);
+      }
+      tr.title = w.workerId;
+      el.workers.append(tr);
+    }
+    el.workersNote.textContent = workers.length
+      ? `${workers.length} worker${workers.length === 1 ? "" : "s"} online`
+      : `no worker online: start one with \`asman worker ${queue}\``;
+  }
+
+  // -- following a job ----------------------------------------------------------------------
+
+  function stopFollowing() {
+    if (app.source) app.source.close();
+    app.source = null;
+    app.followed = null;
+  }
+
+  function follow(queue, id) {
+    if (app.followed && app.followed.queue === queue && app.followed.jobId === id && app.source) return;
+    stopFollowing();
+    resetJob();
+    app.followed = { queue, jobId: id };
+    el.jobLink.hidden = false;
+    el.jobLink.href = jobUrl(queue, id);
+    el.jobLink.textContent = "json";
+    const source = new EventSource(`${jobUrl(queue, id)}/events`);
+    app.source = source;
+    const data = (ev) => JSON.parse(ev.data);
+    source.addEventListener("state", (ev) => renderJob(data(ev)));
+    source.addEventListener("log", (ev) => appendLog(data(ev).chunks));
+    source.addEventListener("waiting", (ev) => showWaiting(data(ev)));
+    source.addEventListener("end", (ev) => {
+      renderJob(data(ev));
+      source.close();
+      if (app.source === source) app.source = null;
+      updateButtons();
+    });
+    source.addEventListener("error", (ev) => {
+      if (ev.data) {
+        // the gateway said why the stream cannot go on
+        el.message.textContent = data(ev).error;
+        source.close();
+      } else if (source.readyState === EventSource.CLOSED) {
+        // refused (not a network drop, which the browser resumes by itself)
+        el.message.textContent = "the job's live updates stopped: reload the page to follow it again";
+      }
+    });
+  }
+
+  async function lookup() {
+    // show the job of this definition on this queue if it exists
+    const queue = queueName();
+    if (!app.jobId || !QUEUE_RE.test(queue)) return;
+    try {
+      await call("GET", jobUrl(queue, app.jobId));
+      follow(queue, app.jobId);
+    } catch (err) {
+      if (err.status === 404) {
+        stopFollowing();
+        resetJob();
+        setBadge("not submitted", "none");
+        el.jobState.textContent = "not submitted on this queue yet";
+      }
+    }
+  }
+
+  // -- actions ------------------------------------------------------------------------------
+
+  function updateButtons() {
+    const queueOk = QUEUE_RE.test(queueName());
+    el.queue.setCustomValidity(queueOk || !el.queue.value ? "" : "letters, digits, - or _");
+    el.run.disabled = !(app.job && app.jobId && queueOk);
+  }
+
+  async function validate() {
+    const seq = ++app.validateSeq;
+    const def = definition();
+    try {
+      const res = await call("POST", `${API}/validate`, { definition: def });
+      if (seq !== app.validateSeq) return;
+      app.jobId = res.jobId;
+      el.jobId.textContent = res.jobId;
+      el.validation.textContent = `valid · job id ${res.jobId}`;
+      el.validation.className = "note";
+    } catch (err) {
+      if (seq !== app.validateSeq) return;
+      app.jobId = null;
+      el.jobId.textContent = "–";
+      el.validation.textContent = err.message;
+      el.validation.className = "note bad";
+    }
+    updateButtons();
+  }
+
+  let timer = null;
+  function changed() {
+    writeHash();
+    clearTimeout(timer);
+    timer = setTimeout(async () => { await validate(); await lookup(); }, 300);
+  }
+
+  async function run() {
+    const queue = queueName();
+    el.run.disabled = true;
+    try {
+      const res = await call("POST", `${API}/queues/${encodeURIComponent(queue)}/jobs`, { definition: definition() });
+      app.jobId = res.jobId;
+      el.jobId.textContent = res.jobId;
+      stopFollowing();
+      follow(queue, res.jobId);
+      if (res.cached) el.message.textContent = "this exact job ran before: its result is shown";
+    } catch (err) {
+      el.message.textContent = err.message;
+      setBadge("refused", "error");
+    } finally {
+      updateButtons();
+    }
+  }
+
+  async function cancel() {
+    if (!app.followed) return;
+    el.cancel.disabled = true;
+    try {
+      await call("POST", `${jobUrl(app.followed.queue, app.followed.jobId)}/cancel`, { message: "cancelled from the page" });
+    } catch (err) {
+      el.message.textContent = err.message;
+      el.cancel.disabled = false;
+    }
+  }
+
+  async function refreshWorkers() {
+    const queue = queueName();
+    if (!QUEUE_RE.test(queue)) {
+      el.workers.replaceChildren();
+      el.workersNote.textContent = "enter a queue to see its workers";
+      return;
+    }
+    try {
+      const res = await call("GET", `${API}/queues/${encodeURIComponent(queue)}/workers`);
+      renderWorkers(res.workers, queue);
+    } catch (err) {
+      el.workersNote.textContent = err.message;
+    }
+  }
+
+  // -- loading ------------------------------------------------------------------------------
+
+  async function load() {
+    app.params = readHash();
+    el.queue.value = plainParam("queue") || "";
+    app.inputs = {};
+    app.job = null;
+    try {
+      const short = location.pathname.match(/^\/j\/([0-9a-f]{64})/);
+      if (app.params.job) {
+        app.job = decodeParam(app.params.job);
+      } else if (short && QUEUE_RE.test(queueName())) {
+        // the short link /j/<id>#?queue=<q>: fetch the definition, then show the full link
+        const res = await call("GET", `/q/${encodeURIComponent(queueName())}/j/${short[1]}/definition.json`);
+        app.job = { ...res.data };
+        delete app.job.inputs;
+      }
+      if (app.params.inputs) {
+        const files = decodeParam(app.params.inputs);
+        if (files && typeof files === "object") app.inputs = files;
+      }
+      if (app.job !== null && (typeof app.job !== "object" || Array.isArray(app.job))) {
+        throw new Error("the link's job parameter is not a JSON object");
+      }
+    } catch (err) {
+      el.validation.textContent = `cannot read the job from the link: ${err.message}`;
+      el.validation.className = "note bad";
+    }
+    if (app.job === null) app.job = { image: "alpine:3.20", command: "echo hello" };
+    el.definition.value = JSON.stringify(app.job, null, 2);
+    el.definition.classList.remove("invalid");
+    renderFiles();
+    if (location.pathname.startsWith("/j/")) writeHash();
+    await validate();
+    await lookup();
+    refreshWorkers();
+    if (plainParam("autostart") === "true" && !app.followed && !el.run.disabled) run();
+  }
+
+  el.definition.addEventListener("input", () => {
+    try {
+      const value = JSON.parse(el.definition.value);
+      if (!value || typeof value !== "object" || Array.isArray(value)) throw new Error("the definition must be a JSON object");
+      app.job = value;
+      el.definition.classList.remove("invalid");
+      changed();
+    } catch (err) {
+      el.definition.classList.add("invalid");
+      el.validation.textContent = `not JSON yet: ${err.message}`;
+      el.validation.className = "note bad";
+      app.jobId = null;
+      updateButtons();
+    }
+  });
+  el.queue.addEventListener("input", () => { changed(); refreshWorkers(); });
+  el.addFile.addEventListener("click", () => {
+    let n = 1;
+    while (`file${n}.txt` in app.inputs) n += 1;
+    app.inputs[`file${n}.txt`] = "";
+    renderFiles();
+    changed();
+  });
+  el.run.addEventListener("click", run);
+  el.cancel.addEventListener("click", cancel);
+  window.addEventListener("hashchange", load);
+  setInterval(refreshWorkers, 5000);
+  load();
+})();

@@ -1,0 +1,186 @@
+"""Gateway test stack: a real nats-server, real gateways (``serve`` on free loopback ports),
+and on demand real workers with the Docker engine. No stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from asman.gateway import GatewayConfig, GatewayLimits, serve
+from asman.log.blobs import BlobStore
+from asman.log.connection import Log, LogConfig
+from asman.log.keys import PeerKey
+from asman.log.objstore import ObjectStoreBlobs
+from asman.log.server import NatsServer, free_port
+from asman.peer.docker import DockerRuntime
+from asman.peer.worker import Worker, WorkerConfig
+
+IMAGE = "asman/busybox:local"
+# generous for tests that fire many requests; the rate-limit test sets its own
+TEST_LIMITS = GatewayLimits(rate_per_s=10_000, rate_burst=100_000, max_streams_per_client=64)
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip when something is missing on a dev box; fail when ``CI`` is set."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but is missing", pytrace=False)
+    pytest.skip(f"{what} is missing")
+
+
+class Gateway:
+    """One running gateway (``serve`` in a task) and an HTTP session pointed at it."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.url = f"http://127.0.0.1:{config.port}"
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.http = aiohttp.ClientSession(base_url=self.url)
+
+    async def start(self) -> Gateway:
+        self.task = asyncio.create_task(serve(self.config, self.stop))
+        async with asyncio.timeout(30):
+            while True:
+                if self.task.done():
+                    self.task.result()  # raises what stopped it
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with self.http.get("/healthz") as resp:
+                        if resp.status == 200:
+                            return self
+                await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        await self.http.close()
+        self.stop.set()
+        if self.task is not None:
+            await self.task
+
+    async def json(self, method: str, path: str | URL, **kwargs: Any) -> tuple[int, Any]:
+        async with self.http.request(method, path, **kwargs) as resp:
+            text = await resp.text()
+            try:
+                return resp.status, json.loads(text)
+            except ValueError:
+                return resp.status, text
+
+    async def wait_job(
+        self, queue: str, job: str, *, until: str = "finished", timeout: float = 90
+    ) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                status, body = await self.json("GET", f"/api/v1/queues/{queue}/jobs/{job}")
+                assert status == 200, body
+                if body["state"] == until or body["state"] == "finished":
+                    return dict(body)
+                await asyncio.sleep(0.2)
+
+
+class Stack:
+    """nats-server + gateways + workers + plain client peers, all stopped by ``close``."""
+
+    def __init__(self, nats: NatsServer, tmp: Path) -> None:
+        self.nats = nats
+        self.tmp = tmp
+        self.gateways: list[Gateway] = []
+        self.workers: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+        self.logs: list[Log] = []
+
+    def log_config(self, **overrides: Any) -> LogConfig:
+        return LogConfig(servers=(self.nats.url,), **overrides)
+
+    async def gateway(self, **overrides: Any) -> Gateway:
+        overrides.setdefault("limits", TEST_LIMITS)
+        overrides.setdefault("poll_s", 1.0)
+        config = GatewayConfig(
+            log=self.log_config(name="asman-gateway-test"),
+            key_path=self.tmp / f"gateway{len(self.gateways)}.key",
+            port=free_port(),
+            **overrides,
+        )
+        gw = Gateway(config)
+        self.gateways.append(gw)
+        return await gw.start()
+
+    async def peer(self) -> Log:
+        log = Log(self.log_config(), PeerKey.generate())
+        await log.connect()
+        self.logs.append(log)
+        return log
+
+    async def worker(self, queue: str, blobs: BlobStore | None = None, **overrides: Any) -> Worker:
+        log = await self.peer()
+        if blobs is None:
+            store = ObjectStoreBlobs(log.js)
+            await store.ensure()
+            blobs = store
+        runtime = DockerRuntime()
+        await runtime.__aenter__()
+        config = WorkerConfig(
+            queues=(queue,),
+            data_dir=self.tmp / f"worker{len(self.workers)}",
+            drain_grace_s=5.0,
+            kill_grace_s=1.0,
+            heartbeat_s=1.0,
+            fetch_timeout_s=1.0,
+            **overrides,
+        )
+        worker = Worker(log, blobs, runtime, config)
+        stop = asyncio.Event()
+
+        async def run() -> None:
+            try:
+                await worker.run(stop)
+            finally:
+                await runtime.__aexit__(None, None, None)
+
+        self.workers.append((stop, asyncio.create_task(run())))
+        return worker
+
+    async def close(self) -> None:
+        for stop, _ in self.workers:
+            stop.set()
+        for _, task in self.workers:
+            await _bounded(asyncio.shield(task), "stopping a worker")
+        for gw in self.gateways:
+            await _bounded(gw.close(), "closing a gateway")
+        for log in self.logs:
+            await _bounded(log.close(), "closing a peer's log")
+
+
+async def _bounded(aw: Awaitable[Any], what: str, timeout: float = 30) -> None:
+    """Wait for a teardown step; if it hangs, print every task's stack and go on."""
+    try:
+        async with asyncio.timeout(timeout):
+            await aw
+    except TimeoutError:
+        print(f"teardown: {what} did not finish in {timeout}s; tasks:")
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stdout)
+    except Exception as exc:
+        print(f"teardown: {what} failed: {exc!r}")
+
+
+def replace_limits(**changes: Any) -> GatewayLimits:
+    return dataclasses.replace(TEST_LIMITS, **changes)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
+    """Poll ``check`` until it is true (a TimeoutError after ``timeout`` seconds)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.1)

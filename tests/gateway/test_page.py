@@ -1,0 +1,194 @@
+"""The page in a real headless Chromium (Debian's, driven by Playwright; ENVIRONMENT.md §5)
+against a real gateway, nats-server, worker and Docker engine. Screenshots of each step go to
+``test-artifacts/``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gatewaystack import IMAGE, Gateway, Stack, require
+
+from asman.log.definition import job_id
+from asman.peer.links import job_link
+
+pytestmark = [pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+TIMEOUT_MS = 90_000
+
+
+@pytest.fixture
+def chromium() -> str:
+    require(os.path.exists(CHROMIUM), f"Chromium ({CHROMIUM}; apt-get install chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    context = await browser.new_context(
+        viewport={"width": 1280, "height": 900}, accept_downloads=True
+    )
+    pg = await context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield pg
+    finally:
+        await context.close()
+    assert errors == [], errors
+
+
+async def shot(page: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"gateway-page-{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.mark.docker
+async def test_a_link_opens_runs_streams_logs_and_downloads_outputs(
+    stack: Stack, busybox_image: str, page: Any
+) -> None:
+    gw = await stack.gateway()
+    definition = {
+        "image": IMAGE,
+        "command": "sh -c 'for i in 1 2 3; do echo step $i; sleep 1; done; echo warn >&2; "
+        "cat /inputs/greeting.txt > /outputs/result.txt; echo -n xyz >> /outputs/result.txt'",
+        "configFiles": {"greeting.txt": {"type": "utf8", "value": "hello from the link\n"}},
+    }
+    link = job_link(gw.url, definition, queue="browser")
+    expected_id = job_id(definition)
+
+    # 1. the link opens: the editor shows the job, the id is the same as the CLI's
+    await page.goto(link)
+    await page.wait_for_function(
+        "id => document.getElementById('job-id').textContent === id", arg=expected_id
+    )
+    assert json.loads(await page.input_value("#definition")) == {
+        k: v for k, v in definition.items() if k != "configFiles"
+    }
+    assert await page.input_value("#queue") == "browser"
+    assert await page.input_value(".file textarea") == "hello from the link\n"
+    await page.wait_for_selector("#workers-note:has-text('no worker online')")
+    await shot(page, "1-opened")
+
+    # 2. Run with no worker online: the job waits, and the page says why
+    await page.click("#run")
+    await page.wait_for_selector("#waiting:has-text('no worker is online')")
+    assert await page.text_content("#state") == "queued"
+    await shot(page, "2-waiting")
+
+    # 3. a worker joins: the logs stream in and the job finishes
+    await stack.worker("browser")
+    await page.wait_for_selector("#logs:has-text('step 1')")
+    await shot(page, "3-running")  # usually mid-run (the job sleeps between steps)
+    await page.wait_for_selector("#state[data-state='success']")
+    await page.wait_for_selector("#workers-note:has-text('1 worker online')")
+    logs = await page.text_content("#logs")
+    assert logs is not None and "step 1\nstep 2\nstep 3\n" in logs and "warn\n" in logs
+    assert await page.text_content("#exit-code") == "0"
+    assert (await page.text_content("#duration") or "").endswith("s")
+    assert await page.is_hidden("#waiting")
+    await shot(page, "4-finished")
+
+    # 4. the output link downloads the right bytes
+    link_el = page.locator("#outputs a[data-path='result.txt']")
+    async with page.expect_download() as info:
+        await link_el.click()
+    download = await info.value
+    saved = Path(await download.path())
+    assert await asyncio.to_thread(saved.read_bytes) == b"hello from the link\nxyz"
+    assert download.suggested_filename == "result.txt"
+
+    # 5. reloading the link shows the finished job again (replayed from the log)
+    await page.reload()
+    await page.wait_for_selector("#state[data-state='success']")
+    await page.wait_for_selector("#logs:has-text('step 3')")
+    await shot(page, "5-reopened")
+
+
+async def test_a_compute_queues_link_opens_with_the_same_job(gateway: Gateway, page: Any) -> None:
+    # reference/compute-queues.md §2, the worked example, with its queue
+    url = (
+        f"{gateway.url}/#?ignoreQueueOverride=true&job="
+        "JTdCJTIyY29tbWFuZCUyMiUzQSUyMmVjaG8lMjAlNUMlMjJoZWxsbyUyMHdvcmxkJTVDJTIyJTIy"
+        "JTJDJTIyaW1hZ2UlMjIlM0ElMjJhbHBpbmUlM0EzLjE5LjElMjIlN0Q%3D&queue=public1"
+    )
+    await page.goto(url)
+    expected = "9a684c59f4270fa102f102d2aafe92d5e78ad285116f02d845e5dabbfb0ba873"
+    await page.wait_for_function(
+        "id => document.getElementById('job-id').textContent === id", arg=expected
+    )
+    assert json.loads(await page.input_value("#definition")) == {
+        "command": 'echo "hello world"',
+        "image": "alpine:3.19.1",
+    }
+    assert await page.input_value("#queue") == "public1"
+    assert not await page.is_disabled("#run")
+    # the page keeps the link as it found it: same job parameter, same queue
+    assert page.url == url
+    await shot(page, "compute-queues-link")
+
+
+async def test_editing_keeps_the_hash_in_sync(gateway: Gateway, page: Any) -> None:
+    from asman.peer.links import parse_link
+
+    await page.goto(job_link(gateway.url, {"image": IMAGE, "command": "echo a"}, queue="edit"))
+    await page.wait_for_selector("#validation:has-text('valid')")
+    new = {"image": IMAGE, "command": "echo b", "env": {"X": "1"}}
+    await page.fill("#definition", json.dumps(new))
+    await page.wait_for_function(
+        "id => document.getElementById('job-id').textContent === id", arg=job_id(new)
+    )
+    await page.fill("#queue", "other-queue")
+    await page.wait_for_function("() => location.hash.includes('queue=other-queue')")
+    definition, queue = parse_link(page.url)
+    assert (definition, queue) == (new, "other-queue")
+    # an invalid definition says what is wrong and disables Run
+    await page.fill("#definition", json.dumps({"command": "no image"}))
+    await page.wait_for_selector("#validation.bad:has-text('image')")
+    assert await page.is_disabled("#run")
+
+
+async def test_the_short_link_form(gateway: Gateway, page: Any) -> None:
+    definition = {"image": IMAGE, "command": "echo short"}
+    status, body = await gateway.json("POST", "/q/short", json={"definition": definition})
+    assert status == 200
+    await page.goto(f"{gateway.url}/j/{body['jobId']}#?queue=short")
+    await page.wait_for_function(
+        "id => document.getElementById('job-id').textContent === id", arg=body["jobId"]
+    )
+    assert json.loads(await page.input_value("#definition")) == definition
+    assert "#?job=" in page.url and page.url.startswith(f"{gateway.url}/#?")
+    await page.wait_for_selector("#state[data-state='queued']")
