@@ -1,0 +1,138 @@
+"""Subject permissions that confine a NATS user to one Asman queue (deploy/nats/accounts).
+
+    python deploy/nats/accounts/permissions.py worker:alpha client:alpha worker:beta
+    python deploy/nats/accounts/permissions.py --nsc worker:alpha
+
+prints, per ROLE:QUEUE, a NATS config variable (``WORKER_ALPHA = { publish …, subscribe … }``)
+to reference as ``permissions: $WORKER_ALPHA``, or with ``--nsc`` the ``nsc add user`` command
+that issues the same permissions in a JWT (a ``.creds`` file for ``asman --creds``).
+
+The user it describes runs Asman with ``--reads consumer --inbox-prefix _INBOX.<user>``
+(LogConfig reads="consumer", inbox_prefix): every read then names its queue in the request
+*subject*, where these permissions can check it (asman/log/filtered.py). Everything not listed
+is denied: listing streams, consumers or subjects, reading another queue, the payload-filtered
+direct get, and other users' inboxes.
+
+Subjects come from asman.log.subjects, so they follow the wire format; the checked-in
+permissions.conf is this script's output, compared by tests/federation/test_static.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+
+from asman.log import subjects
+
+ROLES = ("worker", "client")
+
+
+@dataclass(frozen=True)
+class Permissions:
+    user: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    @property
+    def inbox_prefix(self) -> str:
+        return f"_INBOX.{self.user}"
+
+
+def _api(domain: str | None) -> str:
+    return f"$JS.{domain}.API" if domain else "$JS.API"
+
+
+def _filtered_reads(api: str, stream: str, subject_filter: str) -> list[str]:
+    """Create (the filter is in the subject, so it is checked), pull and delete an ephemeral
+    read consumer (asman/log/filtered.py). Its random name is the only thing unconfined."""
+    return [
+        f"{api}.CONSUMER.CREATE.{stream}.*.{subject_filter}",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
+        f"{api}.CONSUMER.DELETE.{stream}.*",
+    ]
+
+
+def permissions(
+    role: str, queue: str, user: str | None = None, domain: str | None = None
+) -> Permissions:
+    """The permissions of ``role`` ("worker" or "client") on ``queue``."""
+    subjects.validate_queue(queue)
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    user = user or f"{role}-{queue}"
+    api = _api(domain)
+    kv = f"KV_{subjects.WORKERS_BUCKET}"
+    jobs = subjects.jobs_filter(queue)  # asman.job.<queue>.*
+    logs = f"{subjects.PREFIX}.logs.{queue}.*"
+    beats = f"$KV.{subjects.WORKERS_BUCKET}.{subjects.workers_filter(queue)}"
+    pub = [
+        jobs,  # signed events (JetStream publish; the PubAck comes back to the inbox)
+        f"{subjects.PREFIX}.pending.{queue}.*.*",  # dispatch tickets (submit, repair)
+        f"{api}.DIRECT.GET.{subjects.JOBS_STREAM}.{jobs}",  # last event of a job: subject form
+        *_filtered_reads(api, subjects.JOBS_STREAM, jobs),
+        *_filtered_reads(api, subjects.LOGS_STREAM, logs),
+        *_filtered_reads(api, kv, beats),
+    ]
+    sub = [f"_INBOX.{user}.>", jobs]  # own replies; live job events (watch, cancel)
+    if role == "worker":
+        pub += [logs, beats]  # live log chunks, heartbeats
+        for job_class in subjects.JOB_CLASSES:
+            durable = subjects.consumer_name(queue, job_class)
+            flt = subjects.pending_filter(queue, job_class)
+            pub += [
+                # create/update the queue's ticket consumer: filter and name in the subject
+                f"{api}.CONSUMER.CREATE.{subjects.PENDING_STREAM}.{durable}.{flt}",
+                f"{api}.CONSUMER.INFO.{subjects.PENDING_STREAM}.{durable}",
+                f"{api}.CONSUMER.MSG.NEXT.{subjects.PENDING_STREAM}.{durable}",
+                # ack, in-progress, nak, term of its tickets
+                f"$JS.ACK.{subjects.PENDING_STREAM}.{durable}.>",
+                f"$JS.ACK.*.*.{subjects.PENDING_STREAM}.{durable}.>",
+            ]
+    else:
+        sub.append(logs)  # follow live logs
+    return Permissions(user, tuple(pub), tuple(sub))
+
+
+def conf_variable(p: Permissions) -> str:
+    name = p.user.upper().replace("-", "_")
+    lines = [f"{name} = {{", "  publish: { allow: ["]
+    lines += [f"    {json.dumps(s)}" for s in p.publish]
+    lines += ["  ] }", "  subscribe: { allow: ["]
+    lines += [f"    {json.dumps(s)}" for s in p.subscribe]
+    lines += ["  ] }", "}"]
+    return "\n".join(lines)
+
+
+def nsc_command(p: Permissions, account: str) -> str:
+    args = ["nsc", "add", "user", "--account", account, "--name", p.user]
+    for s in p.publish:
+        args += ["--allow-pub", s]
+    for s in p.subscribe:
+        args += ["--allow-sub", s]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def render(specs: list[str], *, domain: str | None = None, nsc: str | None = None) -> str:
+    out = []
+    for spec in specs:
+        role, _, queue = spec.partition(":")
+        p = permissions(role, queue, domain=domain)
+        out.append(nsc_command(p, nsc) if nsc else conf_variable(p))
+    return "\n\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("specs", nargs="+", metavar="ROLE:QUEUE", help="worker:q or client:q")
+    parser.add_argument("--domain", help="JetStream domain the user reaches (e.g. hub)")
+    parser.add_argument("--nsc", metavar="ACCOUNT", help="print nsc commands for ACCOUNT")
+    args = parser.parse_args(argv)
+    sys.stdout.write(render(args.specs, domain=args.domain, nsc=args.nsc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""Confined credentials (deploy/nats/accounts): a worker for queue alpha can run alpha's jobs
+through the whole lease protocol, and cannot read, claim or even list queue beta, nor list
+streams, consumers or subjects. An institution's own account sees nothing of the shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig
+from topology import Node, Topology
+
+from asman.errors import ConfigError, LogError
+from asman.log import jobs, subjects
+from asman.log.connection import Log, LogConfig
+from asman.log.keys import PeerKey
+from asman.log.leases import TicketSource, claim
+from asman.log.logstream import append_logs, read_logs
+from asman.log.workers import WorkerInfo, beat, list_workers
+
+DEF_A = {"image": "asman/busybox:local", "command": "echo alpha"}
+DEF_B = {"image": "asman/busybox:local", "command": "echo beta"}
+PASSWORDS = {  # users of deploy/nats/accounts/nats.conf
+    "admin": "change-me-admin",
+    "worker-alpha": "change-me-worker-alpha",
+    "client-alpha": "change-me-client-alpha",
+    "uni-x": "change-me-uni-x",
+}
+
+
+class NamedTicketSource(TicketSource):
+    """The ticket consumer created through the subject that names its filter
+    (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``), which a confined user may use.
+    TicketSource does this itself once its ConsumerConfig carries ``name`` (see
+    docs/operations.md, "Confined credentials")."""
+
+    def consumer_config(self) -> ConsumerConfig:
+        config = super().consumer_config()
+        config.name = self.durable
+        return config
+
+
+@pytest.fixture
+def server(tmp_path: Path, nats_binary: str) -> Iterator[Node]:
+    topo = Topology(tmp_path, "accounts", ["nats"], clustered=False)
+    try:
+        topo.start()
+        yield topo.nodes["nats"]
+    finally:
+        topo.stop()
+
+
+@pytest.fixture
+async def logs(server: Node) -> AsyncIterator[dict[str, Log]]:
+    opened: dict[str, Log] = {}
+
+    async def open_log(user: str, **overrides: Any) -> Log:
+        config = LogConfig(servers=(server.url_as(user, PASSWORDS[user]),), **overrides)
+        log = Log(config, PeerKey.generate())
+        await log.connect()
+        opened[user] = log
+        return log
+
+    await open_log("admin")  # trusted: creates the streams
+    confined = {"manage_streams": False, "reads": "consumer", "request_timeout_s": 1.0}
+    await open_log("worker-alpha", inbox_prefix="_INBOX.worker-alpha", **confined)
+    await open_log("client-alpha", inbox_prefix="_INBOX.client-alpha", **confined)
+    try:
+        yield opened
+    finally:
+        for log in opened.values():
+            await log.close()
+
+
+async def test_a_confined_worker_runs_its_queue(logs: dict[str, Log]) -> None:
+    client, worker = logs["client-alpha"], logs["worker-alpha"]
+    submitted = await jobs.submit(client, "alpha", DEF_A)
+    assert submitted.created
+    assert [j.job_id for j in await jobs.list_jobs(worker, "alpha")] == [submitted.job_id]
+
+    source = await NamedTicketSource(worker, "alpha", "cpu").open()
+    try:
+        (ticket,) = await source.fetch(1, 5.0)
+        lease = await claim(worker, ticket)
+        assert lease is not None
+        await lease.start()
+        await lease.keepalive()
+        chunk = ("stdout", 0, b"alpha\n")
+        await append_logs(worker, "alpha", submitted.job_id, lease.attempt, [chunk])
+        me = WorkerInfo(worker_id=worker.peer_id, queue="alpha", slots=1, free_slots=0)
+        await beat(worker, me)
+        assert [w.worker_id for w in await list_workers(client, "alpha")] == [worker.peer_id]
+        final = await lease.finish({"reason": "success", "exit_code": 0})
+        assert final.reason == "success"
+        assert await source.pending() == (0, 0)
+    finally:
+        await source.close()
+    state = await jobs.wait_finished(client, "alpha", submitted.job_id, timeout=10)
+    assert state.result is not None and state.result.worker == worker.peer_id
+    chunks, _ = await read_logs(client, state)
+    assert [c.data for c in chunks] == [b"alpha\n"]
+
+
+async def test_a_confined_worker_cannot_read_claim_or_list_another_queue(
+    logs: dict[str, Log],
+) -> None:
+    admin, worker = logs["admin"], logs["worker-alpha"]
+    beta = await jobs.submit(admin, "beta", DEF_B)
+    beta_subject = subjects.job_subject("beta", beta.job_id)
+
+    # through Asman: every way in is refused (a denied request never gets an answer)
+    with pytest.raises(LogError):
+        await jobs.read_job(worker, "beta", beta.job_id)
+    with pytest.raises(LogError):
+        await jobs.list_jobs(worker, "beta")
+    with pytest.raises(LogError):
+        await NamedTicketSource(worker, "beta", "cpu").open()
+    with pytest.raises(LogError):
+        await worker.append(beta_subject, {"type": "claimed", "ts": 0}, expected_last_seq=1)
+    assert (await jobs.read_job(admin, "beta", beta.job_id)) == beta.state  # untouched
+
+
+async def test_the_server_refuses_every_listing_and_every_foreign_subject(
+    server: Node, logs: dict[str, Log]
+) -> None:
+    await jobs.submit(logs["admin"], "beta", DEF_B)
+    nc, violations = await _raw(server, "worker-alpha")
+    try:
+        api = "$JS.API"
+        denied_requests = {
+            f"{api}.INFO": b"",
+            f"{api}.STREAM.NAMES": b"",
+            f"{api}.STREAM.LIST": b"",
+            f"{api}.STREAM.INFO.{subjects.JOBS_STREAM}": json.dumps(
+                {"subjects_filter": ">"}
+            ).encode(),
+            f"{api}.CONSUMER.NAMES.{subjects.PENDING_STREAM}": b"",
+            f"{api}.CONSUMER.LIST.{subjects.PENDING_STREAM}": b"",
+            f"{api}.CONSUMER.INFO.{subjects.PENDING_STREAM}.asman_beta_cpu": b"",
+            f"{api}.CONSUMER.MSG.NEXT.{subjects.PENDING_STREAM}.asman_beta_cpu": b"",
+            # the payload-filtered reads: they could name any subject, so they are closed
+            f"{api}.DIRECT.GET.{subjects.JOBS_STREAM}": json.dumps(
+                {"seq": 1, "next_by_subj": "asman.job.>", "batch": 100}
+            ).encode(),
+            f"{api}.STREAM.MSG.GET.{subjects.JOBS_STREAM}": json.dumps({"seq": 1}).encode(),
+            f"{api}.DIRECT.GET.{subjects.JOBS_STREAM}.asman.job.beta.*": b"",
+            f"{api}.DIRECT.GET.{subjects.JOBS_STREAM}.asman.job.>": b"",
+            # a read consumer on a foreign or wider filter, or a legacy unfiltered create
+            f"{api}.CONSUMER.CREATE.{subjects.JOBS_STREAM}.x.asman.job.beta.*": b"{}",
+            f"{api}.CONSUMER.CREATE.{subjects.JOBS_STREAM}.x.asman.job.>": b"{}",
+            f"{api}.CONSUMER.CREATE.{subjects.JOBS_STREAM}": b"{}",
+            f"{api}.CONSUMER.DURABLE.CREATE.{subjects.PENDING_STREAM}.asman_alpha_cpu": b"{}",
+        }
+        answers = await asyncio.gather(
+            *(nc.request(s, p, timeout=1.0) for s, p in denied_requests.items()),
+            return_exceptions=True,
+        )
+        assert all(isinstance(a, nats.errors.TimeoutError) for a in answers), answers
+        for subject in (">", "asman.>", "asman.job.beta.*", "_INBOX.>", "$JS.EVENT.>"):
+            await nc.subscribe(subject)
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        for subject in [*denied_requests, ">", "asman.>", "asman.job.beta.*", "_INBOX.>"]:
+            # nats-py lower-cases the server's -ERR text
+            assert any(f'"{subject.lower()}"' in v for v in violations), (subject, violations)
+
+        # the subject form is safe: a filter in the payload that differs from the subject's
+        # is refused by the server itself
+        create = f"{api}.CONSUMER.CREATE.{subjects.JOBS_STREAM}.sneaky.asman.job.alpha.*"
+        body = {"stream_name": subjects.JOBS_STREAM, "config": {"name": "sneaky"}}
+        for config in ({"filter_subject": "asman.job.beta.*"}, {"filter_subjects": [">"]}):
+            body["config"] = {"name": "sneaky", "ack_policy": "none", **config}
+            reply = await nc.request(create, json.dumps(body).encode(), timeout=2)
+            assert "error" in json.loads(reply.data), reply.data
+    finally:
+        await nc.close()
+
+
+async def test_an_institution_account_shares_nothing(server: Node, logs: dict[str, Log]) -> None:
+    await jobs.submit(logs["admin"], "alpha", DEF_A)
+    config = LogConfig(servers=(server.url_as("uni-x", PASSWORDS["uni-x"]),))
+    async with Log(config, PeerKey.generate()) as uni:
+        assert await jobs.list_jobs(uni, "alpha") == []  # its own, empty streams
+        own = await jobs.submit(uni, "internal", DEF_A)
+        assert [j.job_id for j in await jobs.list_jobs(uni, "internal")] == [own.job_id]
+    assert await jobs.list_jobs(logs["admin"], "internal") == []
+
+
+async def _raw(server: Node, user: str) -> tuple[NATS, list[str]]:
+    """A plain connection as ``user`` that records the server's permission violations."""
+    violations: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        violations.append(str(exc))
+
+    nc = await nats.connect(
+        server.url_as(user, PASSWORDS[user]),
+        inbox_prefix=f"_INBOX.{user}",
+        error_cb=on_error,
+        max_reconnect_attempts=0,
+    )
+    return nc, violations
+
+
+async def test_filtered_reads_return_what_direct_reads_return(
+    server: Node, logs: dict[str, Log]
+) -> None:
+    admin = logs["admin"]
+    subject = subjects.job_subject("alpha", "a" * 64)
+    for i in range(300):  # more than one pull batch
+        await admin.js.publish(subject, f"m{i}".encode())
+    await admin.js.publish(subjects.job_subject("alpha", "b" * 64), b"other")
+    config = LogConfig(servers=(server.url_as("admin", PASSWORDS["admin"]),), reads="consumer")
+    async with Log(config, PeerKey.generate()) as filtered:
+        for flt, start in ((subject, 1), (subject, 250), (subjects.jobs_filter("alpha"), 1)):
+            direct = await admin.read_subject(subjects.JOBS_STREAM, flt, start)
+            assert await filtered.read_subject(subjects.JOBS_STREAM, flt, start) == direct
+        empty = subjects.job_subject("alpha", "c" * 64)
+        assert await filtered.read_subject(subjects.JOBS_STREAM, empty) == []
+        info = await admin.js.consumers_info(subjects.JOBS_STREAM)
+        assert info == [], "read consumers are deleted after each read"
+    with pytest.raises(ConfigError):
+        LogConfig(reads="everything")
