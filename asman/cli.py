@@ -69,6 +69,16 @@ class AsmanGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("asman: interrupted", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug: one line, and the traceback only with -vv
+            logger.debug("internal error", exc_info=True)
+            click.echo(
+                f"asman: internal error: {type(exc).__name__}: {exc} (run with -vv for the "
+                "traceback, and please report it)",
+                err=True,
+            )
+            ctx.exit(1)
 
 
 def _config_default_map() -> dict[str, Any]:
@@ -168,6 +178,34 @@ def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.IntRange(1, 100),
             help="Attempts before a job is worker_lost.",
         ),
+        click.option(
+            "--manage-streams/--no-manage-streams",
+            envvar="ASMAN_MANAGE_STREAMS",
+            default=True,
+            show_default=True,
+            help="Create Asman's streams when missing (off for confined credentials).",
+        ),
+        click.option(
+            "--update-streams",
+            envvar="ASMAN_UPDATE_STREAMS",
+            is_flag=True,
+            help="Change existing streams to --replicas/--retention (operators only).",
+        ),
+        click.option(
+            "--reads",
+            envvar="ASMAN_READS",
+            type=click.Choice(["direct", "consumer"]),
+            default="direct",
+            show_default=True,
+            help="How jobs are read: batched direct get, or subject-filtered consumers "
+            "(for credentials confined to one queue, see docs/operations.md).",
+        ),
+        click.option(
+            "--inbox-prefix",
+            envvar="ASMAN_INBOX_PREFIX",
+            default=None,
+            help="Reply subject prefix the credentials allow (e.g. _INBOX.worker-a).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -197,6 +235,10 @@ def settings_from(kwargs: dict[str, Any]) -> ClientSettings:
         retention_s=max(1, retention_ms // 1000),
         lease_ttl_s=lease_ms / 1000,
         max_attempts=kwargs.pop("max_attempts"),
+        manage_streams=kwargs.pop("manage_streams"),
+        update_streams=kwargs.pop("update_streams"),
+        reads=kwargs.pop("reads"),
+        inbox_prefix=kwargs.pop("inbox_prefix"),
     )
 
 

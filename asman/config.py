@@ -71,6 +71,10 @@ class ClientSettings:
     retention_s: int = 7 * 24 * 3600
     lease_ttl_s: float = 30.0
     max_attempts: int = 3
+    manage_streams: bool = True
+    update_streams: bool = False
+    reads: str = "direct"
+    inbox_prefix: str | None = None
 
 
 def load_config_file(path: Path, *, required: bool) -> dict[str, Any]:

@@ -26,7 +26,7 @@ Every option can also be set in the config file (`~/.config/asman/config.toml`, 
 | 2 | bad input or usage: a queue name, a file, a definition, a flag (nothing was submitted) |
 | 3 | the log failed: NATS unreachable, JetStream refused |
 | 4 | the container runtime failed: no Docker engine, pull or build failed |
-| 0–255 | `submit --wait`: the job's own exit code when it ran (`success`/`failed`) |
+| 0-255 | `submit --wait`: the job's own exit code when it ran (`success`/`failed`) |
 | 124 | `submit --wait`: the job timed out |
 | 125 | `submit --wait`: the job finished with `error` (pull, build, input or upload failed) |
 | 130 | `submit --wait`: the job was cancelled (also: interrupted with Ctrl-C) |

@@ -110,6 +110,10 @@ def log_config(settings: ClientSettings, *, name: str = "asman") -> LogConfig:
         retention_s=settings.retention_s,
         lease_ttl_s=settings.lease_ttl_s,
         max_attempts=settings.max_attempts,
+        manage_streams=settings.manage_streams,
+        update_streams=settings.update_streams,
+        reads=settings.reads,
+        inbox_prefix=settings.inbox_prefix,
     )
 
 

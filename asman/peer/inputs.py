@@ -108,9 +108,22 @@ class InputFetcher:
         return path
 
     async def fetch_context(self, url: str, dest: Path) -> Path:
-        """Download a build context archive (a URL, or ``blob:<sha256>``) to ``dest``."""
-        ref = DataRef("blob", url[5:]) if url.startswith("blob:") else DataRef("url", url)
-        cached = await self.fetch(ref)
+        """Download a build context archive to ``dest``: an archive URL, ``blob:<sha256>``,
+        or a GitHub repository URL (``…/owner/repo``, ``…/tree/<ref>``, ``…/commit/<sha>``,
+        ``#<ref>``), fetched as its zip archive."""
+        if url.startswith("blob:"):
+            cached = await self.fetch(DataRef("blob", url[5:]))
+        else:
+            last: BlobError | None = None
+            for candidate in context_archive_urls(url):
+                try:
+                    cached = await self.fetch(DataRef("url", candidate))
+                    break
+                except BlobError as exc:
+                    last = exc
+            else:
+                assert last is not None
+                raise last
         dest.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(shutil.copyfile, cached, dest)
         return dest
@@ -129,6 +142,10 @@ class InputFetcher:
                 await asyncio.to_thread(dest.unlink, missing_ok=True)
                 if isinstance(exc, TimeoutError):
                     break  # the whole deadline is spent
+                if isinstance(exc, aiohttp.ClientResponseError) and (
+                    400 <= exc.status < 500 and exc.status not in (408, 429)
+                ):
+                    break  # the server said no: asking again will not change that
                 await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
         raise BlobError(f"could not fetch input {url}: {last or 'timed out'}")
 
@@ -170,6 +187,27 @@ class InputFetcher:
             await asyncio.to_thread(dest.unlink, missing_ok=True)
             raise BlobError(f"input {url} does not match its sha256 {sha256} (got {digest})")
         return digest
+
+
+_GITHUB = re.compile(
+    r"https://(?P<auth>[^@/]+@)?github\.com/(?P<owner>[\w.-]+)/(?P<repo>[\w.-]+?)(?:\.git)?"
+    r"(?:/(?:tree|commit)/(?P<ref>[^?#]+))?/?(?:#(?P<frag>[^?]+))?"
+)
+
+
+def context_archive_urls(url: str) -> list[str]:
+    """The archive URLs to try for a build context, in order (compute-queues' rules): a
+    GitHub repository at a branch, tag or commit becomes its zip archive; anything else is
+    taken as an archive URL as it is."""
+    m = _GITHUB.fullmatch(url)
+    if not m:
+        return [url]
+    auth = m.group("auth") or ""
+    base = f"https://{auth}github.com/{m.group('owner')}/{m.group('repo')}/archive"
+    ref = m.group("ref") or m.group("frag")
+    if ref is None:
+        return [f"{base}/refs/heads/main.zip", f"{base}/refs/heads/master.zip"]
+    return [f"{base}/refs/heads/{ref}.zip", f"{base}/{ref}.zip"]
 
 
 def _inside(root: Path, name: str, field: str) -> Path:

@@ -20,18 +20,19 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from asman import __version__
-from asman.errors import AsmanError, InvalidInput, LeaseLost, LogError
+from asman.errors import AsmanError, InvalidInput, LeaseLost, LogError, LogUnavailable
 from asman.log import jobs, subjects
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
 from asman.log.definition import BuildSpec, JobSpec, validate_relative_path
-from asman.log.events import Blob, now_ms
+from asman.log.events import Blob, JobState, now_ms
 from asman.log.leases import JobLease, Ticket, TicketSource, claim
 from asman.log.workers import WorkerInfo, beat, list_workers, remove
 from asman.peer import docker
@@ -43,6 +44,8 @@ __all__ = ["Runtime", "Worker", "WorkerConfig"]
 
 logger = logging.getLogger(__name__)
 
+#: How soon a ticket whose claim failed on a log outage comes back.
+CLAIM_RETRY_S = 1.0
 #: How long a GPU ticket handed back by a worker without enough GPUs stays away from it.
 GPU_HANDBACK_S = 10.0
 
@@ -179,7 +182,8 @@ class Worker:
         )
         try:
             async with asyncio.TaskGroup() as tg:
-                beats = tg.create_task(self._heartbeats(stop_fetching))
+                drained = asyncio.Event()
+                beats = tg.create_task(self._heartbeats(stop_fetching, drained))
                 sweeper = tg.create_task(self._sweeper(stop_fetching))
                 for src in sources:
                     if src.job_class == "gpu" and not cfg.gpus:
@@ -196,6 +200,7 @@ class Worker:
                 stop_fetching.set()
                 # 2. let running jobs finish within the grace period
                 await self._drain(cfg.drain_grace_s)
+                drained.set()
                 sweeper.cancel()
                 beats.cancel()
         finally:
@@ -225,9 +230,12 @@ class Worker:
 
     # -- loops -------------------------------------------------------------------------
 
-    async def _heartbeats(self, stopping: asyncio.Event) -> None:
+    async def _heartbeats(self, stopping: asyncio.Event, done: asyncio.Event) -> None:
+        """Beat every ``heartbeat_s`` until ``done`` (after the drain; while draining the
+        beats say so). Ends on ``done`` rather than only on cancellation: a cancel that lands
+        inside the NATS client can be swallowed there."""
         hostname = socket.gethostname()
-        while True:
+        while not done.is_set():
             for q in self.config.queues:
                 info = WorkerInfo(
                     worker_id=self.worker_id,
@@ -249,12 +257,9 @@ class Worker:
                     await beat(self.log, info)
                 except LogError as exc:  # a reconnect in progress: try again next beat
                     logger.warning("heartbeat failed: %s", exc)
-            if stopping.is_set():  # draining: keep the pace (a set event would spin this loop)
-                await asyncio.sleep(self.config.heartbeat_s)
-                continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.heartbeat_s):
-                    await stopping.wait()
+                    await done.wait()
 
     async def _sweeper(self, stopping: asyncio.Event) -> None:
         """Repair (DESIGN §2.8): every unfinished job gets its ticket back if it lost it.
@@ -396,7 +401,16 @@ class Worker:
         try:
             if ticket.job_class == "gpu" and not await self._gpu_ticket_is_ours(ticket):
                 return
-            lease = await claim(self.log, ticket)
+            try:
+                lease = await claim(self.log, ticket)
+            except LogUnavailable as exc:
+                # a leader election or a reconnect: hand the ticket back now rather than
+                # letting it wait out the lease (a claim that did land is taken over by the
+                # next, later delivery)
+                logger.warning("job=%s claim failed, handing back: %s", ticket.job_id, exc)
+                with contextlib.suppress(AsmanError):
+                    await ticket.nak(delay=CLAIM_RETRY_S)
+                return
             if lease is None:
                 return
             try:
@@ -444,6 +458,41 @@ class Worker:
         taken = tuple(self._free_gpus[:wanted])
         del self._free_gpus[:wanted]
         return taken
+
+    async def _finish(self, lease: JobLease, result: dict[str, Any]) -> JobState:
+        """``lease.finish`` that rides out a short log outage (a leader election): the append
+        is a compare-and-set, so retrying is safe, and a retry that finds our own result
+        already accepted (the first reply was lost) only acks the ticket."""
+        deadline = time.monotonic() + max(10.0, self.log.config.lease_ttl_s)
+        delay, retried = 0.25, False
+        while True:
+            try:
+                return await lease.finish(result)
+            except LogUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                retried = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                with contextlib.suppress(AsmanError):
+                    await lease.keepalive()
+            except LeaseLost:
+                if not retried:
+                    raise
+                state = await jobs.read_job(self.log, lease.queue, lease.job_id)
+                mine = (
+                    state is not None
+                    and state.result is not None
+                    and (
+                        state.result.worker == self.worker_id
+                        and state.result.attempt == lease.attempt
+                    )
+                )
+                if not mine:
+                    raise
+                assert state is not None
+                await lease.ticket.ack()
+                return state
 
     async def _finish_error(self, lease: JobLease, message: str) -> None:
         logger.info("job=%s queue=%s error: %s", lease.job_id, lease.queue, message)
@@ -524,7 +573,7 @@ class Worker:
             else:
                 if running.why == "cancelled":
                     result.update(reason="cancelled", message="cancelled")
-                state = await asyncio.shield(lease.finish(result))
+                state = await asyncio.shield(self._finish(lease, result))
                 logger.info(
                     "job=%s queue=%s attempt=%d worker=%s reason=%s exit=%s dur=%dms",
                     lease.job_id,

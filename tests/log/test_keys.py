@@ -30,7 +30,6 @@ RFC8032_SIG_EMPTY = bytes.fromhex(
 )
 
 
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

@@ -60,8 +60,13 @@ async def test_streams_are_created_idempotently_and_updated(make_log: MakeLog) -
     log = await make_log()
     await log.ensure_streams()
     await log.ensure_streams()
-    other = await make_log(retention_s=3600)
-    info = await other.js.stream_info(subjects.JOBS_STREAM)
+    # a peer with other defaults leaves existing streams alone...
+    casual = await make_log(retention_s=3600)
+    info = await casual.js.stream_info(subjects.JOBS_STREAM)
+    assert info.config.max_age == 7 * 24 * 3600
+    # ...an operator who asks updates them
+    operator = await make_log(retention_s=3600, update_streams=True)
+    info = await operator.js.stream_info(subjects.JOBS_STREAM)
     assert info.config.max_age == 3600
 
 

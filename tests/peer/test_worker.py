@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -313,11 +314,17 @@ async def test_round_trip_through_s3_blobs(stack: Stack, s3_server: Any, s3_buck
 async def test_build_job_and_failing_build(stack: Stack) -> None:
     client = await stack.log()
     await stack.start_worker("build")
-    dockerfile = f"FROM {IMAGE}\nARG WHO\nRUN echo BUILD_MARKER $WHO > /built\nCMD cat /built\n"
+    dockerfile = (
+        f"FROM {IMAGE}\nARG WHO\nARG FRESH\nRUN echo BUILD_MARKER $WHO > /built\nCMD cat /built\n"
+    )
+    fresh = f"FRESH={uuid.uuid4().hex}"  # a new build spec each run: never a cached image
     state = await run_job(
         client,
         "build",
-        {"build": {"dockerfile": dockerfile, "buildArgs": ["WHO=asman"]}, "command": "cat /built"},
+        {
+            "build": {"dockerfile": dockerfile, "buildArgs": ["WHO=asman", fresh]},
+            "command": "cat /built",
+        },
     )
     assert state.reason == "success", state.result
     text = await job_text(client, state)
