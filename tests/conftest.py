@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from requiring import require  # noqa: F401 - re-exported for test modules
 
 from asman.log.server import NatsServer
 
@@ -20,15 +21,6 @@ pytest_plugins = ["dockerfixtures", "s3server"]
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
 os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
-
-
-def require(condition: bool, what: str) -> None:
-    """Skip a test whose server is missing on a dev box; fail it in CI."""
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is required in CI but is missing", pytrace=False)
-    pytest.skip(f"{what} is missing")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ Without a reachable engine the docker tests skip on a dev box and fail when ``CI
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,18 +12,10 @@ import docker
 import docker.errors
 import pytest
 import requests
+from requiring import require
 
 from asman.peer.docker import DockerRuntime, JobDir, prepare_job_dir, remove_job_dir
 from asman.peer.images import build_busybox_image
-
-
-def _require(condition: bool, what: str) -> None:
-    """Skip when a server is missing on a dev box; fail in CI (as tests/conftest.require)."""
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is required in CI but is missing", pytrace=False)
-    pytest.skip(f"{what} is missing")
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +25,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client.ping()
     except (docker.errors.DockerException, requests.exceptions.RequestException):
         client = None
-    _require(client is not None, "a Docker engine (scripts/start-dockerd.sh)")
+    require(client is not None, "a Docker engine (scripts/start-dockerd.sh)")
     assert client is not None
     try:
         yield client
@@ -45,7 +36,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
 @pytest.fixture(scope="session")
 def busybox_image(docker_client: docker.DockerClient) -> str:
     """``asman/busybox:local``, built once per session by asman.peer.images."""
-    _require(Path("/bin/busybox").is_file(), "Debian's busybox-static (/bin/busybox)")
+    require(Path("/bin/busybox").is_file(), "Debian's busybox-static (/bin/busybox)")
     return build_busybox_image(docker_client).tag
 
 

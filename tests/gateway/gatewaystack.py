@@ -7,14 +7,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from yarl import URL
 
 from asman.gateway import GatewayConfig, GatewayLimits, serve
@@ -29,15 +27,6 @@ from asman.peer.worker import Worker, WorkerConfig
 IMAGE = "asman/busybox:local"
 # generous for tests that fire many requests; the rate-limit test sets its own
 TEST_LIMITS = GatewayLimits(rate_per_s=10_000, rate_burst=100_000, max_streams_per_client=64)
-
-
-def require(condition: bool, what: str) -> None:
-    """Skip when something is missing on a dev box; fail when ``CI`` is set."""
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is required in CI but is missing", pytrace=False)
-    pytest.skip(f"{what} is missing")
 
 
 class Gateway:

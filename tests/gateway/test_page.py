@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gatewaystack import IMAGE, Gateway, Stack, require
+from gatewaystack import IMAGE, Gateway, Stack
+from requiring import require
 
 from asman.log.definition import job_id
 from asman.peer.links import job_link
