@@ -17,8 +17,8 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dev]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import asman, nats, cbor2" 
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+	$(PY) -c "import asman, nats, cbor2, playwright, schemathesis, yaml"
 	touch $@
 
 images: venv
