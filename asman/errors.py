@@ -24,7 +24,8 @@ subject, field name) so callers can act on them without parsing text.
     ├── BlobError                     the blob store failed (.key)
     │   ├── BlobNotFound
     │   ├── BlobCorrupt               bytes do not match their sha256
-    │   └── BlobTooLarge              over a size limit
+    │   ├── BlobTooLarge              over a size limit
+    │   └── BlobUnavailable           the store did not answer (transient: try again)
     └── RuntimeFailure                the container runtime failed (pull, build, run) (exit 4)
         ├── ImageError                pull or build failed (.log holds the tail of the output)
         └── DockerUnavailable         no Docker engine reachable
@@ -39,6 +40,7 @@ __all__ = [
     "BlobError",
     "BlobNotFound",
     "BlobTooLarge",
+    "BlobUnavailable",
     "ConfigError",
     "Conflict",
     "DockerUnavailable",
@@ -172,6 +174,10 @@ class BlobCorrupt(BlobError):
 
 
 class BlobTooLarge(BlobError):
+    pass
+
+
+class BlobUnavailable(BlobError):
     pass
 
 

@@ -38,7 +38,7 @@ import nats.js.errors
 from nats.js import api
 from nats.nuid import NUID
 
-from asman.errors import BlobCorrupt, BlobError, BlobNotFound
+from asman.errors import BlobCorrupt, BlobError, BlobNotFound, BlobUnavailable
 from asman.log.blobs import (
     BlobInfo,
     BytesSink,
@@ -444,7 +444,7 @@ class ObjectStoreBlobs:
             nats.errors.ConnectionReconnectingError,
             nats.errors.StaleConnectionError,
         ) as exc:
-            raise BlobError(
+            raise BlobUnavailable(
                 f"object store bucket {self.bucket}: NATS did not answer in {self.timeout:g}s "
                 f"({type(exc).__name__}): check the connection to the server",
                 key=key,

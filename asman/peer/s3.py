@@ -28,7 +28,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
-from asman.errors import BlobCorrupt, BlobError, BlobNotFound, ConfigError
+from asman.errors import BlobCorrupt, BlobError, BlobNotFound, BlobUnavailable, ConfigError
 from asman.log.blobs import (
     READ_SIZE,
     BlobInfo,
@@ -357,7 +357,7 @@ class S3Blobs:
         except MinioException as exc:
             raise BlobError(f"{where}: {exc}", key=key) from exc
         except urllib3.exceptions.HTTPError as exc:
-            raise BlobError(
+            raise BlobUnavailable(
                 f"cannot reach {where}: {type(exc).__name__}: {exc}: check the endpoint and "
                 "that the server is up",
                 key=key,

@@ -24,10 +24,17 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from asman import __version__
-from asman.errors import AsmanError, InvalidInput, LeaseLost, LogError, LogUnavailable
+from asman.errors import (
+    AsmanError,
+    BlobUnavailable,
+    InvalidInput,
+    LeaseLost,
+    LogError,
+    LogUnavailable,
+)
 from asman.log import jobs, subjects
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
@@ -43,6 +50,8 @@ from asman.peer.joblog import JobLog
 __all__ = ["Runtime", "Worker", "WorkerConfig"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: How soon a ticket whose claim failed on a log outage comes back.
 CLAIM_RETRY_S = 1.0
@@ -459,6 +468,22 @@ class Worker:
         del self._free_gpus[:wanted]
         return taken
 
+    async def _riding_out(self, lease: JobLease, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a fenced append (``start``, ``release``) through a short log outage: each is a
+        compare-and-set, so a retry is safe; gives up once the lease could have run out."""
+        deadline = time.monotonic() + max(10.0, self.log.config.lease_ttl_s)
+        delay = 0.25
+        while True:
+            try:
+                return await op()
+            except LogUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                with contextlib.suppress(AsmanError):
+                    await lease.keepalive()
+
     async def _finish(self, lease: JobLease, result: dict[str, Any]) -> JobState:
         """``lease.finish`` that rides out a short log outage (a leader election): the append
         is a compare-and-set, so retrying is safe, and a retry that finds our own result
@@ -551,6 +576,15 @@ class Worker:
                             result = {}
                         else:
                             result = await self._collect(running, outcome, job_dir.outputs, joblog)
+                    except (LogUnavailable, BlobUnavailable) as exc:
+                        # the log or the blob store is unreachable (an election, a
+                        # partition): not the job's failure; hand it back so it runs
+                        # again, never finish it as error
+                        logger.warning(
+                            "job=%s log unavailable, handing back: %s", lease.job_id, exc
+                        )
+                        running.why = running.why or "handback"
+                        result = {}
                     except (AsmanError, OSError) as exc:
                         joblog.system(f"error: {exc}")
                         result = {"reason": "error", "message": str(exc)[:4000]}
@@ -568,8 +602,14 @@ class Worker:
             if running.why == "lost":
                 logger.warning("job=%s lease lost; result discarded", lease.job_id)
             elif running.why == "handback":
-                await asyncio.shield(lease.release())
-                logger.info("job=%s handed back", lease.job_id)
+                try:
+                    await asyncio.shield(self._riding_out(lease, lease.release))
+                    logger.info("job=%s handed back", lease.job_id)
+                except (LogUnavailable, LeaseLost) as exc:
+                    # the lease runs out instead, and the ticket is redelivered
+                    logger.warning(
+                        "job=%s not handed back (%s); its lease will expire", lease.job_id, exc
+                    )
             else:
                 if running.why == "cancelled":
                     result.update(reason="cancelled", message="cancelled")
@@ -637,7 +677,7 @@ class Worker:
             gpu_devices=running.gpus,
             network=cfg.network,
         )
-        await lease.start()
+        await self._riding_out(lease, lease.start)
         outcome = await self.runtime.run(
             container,
             on_output=joblog.on_output,
