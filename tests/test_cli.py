@@ -312,3 +312,18 @@ def test_worker_killed_mid_job_another_finishes_it(
         assert left == []
     finally:
         client.close()
+
+
+@pytest.mark.docker
+def test_worker_once_runs_one_job_and_exits(
+    procs: Procs, tmp_path: Path, busybox_image: str
+) -> None:
+    worker = procs.start(
+        "worker", "onceq", "--once", "--data-dir", str(tmp_path / "w"), log="once.log"
+    )
+    done = procs.run("submit", "onceq", IMAGE, "--wait", "--", "echo", "one")
+    assert done.returncode == 0 and done.stdout == b"one\n"
+    assert worker.wait(60) == 0
+    # a second job waits: nobody is left on the queue
+    sub = procs.run("submit", "onceq", IMAGE, "--json", "--", "echo", "two")
+    assert json.loads(sub.stdout)["state"] == "queued"
