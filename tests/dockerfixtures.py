@@ -14,8 +14,9 @@ import pytest
 import requests
 from requiring import require
 
-from asman.peer.docker import DockerRuntime, JobDir, prepare_job_dir, remove_job_dir
+from asman.peer.docker import DockerRuntime
 from asman.peer.images import build_busybox_image
+from asman.peer.jobdir import JobDir, prepare_job_dir, remove_job_dir
 
 
 @pytest.fixture(scope="session")

@@ -24,22 +24,16 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import posixpath
 import re
 import secrets
-import shutil
-import stat
-import tarfile
 import time
-import zipfile
-import zlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Self, TypeVar
 
@@ -53,10 +47,11 @@ from asman.errors import (
     DockerUnavailable,
     ImageError,
     InvalidDefinition,
-    InvalidInput,
     InvalidPath,
     RuntimeFailure,
 )
+from asman.peer.archive import unpack_archive
+from asman.peer.jobdir import fresh_dir
 
 __all__ = [
     "BUILD_REPOSITORY",
@@ -71,14 +66,10 @@ __all__ = [
     "ContainerSpec",
     "DockerRuntime",
     "FetchContext",
-    "JobDir",
     "LogCallback",
     "OutputCallback",
     "RunOutcome",
     "build_tag",
-    "prepare_job_dir",
-    "remove_job_dir",
-    "unpack_archive",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,15 +150,6 @@ class BuildSpec:
     target: str | None = None
     platform: str | None = None
     build_args: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class JobDir:
-    """The host folders bound into one attempt's container."""
-
-    inputs: Path
-    outputs: Path
-    root: Path
 
 
 def build_tag(build: BuildSpec) -> str:
@@ -439,7 +421,7 @@ class DockerRuntime:
         if build.dockerfile is None and not build.context:
             raise InvalidDefinition("build", "give a dockerfile, a context URL, or both")
         context = work_dir / "context"
-        await asyncio.to_thread(_fresh_dir, context)
+        await asyncio.to_thread(fresh_dir, context)
         root = context
         if build.context:
             if fetch_context is None:
@@ -911,182 +893,3 @@ def _inside(root: Path, relative: str, problem: str) -> Path:
     if not path.is_relative_to(base):
         raise InvalidPath(relative, problem)
     return path
-
-
-def _fresh_dir(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        _rmtree(path)
-    path.mkdir(parents=True)
-
-
-# ---- job folders ---------------------------------------------------------------------------
-
-
-def prepare_job_dir(root: Path, job_id: str, attempt: int) -> JobDir:
-    """Make fresh ``<root>/<job_id>/<attempt>/{inputs,outputs}``; outputs writable by 65534."""
-    if not job_id or job_id in (".", "..") or "/" in job_id or "\0" in job_id:
-        raise InvalidPath(job_id, "a job id must be a single folder name")
-    base = root / job_id / str(int(attempt))
-    _fresh_dir(base)
-    inputs, outputs = base / "inputs", base / "outputs"
-    inputs.mkdir()
-    outputs.mkdir()
-    base.chmod(0o755)
-    inputs.chmod(0o755)
-    outputs.chmod(0o777)  # the container's user (65534) writes here
-    return JobDir(inputs=inputs, outputs=outputs, root=base)
-
-
-def remove_job_dir(job_dir: JobDir) -> None:
-    """Delete an attempt's folders, including files the container made (owned by 65534)."""
-    if job_dir.root.exists() or job_dir.root.is_symlink():
-        _rmtree(job_dir.root)
-    with contextlib.suppress(OSError):
-        job_dir.root.parent.rmdir()  # the job's folder, once its last attempt is gone
-
-
-def _rmtree(path: Path) -> None:
-    def retry(fn: Callable[..., Any], target: str, exc_info: Any) -> None:
-        if isinstance(exc_info[1], FileNotFoundError):
-            return
-        # A folder the container made read-only: make it writable and try again.
-        os.chmod(os.path.dirname(target), 0o700)
-        if os.path.isdir(target) and not os.path.islink(target):
-            os.chmod(target, 0o700)
-        fn(target)
-
-    shutil.rmtree(path, onerror=retry)
-
-
-# ---- build context archives ----------------------------------------------------------------
-
-
-def unpack_archive(
-    archive: Path,
-    dest: Path,
-    *,
-    max_bytes: int = 2 * 1024**3,
-    max_members: int = 100_000,
-) -> Path:
-    """Unpack a .tar, .tar.gz (.bz2, .xz) or .zip (detected by magic bytes) into ``dest``.
-
-    Refuses absolute names, ``..``, links leaving ``dest``, device files and FIFOs, more than
-    ``max_members`` members or ``max_bytes`` unpacked. Returns ``dest``, or its only entry when
-    that is a single top-level folder.
-    """
-    with archive.open("rb") as f:
-        magic = f.read(4)
-    dest.mkdir(parents=True, exist_ok=True)
-    if magic[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        _unpack_zip(archive, dest, max_bytes, max_members)
-    else:
-        try:
-            tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed just below)
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise InvalidInput(
-                f"build context {archive.name} is not a .tar, .tar.gz or .zip archive: {exc}"
-            ) from exc
-        with tar:
-            _unpack_tar(tar, dest, max_bytes, max_members)
-    entries = list(dest.iterdir())
-    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
-        return entries[0]
-    return dest
-
-
-def _member_name(name: str) -> str | None:
-    """The member's normalized relative path; None for the archive root; refuses escapes."""
-    if "\0" in name:
-        raise InvalidPath(name, "contains a NUL byte")
-    if name.startswith("/"):
-        raise InvalidPath(name, "absolute paths are not allowed in an archive")
-    parts = PurePosixPath(name).parts
-    if ".." in parts:
-        raise InvalidPath(name, "'..' is not allowed in an archive")
-    return "/".join(parts) or None
-
-
-def _link_target(name: str, target: str) -> None:
-    """Refuse a symlink whose target is absolute or leaves the archive's root."""
-    if target.startswith("/") or "\0" in target:
-        raise InvalidPath(name, f"symlink to {target!r}: absolute links are not allowed")
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-    if joined == ".." or joined.startswith("../"):
-        raise InvalidPath(name, f"symlink to {target!r} points outside the archive")
-
-
-def _check_totals(count: int, total: int, max_members: int, max_bytes: int) -> None:
-    if count > max_members:
-        raise InvalidInput(f"the archive has more than {max_members} members")
-    if total > max_bytes:
-        raise InvalidInput(f"the archive unpacks to more than {max_bytes} bytes")
-
-
-def _unpack_tar(tar: tarfile.TarFile, dest: Path, max_bytes: int, max_members: int) -> None:
-    accepted: list[tarfile.TarInfo] = []
-    total = 0
-    try:
-        for member in tar:
-            name = _member_name(member.name)
-            _check_totals(len(accepted) + 1, total + member.size, max_members, max_bytes)
-            if name is None:
-                continue
-            if member.issym():
-                _link_target(name, member.linkname)
-            elif member.islnk():
-                _member_name(member.linkname)
-            elif member.isreg():
-                total += member.size
-            elif not member.isdir():
-                raise InvalidPath(name, "device files, FIFOs and other specials are not allowed")
-            accepted.append(member)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise InvalidInput(f"the build context archive is damaged: {exc}") from exc
-    try:
-        tar.extractall(dest, members=accepted, filter="data")
-    except tarfile.FilterError as exc:
-        raise InvalidPath(exc.tarinfo.name, str(exc)) from exc
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise InvalidInput(f"the build context archive is damaged: {exc}") from exc
-
-
-def _unpack_zip(archive: Path, dest: Path, max_bytes: int, max_members: int) -> None:
-    base = dest.resolve()
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            _check_totals(len(infos), sum(i.file_size for i in infos), max_members, max_bytes)
-            for info in infos:
-                name = _member_name(info.filename)
-                if name is None:
-                    continue
-                mode = info.external_attr >> 16
-                target = base / name
-                if not target.parent.resolve().is_relative_to(base) or (
-                    target.is_symlink() and not target.resolve().is_relative_to(base)
-                ):
-                    raise InvalidPath(name, "would be written outside the archive's folder")
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                elif stat.S_ISLNK(mode):
-                    link = (
-                        zf.read(info).decode("utf-8", "replace") if info.file_size < 4096 else "/"
-                    )
-                    _link_target(name, link)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.unlink(missing_ok=True)
-                    os.symlink(link, target)
-                elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):
-                    raise InvalidPath(
-                        name, "device files, FIFOs and other specials are not allowed"
-                    )
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.unlink(missing_ok=True)
-                    with zf.open(info) as src, target.open("xb") as out:
-                        shutil.copyfileobj(src, out, 1024 * 1024)
-                    target.chmod(0o755 if mode & 0o111 else 0o644)
-    except zipfile.BadZipFile as exc:
-        raise InvalidInput(f"the build context archive is damaged: {exc}") from exc

@@ -43,8 +43,9 @@ from asman.log.events import Blob, JobState, now_ms
 from asman.log.leases import JobLease, Ticket, TicketSource, claim
 from asman.log.workers import WorkerInfo, beat, list_workers, remove
 from asman.peer import docker
-from asman.peer.docker import ContainerSpec, RunOutcome, prepare_job_dir, remove_job_dir
+from asman.peer.docker import ContainerSpec, RunOutcome
 from asman.peer.inputs import InputFetcher
+from asman.peer.jobdir import JobDir, prepare_job_dir, remove_job_dir
 from asman.peer.joblog import JobLog
 
 __all__ = ["Runtime", "Worker", "WorkerConfig"]
@@ -628,7 +629,7 @@ class Worker:
             await asyncio.to_thread(remove_job_dir, job_dir)
 
     async def _execute(
-        self, running: _Running, spec: JobSpec, job_dir: Any, joblog: JobLog
+        self, running: _Running, spec: JobSpec, job_dir: JobDir, joblog: JobLog
     ) -> RunOutcome:
         lease, cfg = running.lease, self.config
 

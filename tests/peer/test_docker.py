@@ -26,18 +26,16 @@ from asman.errors import (
     InvalidPath,
     RuntimeFailure,
 )
+from asman.peer.archive import unpack_archive
 from asman.peer.docker import (
     BuildSpec,
     ContainerSpec,
     DockerRuntime,
-    JobDir,
     RunOutcome,
     _container_args,
     build_tag,
-    prepare_job_dir,
-    remove_job_dir,
-    unpack_archive,
 )
+from asman.peer.jobdir import JobDir, prepare_job_dir, remove_job_dir
 
 MiB = 1024 * 1024
 

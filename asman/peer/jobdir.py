@@ -1,0 +1,76 @@
+"""A job attempt's folders on the worker: fresh ``inputs``/``outputs`` per attempt, removed
+after, including the files the container made as uid 65534."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asman.errors import InvalidPath
+
+__all__ = ["JobDir", "fresh_dir", "prepare_job_dir", "remove_job_dir"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobDir:
+    """The host folders bound into one attempt's container."""
+
+    inputs: Path
+    outputs: Path
+    root: Path
+
+
+def fresh_dir(path: Path) -> None:
+    """An empty folder at ``path`` (whatever was there is removed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        _rmtree(path)
+    path.mkdir(parents=True)
+
+
+# ---- job folders ---------------------------------------------------------------------------
+
+
+def prepare_job_dir(root: Path, job_id: str, attempt: int) -> JobDir:
+    """Make fresh ``<root>/<job_id>/<attempt>/{inputs,outputs}``; outputs writable by 65534."""
+    if not job_id or job_id in (".", "..") or "/" in job_id or "\0" in job_id:
+        raise InvalidPath(job_id, "a job id must be a single folder name")
+    base = root / job_id / str(int(attempt))
+    fresh_dir(base)
+    inputs, outputs = base / "inputs", base / "outputs"
+    inputs.mkdir()
+    outputs.mkdir()
+    base.chmod(0o755)
+    inputs.chmod(0o755)
+    outputs.chmod(0o777)  # the container's user (65534) writes here
+    return JobDir(inputs=inputs, outputs=outputs, root=base)
+
+
+def remove_job_dir(job_dir: JobDir) -> None:
+    """Delete an attempt's folders, including files the container made (owned by 65534)."""
+    if job_dir.root.exists() or job_dir.root.is_symlink():
+        _rmtree(job_dir.root)
+    with contextlib.suppress(OSError):
+        job_dir.root.parent.rmdir()  # the job's folder, once its last attempt is gone
+
+
+def _rmtree(path: Path) -> None:
+    def retry(fn: Callable[..., Any], target: str, exc_info: Any) -> None:
+        if isinstance(exc_info[1], FileNotFoundError):
+            return
+        # A folder the container made read-only: make it writable and try again.
+        os.chmod(os.path.dirname(target), 0o700)
+        if os.path.isdir(target) and not os.path.islink(target):
+            os.chmod(target, 0o700)
+        fn(target)
+
+    shutil.rmtree(path, onerror=retry)
+
+
+# ---- build context archives ----------------------------------------------------------------
