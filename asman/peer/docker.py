@@ -555,6 +555,9 @@ class DockerRuntime:
             code = state.get("ExitCode")
         start_ms = _parse_ms(state.get("StartedAt")) or started
         end_ms = _parse_ms(state.get("FinishedAt")) or _now_ms()
+        # the engine stamps StartedAt when it has finished starting, which for a process that
+        # exits at once can be a few ms after FinishedAt
+        end_ms = max(end_ms, start_ms)
         return RunOutcome(
             exit_code=code,
             oom_killed=bool(state.get("OOMKilled")),
