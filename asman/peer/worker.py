@@ -707,13 +707,12 @@ class Worker:
             if total > cfg.max_output_bytes:
                 joblog.system(f"outputs over {cfg.max_output_bytes} bytes; the rest dropped")
                 break
-            if size <= cfg.inline_output_limit and inline_total + size <= cfg.inline_outputs_total:
-                data = await asyncio.to_thread(path.read_bytes)
-                blob = Blob(size=len(data), sha256=hashlib.sha256(data).hexdigest(), data=data)
-                inline_total += len(data)
-            else:
-                info = await self.blobs.put_file(path)
-                blob = Blob(size=info.size, sha256=info.sha256, key=info.key)
+            inline = (
+                size <= cfg.inline_output_limit and inline_total + size <= cfg.inline_outputs_total
+            )
+            blob = await self._blob(path, inline=inline)
+            if inline:
+                inline_total += blob.size
             manifest.append({"path": rel, **blob.to_wire()})
         if running.why == "cancelled":
             reason = "cancelled"
@@ -733,12 +732,17 @@ class Worker:
         }
 
     async def _store_log(self, path: Path, size: int) -> dict[str, Any]:
-        if size <= self.config.inline_output_limit:
+        blob = await self._blob(path, inline=size <= self.config.inline_output_limit)
+        return blob.to_wire()
+
+    async def _blob(self, path: Path, *, inline: bool) -> Blob:
+        """``path``'s bytes carried inside the ``finished`` event, or uploaded to the blob
+        store (by sha256, skipped when already there)."""
+        if inline:
             data = await asyncio.to_thread(path.read_bytes)
-            digest = hashlib.sha256(data).hexdigest()
-            return Blob(size=len(data), sha256=digest, data=data).to_wire()
+            return Blob(size=len(data), sha256=hashlib.sha256(data).hexdigest(), data=data)
         info = await self.blobs.put_file(path)
-        return Blob(size=info.size, sha256=info.sha256, key=info.key).to_wire()
+        return Blob(size=info.size, sha256=info.sha256, key=info.key)
 
 
 class _DataDirLock:
