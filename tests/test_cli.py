@@ -186,6 +186,10 @@ def test_submit_wait_with_files_outputs_and_exit_code(
     assert done.stdout == b"tiny\n"
     assert b"oops" in done.stderr
     assert (tmp_path / "out" / "big.bin").read_bytes() == big.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    # a downloaded blob gets the mode a plainly written file gets, not the temp file's 0600
+    assert (tmp_path / "out" / "big.bin").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "out" / "n" / "leaf.txt").read_text() == "leaf\n"
     # the same job again: cached, not run twice, same id
     again = procs.run(

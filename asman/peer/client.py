@@ -250,6 +250,7 @@ class Client:
         total = sum(f.blob.size for f in state.result.outputs)
         done = 0
         root = await asyncio.to_thread(dest.resolve)
+        mode = await asyncio.to_thread(_file_mode)
         for f in state.result.outputs:
             validate_relative_path(f.path, "outputs")
             target = (root / f.path).resolve()
@@ -261,7 +262,7 @@ class Client:
                 await asyncio.to_thread(target.write_bytes, data)
             else:
                 await self.blobs.get_to_file(f.blob.sha256, target, max_size=f.blob.size)
-                await asyncio.to_thread(os.chmod, target, _file_mode())
+                await asyncio.to_thread(os.chmod, target, mode)
             done += f.blob.size
             if progress:
                 progress("download", done, total)
@@ -270,7 +271,13 @@ class Client:
 
 
 def _file_mode() -> int:
-    """0666 less the process umask: what a plainly written file gets."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    """0666 less the process umask: what a plainly written file gets. Read from
+    /proc/self/status: ``os.umask`` can only be read by setting it, for every thread at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
