@@ -81,31 +81,61 @@ class AsmanGroup(click.Group):
             ctx.exit(1)
 
 
-def _config_default_map() -> dict[str, Any]:
+def config_default_map(group: click.Group, data: dict[str, Any]) -> dict[str, Any]:
+    """click's ``default_map`` from a config file's contents.
+
+    Keys are long option names (``nats``, ``max-job-duration`` or ``max_job_duration``):
+    at the top level they apply to every command that has the option, in a ``[command]``
+    table to that command (and its subcommands). A key no command knows is an error.
+    """
+    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    for name in tables:
+        if name not in group.commands:
+            raise ConfigError(f"config file: [{name}] is not a command of asman")
+    used: set[str] = set()
+
+    def for_command(cmd: click.Command, values: dict[str, Any], where: str) -> dict[str, Any]:
+        params = {
+            opt.lstrip("-").replace("-", "_"): p.name
+            for p in cmd.params
+            if isinstance(p, click.Option) and p.name
+            for opt in p.opts
+            if opt.startswith("--")
+        }
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            name = params.get(key.replace("-", "_"))
+            if name is not None:
+                out[name] = value
+                used.add(key)
+            elif where and not isinstance(cmd, click.Group):
+                raise ConfigError(
+                    f"config file: [{where}] {key} is not an option of `asman {where}`"
+                )
+        if isinstance(cmd, click.Group):
+            for sub_name, sub in cmd.commands.items():
+                out[sub_name] = for_command(sub, values, "")
+        return out
+
+    result = {
+        name: for_command(cmd, {**top, **tables.get(name, {})}, name if name in tables else "")
+        for name, cmd in group.commands.items()
+    }
+    unknown = sorted(set(top) - used)
+    if unknown:
+        raise ConfigError(
+            f"config file: {unknown[0]} is not an option of any asman command "
+            "(see docs/reference/cli.md)"
+        )
+    return result
+
+
+def _config_file_data() -> dict[str, Any]:
     env = os.environ
     explicit = env.get("ASMAN_CONFIG")
     path = Path(explicit) if explicit else default_config_dir(env) / "config.toml"
-    data = load_config_file(path, required=bool(explicit))
-    top = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
-    out: dict[str, Any] = {}
-    for name, value in data.items():
-        if isinstance(value, dict):
-            out[name] = {**top, **{k.replace("-", "_"): v for k, v in value.items()}}
-    out["__top__"] = top
-    return out
-
-
-def _apply_defaults(group: click.Group, default_map: dict[str, Any]) -> dict[str, Any]:
-    top = default_map.pop("__top__", {})
-    result: dict[str, Any] = {}
-    for name, cmd in group.commands.items():
-        sub = dict(top)
-        sub.update(default_map.get(name, {}))
-        if isinstance(cmd, click.Group):
-            result[name] = {n: dict(sub) for n in cmd.commands} | sub
-        else:
-            result[name] = sub
-    return result
+    return load_config_file(path, required=bool(explicit))
 
 
 def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -938,7 +968,7 @@ def dev(
 
 def entrypoint() -> None:
     try:
-        default_map = _apply_defaults(main, _config_default_map())
+        default_map = config_default_map(main, _config_file_data())
     except AsmanError as exc:
         click.echo(f"asman: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None

@@ -331,3 +331,36 @@ def test_worker_once_runs_one_job_and_exits(
     # a second job waits: nobody is left on the queue
     sub = procs.run("submit", "onceq", IMAGE, "--json", "--", "echo", "two")
     assert json.loads(sub.stdout)["state"] == "queued"
+
+
+def test_config_file_keys_are_option_names_and_flags_and_env_win(tmp_path: Path) -> None:
+    """Precedence: flag > ASMAN_* variable > config file > default, through the real entry
+    point (`asman`), with the config file's keys spelled as the options are."""
+    config = tmp_path / "config.toml"
+    config.write_text('nats = "nats://127.0.0.1:1"\n[worker]\nmax-job-duration = "2h"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASMAN_")}
+    env.update(HOME=str(tmp_path), ASMAN_CONFIG=str(config))
+
+    def submit(*extra: str, **more_env: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [ASMAN, "submit", "q", IMAGE, *extra],
+            env={**env, **more_env},
+            capture_output=True,
+            timeout=60,
+        )
+
+    from_file = submit()
+    assert from_file.returncode == 3 and b"nats://127.0.0.1:1" in from_file.stderr
+    from_env = submit(ASMAN_NATS_URL="nats://127.0.0.1:2")
+    assert from_env.returncode == 3 and b"nats://127.0.0.1:2" in from_env.stderr
+    from_flag = submit("--nats", "nats://127.0.0.1:3", ASMAN_NATS_URL="nats://127.0.0.1:2")
+    assert from_flag.returncode == 3 and b"nats://127.0.0.1:3" in from_flag.stderr
+    shown = subprocess.run([ASMAN, "worker", "--help"], env=env, capture_output=True, timeout=60)
+    assert "[default: 2h]" in " ".join(shown.stdout.decode().split())  # help text wraps
+
+    config.write_text('natz = "nats://127.0.0.1:1"\n')
+    bad = submit()
+    assert bad.returncode == 2
+    assert bad.stderr.decode().strip() == (
+        "asman: config file: natz is not an option of any asman command (see docs/reference/cli.md)"
+    )
