@@ -144,7 +144,7 @@ class Log:
         self._workers_kv: KeyValue | None = None
         self._closed = False
         self._reconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
-        self._replies: _DirectReplies | None = None
+        self._replies: _Replies | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -387,9 +387,16 @@ class Log:
         headers = None
         if expected_last_seq is not None:
             headers = {subjects.HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq)}
-        with translate_errors(f"appending {event.get('type', 'event')} to {subject}"):
-            ack = await self.js.publish(subject, data, headers=headers)
-        return int(ack.seq)
+        what = f"appending {event.get('type', 'event')} to {subject}"
+        with translate_errors(what):
+            replies = await self._reply_inbox()
+            reply = await replies.request_one(subject, data, headers, self.config.request_timeout_s)
+        return _publish_ack(reply, what)
+
+    async def _reply_inbox(self) -> _Replies:
+        if self._replies is None or self._replies.nc is not self.nc:
+            self._replies = await _Replies.open(self.nc)
+        return self._replies
 
     async def read_subject(self, stream: str, subject: str, start_seq: int = 1) -> list[RawEvent]:
         """Every message on ``subject`` from ``start_seq``, oldest first.
@@ -430,9 +437,8 @@ class Log:
     ) -> tuple[list[RawEvent], bool, int]:
         request = json.dumps({"seq": start_seq, "next_by_subj": subject, "batch": batch})
         with translate_errors(f"reading {subject}"):
-            if self._replies is None or self._replies.nc is not self.nc:
-                self._replies = await _DirectReplies.open(self.nc)
-            msgs, status, detail = await self._replies.request(
+            replies = await self._reply_inbox()
+            msgs, status, detail = await replies.request(
                 f"{self.api_prefix}.DIRECT.GET.{stream}",
                 request.encode(),
                 self.config.request_timeout_s,
@@ -484,12 +490,37 @@ class Log:
         return stop
 
 
-class _DirectReplies:
-    """One wildcard inbox for every batched direct get of a connection.
+def _publish_ack(reply: Msg, what: str) -> int:
+    """The stream sequence in a JetStream publish acknowledgement; ``Conflict`` when the
+    compare-and-set was refused, ``LogUnavailable`` when no stream answered."""
+    status = reply.headers.get("Status") if reply.headers else None
+    if status == "503":
+        raise LogUnavailable(
+            f"{what}: no JetStream answered: is JetStream enabled and the domain right?"
+        )
+    try:
+        ack = json.loads(reply.data)
+    except ValueError:
+        raise LogError(f"{what}: JetStream answered {reply.data[:200]!r}") from None
+    error = ack.get("error") if isinstance(ack, dict) else None
+    if error is not None:
+        code, description = error.get("err_code"), error.get("description", "")
+        if code == ERR_WRONG_LAST_SEQUENCE:
+            raise Conflict(f"{what}: someone else wrote first ({description})")
+        raise LogError(f"{what}: JetStream refused: {description} (code {code})")
+    if not isinstance(ack, dict) or type(ack.get("seq")) is not int:
+        raise LogError(f"{what}: JetStream answered {reply.data[:200]!r}")
+    return int(ack["seq"])
+
+
+class _Replies:
+    """One wildcard inbox for the requests of a connection: batched direct gets and the
+    publishes whose acknowledgement we wait for.
 
     A batch answers with its messages, then one status message (204 end of batch, 404 none,
-    or an error). Subscribing an inbox per read would cost a SUB, an UNSUB and a task each
-    time; here each request has a token and its replies are gathered by the one callback.
+    or an error); a publish is answered by one message. A request through nats-py costs a
+    fresh inbox name, a future and a timer task; here each request has a counter token and
+    its replies are gathered by the one callback.
     """
 
     def __init__(self, nc: NATS, prefix: str) -> None:
@@ -497,15 +528,22 @@ class _DirectReplies:
         self.prefix = prefix
         self._next = 0
         self._waiting: dict[str, tuple[list[Msg], asyncio.Future[tuple[str, str]]]] = {}
+        self._single: dict[str, asyncio.Future[Msg]] = {}
 
     @classmethod
-    async def open(cls, nc: NATS) -> _DirectReplies:
+    async def open(cls, nc: NATS) -> _Replies:
         self = cls(nc, nc.new_inbox())
         await nc.subscribe(f"{self.prefix}.*", cb=self._on_msg)
         return self
 
     async def _on_msg(self, msg: Msg) -> None:
-        entry = self._waiting.get(msg.subject[len(self.prefix) + 1 :])
+        token = msg.subject[len(self.prefix) + 1 :]
+        single = self._single.get(token)
+        if single is not None:
+            if not single.done():
+                single.set_result(msg)
+            return
+        entry = self._waiting.get(token)
         if entry is None:
             return  # a reply to a request that timed out
         msgs, done = entry
@@ -536,6 +574,24 @@ class _DirectReplies:
         finally:
             del self._waiting[token]
         return msgs, status, detail
+
+    async def request_one(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> Msg:
+        """Publish and wait for the one reply (nats-py's ``TimeoutError`` after ``timeout``)."""
+        self._next += 1
+        token = str(self._next)
+        done: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._single[token] = done
+        try:
+            await self.nc.publish(subject, payload, reply=f"{self.prefix}.{token}", headers=headers)
+            try:
+                async with asyncio.timeout(timeout):
+                    return await done
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
+        finally:
+            del self._single[token]
 
 
 def _raise_status(status: str, description: str, stream: str) -> NoReturn:

@@ -8,26 +8,27 @@ so ``openssl pkey -in peer.key -pubout`` can inspect them. They are written atom
 mode 0600 inside a directory created with mode 0700, and ``PeerKey.load`` refuses a file that
 group or others can access.
 
-Verification caches the parsed public key per raw key (``ed25519_public_key``, a bounded LRU on
-a pure function of bytes), so hot paths that verify many events from few peers parse each key once.
+Signatures are made and checked by libsodium (PyNaCl): on the machine the benchmarks run on it
+signs in 23 µs and verifies in 60 µs, where OpenSSL through ``cryptography`` takes 40 and 117;
+every event a worker handles is signed three times and verified at least once. libsodium
+also refuses what RFC 8032 leaves loose (non-canonical signatures, small-order keys).
+``cryptography`` still reads and writes the PEM key files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import os
 import secrets
 import stat
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+import nacl.bindings
+import nacl.exceptions
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from asman.errors import InvalidInput, KeyFileError
 
@@ -36,7 +37,6 @@ __all__ = [
     "SIGNATURE_SIZE",
     "PeerKey",
     "default_key_path",
-    "ed25519_public_key",
     "peer_id_from_bytes",
     "peer_id_to_bytes",
     "verify",
@@ -76,12 +76,6 @@ def peer_id_to_bytes(peer_id: str) -> bytes:
     return bytes.fromhex(peer_id)
 
 
-@functools.lru_cache(maxsize=1024)
-def ed25519_public_key(raw: bytes) -> Ed25519PublicKey:
-    """The parsed public key for 32 raw bytes (cached; ``ValueError`` if not a key)."""
-    return Ed25519PublicKey.from_public_bytes(raw)
-
-
 def verify(peer: str | bytes, signature: bytes, data: bytes) -> bool:
     """Whether ``signature`` over ``data`` verifies for ``peer`` (a peer id or raw public key).
 
@@ -91,8 +85,8 @@ def verify(peer: str | bytes, signature: bytes, data: bytes) -> bool:
         raw = peer_id_to_bytes(peer) if isinstance(peer, str) else peer
         if len(raw) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
             return False
-        ed25519_public_key(bytes(raw)).verify(signature, data)
-    except (InvalidInput, InvalidSignature, ValueError, TypeError):
+        nacl.bindings.crypto_sign_open(bytes(signature) + bytes(data), bytes(raw))
+    except (InvalidInput, nacl.exceptions.CryptoError, ValueError, TypeError):
         return False
     return True
 
@@ -100,19 +94,26 @@ def verify(peer: str | bytes, signature: bytes, data: bytes) -> bool:
 class PeerKey:
     """A peer's Ed25519 private key. Immutable; ``repr`` shows the peer id only."""
 
-    __slots__ = ("_peer_id", "_private", "_public_bytes")
+    __slots__ = ("_peer_id", "_private", "_public_bytes", "_secret")
 
     _private: Ed25519PrivateKey
     _public_bytes: bytes
     _peer_id: str
+    _secret: bytes  # libsodium's secret key: seed || public key
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         public = private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
+        seed = private_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
         object.__setattr__(self, "_private", private_key)
         object.__setattr__(self, "_public_bytes", public)
         object.__setattr__(self, "_peer_id", public.hex())
+        object.__setattr__(self, "_secret", seed + public)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"PeerKey is immutable: cannot set {name!r}")
@@ -152,7 +153,7 @@ class PeerKey:
 
     def sign(self, data: bytes) -> bytes:
         """The 64-byte Ed25519 signature of ``data``."""
-        return self._private.sign(data)
+        return nacl.bindings.crypto_sign(data, self._secret)[:SIGNATURE_SIZE]
 
     # -- files ---------------------------------------------------------------------------
 

@@ -71,8 +71,11 @@ class Ticket:
             await self._msg.in_progress()
 
     async def ack(self) -> None:
+        """Remove the ticket. Not waited for: it is sent only once the job's ``finished``
+        is on the log, so a lost ack costs one redelivery, which finds the job finished and
+        terms the ticket."""
         with translate_errors(f"acking ticket of {self.job_id}"):
-            await self._msg.ack_sync()
+            await self._msg.ack()
 
     async def nak(self, delay: float | None = None) -> None:
         with translate_errors(f"handing back ticket of {self.job_id}"):

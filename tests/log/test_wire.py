@@ -596,3 +596,21 @@ def test_decode_never_raises_anything_else(data: bytes) -> None:
 def test_open_never_raises_anything_else(data: bytes) -> None:
     with contextlib.suppress(EnvelopeError):
         open_envelope(data, SUBJECT)
+
+
+@pytest.mark.parametrize("size", [0, 1, 23, 24, 255, 256, 65_535, 65_536])
+def test_hand_written_structures_are_the_cbor_cbor2_writes(size: int) -> None:
+    """The Sig_structure and the envelope are assembled by hand for speed: they must be the
+    very bytes of the deterministic CBOR encoder, at every length boundary of a byte string."""
+    cbor2 = getattr(wire, "cbor2")  # noqa: B009 (the test must not import cbor2 itself)
+    key = PeerKey.generate()
+    subject = "asman.job.q." + "s" * (size % 200 + 1)
+    event = {"type": "note", "blob": b"\x07" * size}
+    envelope = seal(key, subject, event)
+    item = cbor2.loads(envelope)
+    protected, unprotected, payload, signature = item.value
+    assert item.tag == 18 and unprotected == {}
+    assert envelope == cbor2.dumps(cbor2.CBORTag(18, item.value), canonical=True)
+    for parts in ((protected, subject.encode(), payload), (b"", b"", b"x" * size)):
+        assert wire._sig_structure(*parts) == cbor2.dumps(["Signature1", *parts])
+    assert open_envelope(envelope, subject).event["blob"] == event["blob"]
