@@ -22,6 +22,9 @@ __all__ = ["NoopRuntime"]
 class NoopRuntime:
     """Benchmark-only ``Runtime``: no image, no container, an instant success."""
 
+    #: Nothing is mounted, so the worker makes no job folder for it.
+    mounts_folders = False
+
     def __init__(self) -> None:
         self.runs = 0
 

@@ -176,6 +176,9 @@ class DockerRuntime:
     ``stream_threads`` bounds concurrent long calls (attach streams, pulls, builds).
     """
 
+    #: The container reads ``/inputs`` and writes ``/outputs``: host folders bound in.
+    mounts_folders = True
+
     def __init__(
         self,
         base_url: str | None = None,

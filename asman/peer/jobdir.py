@@ -13,7 +13,7 @@ from typing import Any
 
 from asman.errors import InvalidPath
 
-__all__ = ["JobDir", "fresh_dir", "prepare_job_dir", "remove_job_dir"]
+__all__ = ["JobDir", "fresh_dir", "job_dir_at", "prepare_job_dir", "remove_job_dir"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,19 +37,26 @@ def fresh_dir(path: Path) -> None:
 # ---- job folders ---------------------------------------------------------------------------
 
 
-def prepare_job_dir(root: Path, job_id: str, attempt: int) -> JobDir:
-    """Make fresh ``<root>/<job_id>/<attempt>/{inputs,outputs}``; outputs writable by 65534."""
+def job_dir_at(root: Path, job_id: str, attempt: int) -> JobDir:
+    """Where an attempt's folders go: ``<root>/<job_id>/<attempt>/{inputs,outputs}``
+    (nothing is made)."""
     if not job_id or job_id in (".", "..") or "/" in job_id or "\0" in job_id:
         raise InvalidPath(job_id, "a job id must be a single folder name")
     base = root / job_id / str(int(attempt))
+    return JobDir(inputs=base / "inputs", outputs=base / "outputs", root=base)
+
+
+def prepare_job_dir(root: Path, job_id: str, attempt: int) -> JobDir:
+    """Make fresh ``<root>/<job_id>/<attempt>/{inputs,outputs}``; outputs writable by 65534."""
+    job_dir = job_dir_at(root, job_id, attempt)
+    base, inputs, outputs = job_dir.root, job_dir.inputs, job_dir.outputs
     fresh_dir(base)
-    inputs, outputs = base / "inputs", base / "outputs"
     inputs.mkdir()
     outputs.mkdir()
     base.chmod(0o755)
     inputs.chmod(0o755)
     outputs.chmod(0o777)  # the container's user (65534) writes here
-    return JobDir(inputs=inputs, outputs=outputs, root=base)
+    return job_dir
 
 
 def remove_job_dir(job_dir: JobDir) -> None:

@@ -2,8 +2,9 @@
 
 Lines are never sent one message each: chunks are gathered and flushed every
 ``flush_interval_s`` or when ``batch_bytes`` are waiting. Live streaming stops after
-``live_limit`` bytes (with a notice); the full log, up to ``total_limit`` bytes, is kept in a
-file and stored as a blob when the job finishes.
+``live_limit`` bytes (with a notice); the full log, up to ``total_limit`` bytes, is kept and
+stored as a blob when the job finishes: in memory while it is under ``spill_bytes`` (most
+logs: no file, no thread hop to read it back), in a file past that.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import logging
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from asman.errors import AsmanError
 from asman.log.connection import Log
@@ -39,6 +41,7 @@ class JobLog:
         flush_interval_s: float = 0.1,
         live_limit: int = 4 * 1024 * 1024,
         total_limit: int = 64 * 1024 * 1024,
+        spill_bytes: int = 256 * 1024,
     ) -> None:
         self.log = log
         self.queue = queue
@@ -50,6 +53,7 @@ class JobLog:
         self.flush_interval_s = flush_interval_s
         self.live_limit = live_limit
         self.total_limit = total_limit
+        self.spill_bytes = spill_bytes
         self._pending: list[tuple[str, int, bytes]] = []
         self._pending_bytes = 0
         self._live_bytes = 0
@@ -59,13 +63,10 @@ class JobLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._handles = {
-            "run": open(self.file, "wb"),  # noqa: SIM115 - closed in __aexit__
-            "build": open(self.build_file, "wb"),  # noqa: SIM115
-        }
+        self._memory: dict[str, bytearray] = {"run": bytearray(), "build": bytearray()}
+        self._handles: dict[str, BinaryIO] = {}  # the kinds spilled to a file
 
     async def __aenter__(self) -> JobLog:
-        self._task = asyncio.create_task(self._flusher(), name=f"joblog-{self.job_id[:8]}")
         return self
 
     async def __aexit__(
@@ -79,8 +80,37 @@ class JobLog:
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._task)
+        elif self._pending:
+            await self.flush()
         for handle in self._handles.values():
             handle.close()
+
+    @property
+    def spilled(self) -> bool:
+        """Whether a log went to a file (under the job's folder)."""
+        return bool(self._handles)
+
+    def content(self, kind: str) -> bytes | Path:
+        """The whole ``run`` or ``build`` log once closed: its bytes, or the file it spilled
+        to."""
+        return self._path(kind) if kind in self._handles else bytes(self._memory[kind])
+
+    def _path(self, kind: str) -> Path:
+        return self.build_file if kind == "build" else self.file
+
+    def _keep(self, kind: str, data: bytes) -> None:
+        handle = self._handles.get(kind)
+        if handle is None:
+            memory = self._memory[kind]
+            if len(memory) + len(data) <= self.spill_bytes:
+                memory += data
+                return
+            path = self._path(kind)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self._handles[kind] = open(path, "wb")  # noqa: SIM115 - closed in __aexit__
+            handle.write(memory)
+            self._memory[kind] = bytearray()
+        handle.write(data)
 
     @property
     def run_size(self) -> int:
@@ -98,12 +128,12 @@ class JobLog:
         room = self.total_limit - self._sizes[kind]
         if room > 0:
             part = data[:room]
-            self._handles[kind].write(part)
+            self._keep(kind, part)
             self._sizes[kind] += len(part)
         elif not self._truncated[kind]:
             self._truncated[kind] = True
             note = f"\n[asman: log over {self.total_limit} bytes, the rest was dropped]\n"
-            self._handles[kind].write(note.encode())
+            self._keep(kind, note.encode())
         if self._live_cut:
             return
         if self._live_bytes + len(data) > self.live_limit:
@@ -115,6 +145,11 @@ class JobLog:
         self._live_bytes += len(data)
         self._pending.append((stream, now_ms(), data))
         self._pending_bytes += len(data)
+        if self._task is None and not self._closing:
+            # the flusher starts with the first output: a silent job costs no task
+            self._task = asyncio.get_running_loop().create_task(
+                self._flusher(), name=f"joblog-{self.job_id[:8]}"
+            )
         if self._pending_bytes >= self.batch_bytes:
             self._wake.set()
 

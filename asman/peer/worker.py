@@ -21,7 +21,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -45,7 +45,7 @@ from asman.log.workers import WorkerInfo, beat, list_workers, remove
 from asman.peer import docker
 from asman.peer.docker import ContainerSpec, RunOutcome
 from asman.peer.inputs import InputFetcher
-from asman.peer.jobdir import JobDir, prepare_job_dir, remove_job_dir
+from asman.peer.jobdir import JobDir, job_dir_at, prepare_job_dir, remove_job_dir
 from asman.peer.joblog import JobLog
 
 __all__ = ["Runtime", "Worker", "WorkerConfig"]
@@ -58,13 +58,24 @@ T = TypeVar("T")
 CLAIM_RETRY_S = 1.0
 #: How long a GPU ticket handed back by a worker without enough GPUs stays away from it.
 GPU_HANDBACK_S = 10.0
+#: A running job's watcher subscribes to the job's subject only after this long: a job that
+#: ends sooner costs no subscription, and loses nothing, since its finish is fenced (a
+#: cancel or a foreign claim on top makes the finishing compare-and-set fail and is read).
+WATCH_AFTER_S = 0.25
 
 OnOutput = Callable[[str, bytes], Awaitable[None]]
 OnLog = Callable[[str], Awaitable[None]]
 
 
 class Runtime(Protocol):
-    """What runs a job's container. ``DockerRuntime`` is the real one."""
+    """What runs a job's container. ``DockerRuntime`` is the real one.
+
+    ``mounts_folders``: the runtime binds the attempt's host folders (``inputs_dir``,
+    ``outputs_dir``) into the job; the worker makes them, fills the inputs and collects the
+    outputs only then. A runtime that mounts nothing costs no folder, no thread hop.
+    """
+
+    mounts_folders: bool
 
     async def ensure_image(self, image: str, on_log: OnLog) -> None: ...
 
@@ -135,6 +146,8 @@ class _Running:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     why: str = ""  # "cancelled", "lost" or "handback" once stop is set
     gpus: tuple[str, ...] = ()
+    exited: bool = False  # the container is gone; outputs and result are being written
+    holds_slot: bool = True  # False once the slot went to the next job (``_exited``)
 
 
 class Worker:
@@ -152,6 +165,7 @@ class Worker:
         self._free_gpus = list(config.gpus)
         self._slot_freed = asyncio.Event()
         self._running: dict[str, _Running] = {}
+        self._finishing = 0  # jobs past their container that gave their slot back
         self._fetching = asyncio.Event()
         self._done_once = asyncio.Event()
         self.jobs_done = 0
@@ -230,8 +244,11 @@ class Worker:
                 while self._running:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
-        # 3. hand back what is still running
+        # 3. hand back what is still running (a job whose container is gone is finishing:
+        # its result is being written, let it land)
         for running in list(self._running.values()):
+            if running.exited:
+                continue
             running.why = running.why or "handback"
             running.stop.set()
         while self._running:
@@ -406,8 +423,19 @@ class Worker:
             return False
         return True  # nobody has enough GPUs: claim it and refuse it with the reason
 
+    def _exited(self, running: _Running) -> None:
+        """The container is gone: its slot (and GPUs) go to the next job while this one's
+        outputs are stored and its result is written, as long as no more jobs than there are
+        slots are finishing so (the work that is not a container stays bounded too)."""
+        running.exited = True
+        if running.holds_slot and self._finishing < self.config.slots:
+            running.holds_slot = False
+            self._finishing += 1
+            self._release_slot(running.gpus)
+
     async def _job(self, ticket: Ticket) -> None:
         gpus: tuple[str, ...] = ()
+        running: _Running | None = None
         try:
             if ticket.job_class == "gpu" and not await self._gpu_ticket_is_ours(ticket):
                 return
@@ -447,7 +475,11 @@ class Worker:
         except AsmanError as exc:
             logger.error("job=%s failed in the worker: %s", ticket.job_id, exc)
         finally:
-            self._release_slot(gpus)
+            if running is None or running.holds_slot:
+                self._release_slot(gpus)
+            else:
+                self._finishing -= 1
+                self._slot_freed.set()  # wakes a drain waiting for the running jobs to end
 
     async def _take_gpus(self, lease: JobLease, wanted: int) -> tuple[str, ...] | None:
         if wanted > len(self.config.gpus):
@@ -484,6 +516,20 @@ class Worker:
                 delay = min(delay * 2, 2.0)
                 with contextlib.suppress(AsmanError):
                     await lease.keepalive()
+
+    async def _start(self, running: _Running) -> None:
+        """Append ``started``; if it cannot be (the lease was lost, or the log stays out),
+        stop the container: its result could not be written."""
+        try:
+            await self._riding_out(running.lease, running.lease.start)
+        except LeaseLost:
+            running.why = "lost"
+            running.stop.set()
+            raise
+        except LogUnavailable:
+            running.why = running.why or "handback"
+            running.stop.set()
+            raise
 
     async def _finish(self, lease: JobLease, result: dict[str, Any]) -> JobState:
         """``lease.finish`` that rides out a short log outage (a leader election): the append
@@ -525,9 +571,12 @@ class Worker:
         await asyncio.shield(lease.finish({"reason": "error", "message": message[:4000]}))
 
     async def _watch(self, running: _Running) -> None:
-        """Stop the container at once when a cancel or a foreign claim lands on the job."""
+        """Stop the container at once when a cancel or a foreign claim lands on the job
+        (started ``WATCH_AFTER_S`` into the job by ``_Watching``: what landed before is read
+        when the watch starts)."""
         lease = running.lease
         wake = asyncio.Event()
+        wake.set()  # subscribed first, then read: nothing appended in between is missed
         stop_sub = await self.log.wake_on(lease.subject, wake, ignore=lease.is_own)
         ttl = self.log.config.lease_ttl_s
         try:
@@ -555,50 +604,55 @@ class Worker:
 
     async def _run_claimed(self, running: _Running, spec: JobSpec) -> None:
         lease, cfg = running.lease, self.config
-        job_dir = prepare_job_dir(cfg.data_dir / "jobs", lease.job_id, lease.attempt)
+        folders = self.runtime.mounts_folders
+        if folders:
+            job_dir = await asyncio.to_thread(
+                prepare_job_dir, cfg.data_dir / "jobs", lease.job_id, lease.attempt
+            )
+        else:
+            job_dir = job_dir_at(cfg.data_dir / "jobs", lease.job_id, lease.attempt)
+        on_disk = folders  # whether there is a folder to remove at the end
         started = now_ms()
         outcome: RunOutcome | None = None
         result: dict[str, Any]
-        async with asyncio.TaskGroup() as tg:
-            watcher = tg.create_task(self._watch(running))
-            try:
-                async with JobLog(
-                    self.log,
-                    lease.queue,
-                    lease.job_id,
-                    lease.attempt,
-                    job_dir.root / "run.log",
-                    live_limit=cfg.live_log_limit,
-                    total_limit=cfg.total_log_limit,
-                ) as joblog:
-                    try:
-                        outcome = await self._execute(running, spec, job_dir, joblog)
-                        if running.why in ("lost", "handback"):
-                            result = {}
-                        else:
-                            result = await self._collect(running, outcome, job_dir.outputs, joblog)
-                    except (LogUnavailable, BlobUnavailable) as exc:
-                        # the log or the blob store is unreachable (an election, a
-                        # partition): not the job's failure; hand it back so it runs
-                        # again, never finish it as error
-                        logger.warning(
-                            "job=%s log unavailable, handing back: %s", lease.job_id, exc
-                        )
-                        running.why = running.why or "handback"
+        watching = _Watching(self._watch, running)
+        try:
+            async with JobLog(
+                self.log,
+                lease.queue,
+                lease.job_id,
+                lease.attempt,
+                job_dir.root / "run.log",
+                live_limit=cfg.live_log_limit,
+                total_limit=cfg.total_log_limit,
+            ) as joblog:
+                try:
+                    outcome = await self._execute(running, spec, job_dir, joblog)
+                    if running.why in ("lost", "handback"):
                         result = {}
-                    except (AsmanError, OSError) as exc:
-                        joblog.system(f"error: {exc}")
-                        result = {"reason": "error", "message": str(exc)[:4000]}
-                # the log files are complete once the JobLog is closed
-                if running.why not in ("lost", "handback"):
-                    result["log"] = await self._store_log(joblog.file, joblog.run_size)
-                    if joblog.build_size:
-                        result["build_log"] = await self._store_log(
-                            joblog.build_file, joblog.build_size
+                    else:
+                        result = await self._collect(
+                            running, outcome, job_dir.outputs if folders else None, joblog
                         )
-            finally:
-                running.stop.set()
-                watcher.cancel()
+                except (LogUnavailable, BlobUnavailable) as exc:
+                    # the log or the blob store is unreachable (an election, a
+                    # partition): not the job's failure; hand it back so it runs
+                    # again, never finish it as error
+                    logger.warning("job=%s log unavailable, handing back: %s", lease.job_id, exc)
+                    running.why = running.why or "handback"
+                    result = {}
+                except (AsmanError, OSError) as exc:
+                    joblog.system(f"error: {exc}")
+                    result = {"reason": "error", "message": str(exc)[:4000]}
+            # the logs are complete once the JobLog is closed
+            on_disk = on_disk or joblog.spilled
+            if running.why not in ("lost", "handback"):
+                result["log"] = await self._store_log(joblog.content("run"))
+                if joblog.build_size:
+                    result["build_log"] = await self._store_log(joblog.content("build"))
+        finally:
+            running.stop.set()
+            await watching.stop()
         try:
             if running.why == "lost":
                 logger.warning("job=%s lease lost; result discarded", lease.job_id)
@@ -626,7 +680,8 @@ class Worker:
                     now_ms() - started,
                 )
         finally:
-            await asyncio.to_thread(remove_job_dir, job_dir)
+            if on_disk:
+                await asyncio.to_thread(remove_job_dir, job_dir)
 
     async def _execute(
         self, running: _Running, spec: JobSpec, job_dir: JobDir, joblog: JobLog
@@ -637,7 +692,9 @@ class Worker:
             joblog.write("build", line.encode() if line.endswith("\n") else (line + "\n").encode())
 
         # inputs
-        mounts = await self.inputs.materialize(spec, job_dir.inputs, job_dir.root / "config")
+        mounts: list[tuple[Path, str]] = []
+        if self.runtime.mounts_folders:
+            mounts = await self.inputs.materialize(spec, job_dir.inputs, job_dir.root / "config")
         # image
         if spec.build is not None:
             image = await self.runtime.build(
@@ -678,14 +735,24 @@ class Worker:
             gpu_devices=running.gpus,
             network=cfg.network,
         )
-        await self._riding_out(lease, lease.start)
-        outcome = await self.runtime.run(
-            container,
-            on_output=joblog.on_output,
-            stop=running.stop,
-            timeout_s=limit_s,
-            grace_s=cfg.kill_grace_s,
-        )
+        # ``started`` goes out while the runtime starts the container: a round trip off the
+        # path to the job running. The result is written only on top of it (awaited below),
+        # and a start that fails stops the container.
+        starting = asyncio.ensure_future(self._start(running))
+        try:
+            outcome = await self.runtime.run(
+                container,
+                on_output=joblog.on_output,
+                stop=running.stop,
+                timeout_s=limit_s,
+                grace_s=cfg.kill_grace_s,
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(starting)
+            raise
+        self._exited(running)
+        await starting
         if outcome.timed_out:
             joblog.system(f"timed out after {limit_s:g}s: stopped")
         if outcome.oom_killed:
@@ -693,10 +760,12 @@ class Worker:
         return outcome
 
     async def _collect(
-        self, running: _Running, outcome: RunOutcome, outputs_dir: Path, joblog: JobLog
+        self, running: _Running, outcome: RunOutcome, outputs_dir: Path | None, joblog: JobLog
     ) -> dict[str, Any]:
         cfg = self.config
-        files = await asyncio.to_thread(_list_outputs, outputs_dir, cfg.max_outputs)
+        files = _Outputs()
+        if outputs_dir is not None:
+            files = await asyncio.to_thread(_list_outputs, outputs_dir, cfg.max_outputs)
         for skipped in files.skipped:
             joblog.system(f"output {skipped} skipped")
         manifest = []
@@ -731,9 +800,17 @@ class Worker:
             "message": "",
         }
 
-    async def _store_log(self, path: Path, size: int) -> dict[str, Any]:
-        blob = await self._blob(path, inline=size <= self.config.inline_output_limit)
-        return blob.to_wire()
+    async def _store_log(self, content: bytes | Path) -> dict[str, Any]:
+        """A whole log (bytes kept in memory, or the file it spilled to) as a blob."""
+        limit = self.config.inline_output_limit
+        if isinstance(content, Path):
+            size = (await asyncio.to_thread(content.stat)).st_size
+            return (await self._blob(content, inline=size <= limit)).to_wire()
+        if len(content) <= limit:
+            digest = hashlib.sha256(content).hexdigest()
+            return Blob(size=len(content), sha256=digest, data=content).to_wire()
+        info = await self.blobs.put_bytes(content)
+        return Blob(size=info.size, sha256=info.sha256, key=info.key).to_wire()
 
     async def _blob(self, path: Path, *, inline: bool) -> Blob:
         """``path``'s bytes carried inside the ``finished`` event, or uploaded to the blob
@@ -743,6 +820,34 @@ class Worker:
             return Blob(size=len(data), sha256=hashlib.sha256(data).hexdigest(), data=data)
         info = await self.blobs.put_file(path)
         return Blob(size=info.size, sha256=info.sha256, key=info.key)
+
+
+class _Watching:
+    """A running job's watcher, started ``WATCH_AFTER_S`` after the job: a job that ends
+    sooner costs a timer, not a task and a subscription."""
+
+    def __init__(
+        self, watch: Callable[[_Running], Coroutine[Any, Any, None]], running: _Running
+    ) -> None:
+        self._watch = watch
+        self._running = running
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        if not self._running.stop.is_set():
+            job = self._running.lease.job_id
+            self._task = asyncio.create_task(self._watch(self._running), name=f"watch-{job[:8]}")
+
+    async def stop(self) -> None:
+        self._timer.cancel()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])  # our own cancellation still propagates
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("job=%s watcher failed: %r", self._running.lease.job_id, task.exception())
 
 
 class _DataDirLock:

@@ -1,0 +1,31 @@
+"""The benchmarks' own code at toy sizes: a benchmark that broke is noticed here, not when
+``make bench`` runs; and what the queue-path figures rest on is checked (every job finished
+once, as a success, by the no-op runtime, with no job folder made)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from asman.log import jobs
+from asman.log.connection import Log, LogConfig
+from asman.log.keys import PeerKey
+from bench.queue_path import drain_asman, drain_protocol, enqueue_asman
+
+
+async def test_queue_path_drains_every_job_once(nats_url: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "worker"
+    async with Log(LogConfig(servers=(nats_url,)), PeerKey.generate()) as client:
+        assert await enqueue_asman(client, "bench-q", 60) > 0
+        # 4 slots: jobs give their slot back at the end of the "container" and finish
+        # while the next ones run
+        assert await drain_asman(nats_url, "bench-q", 60, 4, data_dir) > 0
+        states = await jobs.list_jobs(client, "bench-q")
+        assert len(states) == 60
+        assert {(s.reason, s.claims) for s in states} == {("success", 1)}
+        results = [s.result for s in states if s.result is not None]
+        assert [(r.exit_code, r.log is not None) for r in results] == [(0, True)] * 60
+        await enqueue_asman(client, "bench-p", 20)
+        assert await drain_protocol(nats_url, "bench-p", 20, 3) > 0
+        assert {s.reason for s in await jobs.list_jobs(client, "bench-p")} == {"success"}
+    # the no-op runtime mounts nothing: no job folder was made for it
+    assert list((data_dir / "jobs").iterdir()) == []
