@@ -30,6 +30,7 @@ from minio.helpers import check_bucket_name
 
 from asman.errors import BlobCorrupt, BlobError, BlobNotFound, BlobUnavailable, ConfigError
 from asman.log.blobs import (
+    HASH_THREAD_MIN_SIZE,
     READ_SIZE,
     BlobInfo,
     BytesSink,
@@ -226,7 +227,14 @@ class S3Blobs:
 
         def download(stop: threading.Event) -> BlobInfo:
             with self._get(obj) as resp:
-                sink = FileSink(Path(dest), sha256, max_size=max_size, expected_size=_length(resp))
+                size = _length(resp)
+                sink = FileSink(
+                    Path(dest),
+                    sha256,
+                    max_size=max_size,
+                    expected_size=size,
+                    hash_thread=size is None or size >= HASH_THREAD_MIN_SIZE,
+                )
                 sink.open()
                 try:
                     _pump(resp, sink.write, stop)

@@ -133,6 +133,20 @@ async def test_corrupt_blob_is_detected(
         await store.get_bytes(info.sha256, max_size=len(good))
 
 
+async def test_large_corrupt_blob_is_detected_and_its_hash_thread_ends(
+    store: S3Blobs, s3_client: Minio, s3_bucket: str, tmp_path: Path
+) -> None:
+    """From 4 MiB a download hashes in a thread of its own: a replaced object of the same
+    size is still refused, and no hashing thread outlives the download."""
+    good = os.urandom(6 * 1024 * 1024)
+    info = await store.put_bytes(good)
+    raw_put(s3_client, s3_bucket, f"blobs/{info.key}", os.urandom(len(good)))
+    with pytest.raises(BlobCorrupt, match="corrupt"):
+        await store.get_to_file(info.sha256, tmp_path / "dest")
+    assert leftovers(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name == "asman-sha256"]
+
+
 async def test_max_size(store: S3Blobs, tmp_path: Path) -> None:
     info = await store.put_bytes(b"x" * 1000)
     with pytest.raises(BlobTooLarge):
