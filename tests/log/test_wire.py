@@ -608,7 +608,7 @@ def test_hand_written_structures_are_the_cbor_cbor2_writes(size: int) -> None:
     event = {"type": "note", "blob": b"\x07" * size}
     envelope = seal(key, subject, event)
     item = cbor2.loads(envelope)
-    protected, unprotected, payload, signature = item.value
+    protected, unprotected, payload, _signature = item.value
     assert item.tag == 18 and unprotected == {}
     assert envelope == cbor2.dumps(cbor2.CBORTag(18, item.value), canonical=True)
     for parts in ((protected, subject.encode(), payload), (b"", b"", b"x" * size)):
