@@ -50,6 +50,7 @@ from asman.gateway.views import Waiting, waiting, worker_view
 from asman.log import subjects
 from asman.log.connection import Log
 from asman.log.events import JobState, RawEvent, fold
+from asman.log.jobs import JobHistory
 from asman.log.logstream import LogChunk, read_logs
 from asman.log.workers import WorkerInfo, list_workers
 
@@ -155,36 +156,27 @@ async def job_events(
     log: Log, queue: str, job: str, start: Cursor, *, poll_s: float
 ) -> AsyncIterator[JobEvent]:
     """The job's events after ``start``, live, until it is finished (see module docstring)."""
-    subject = subjects.job_subject(queue, job)
-    raw: list[RawEvent] = []
+    history = JobHistory(log, queue, job)  # each event read and verified once
     sent_job = start.job_seq
     log_next = start.log_seq + 1
     last_waiting: Waiting | None = None
     async with _Waker(log) as waker:
-        await waker.watch(subject)
+        await waker.watch(history.subject)
         await waker.watch(subjects.logs_subject(queue, job))
         while True:
             try:
-                raw.extend(
-                    await log.read_subject(
-                        subjects.JOBS_STREAM, subject, raw[-1].seq + 1 if raw else 1
-                    )
-                )
-                state = fold(queue, job, subject, raw)
+                state = await history.read()
                 if state is None:
                     return
                 chunks, cursor = await read_logs(log, state, log_next)
                 if cursor > log_next:
                     # a chunk is kept only if its writer's claim is in `state`: a claim that
                     # landed after `state` was read hides its chunks, so read them again
-                    more = await log.read_subject(subjects.JOBS_STREAM, subject, raw[-1].seq + 1)
-                    if more:
-                        raw.extend(more)
-                        newer = fold(queue, job, subject, raw)
-                        if newer is not None:
-                            if _writers(newer) != _writers(state):
-                                chunks, cursor = await read_logs(log, newer, log_next)
-                            state = newer
+                    newer = await history.read()
+                    if newer is not None and newer.last_seq > state.last_seq:
+                        if _writers(newer) != _writers(state):
+                            chunks, cursor = await read_logs(log, newer, log_next)
+                        state = newer
                 for seq, group in groupby(chunks, key=lambda c: c.seq):
                     yield JobEvent("log", state, Cursor(sent_job, seq), tuple(group))
                 log_next = cursor
