@@ -217,24 +217,29 @@ class _HashThread:
     """SHA-256 in a thread of its own, fed in order through a bounded queue. hashlib
     releases the GIL on large buffers, so hashing a download overlaps with receiving and
     writing it (on this VM a download hashed inline runs at half the speed of one that is
-    not hashed). ``hexdigest`` ends the feed; ``close`` stops the thread either way."""
+    not hashed). The thread starts with the first bytes; ``hexdigest`` ends the feed, and
+    ``close`` stops the thread either way (a sink that is aborted)."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
-        self._thread: threading.Thread | None = threading.Thread(
-            target=self._run, name="asman-sha256", daemon=True
-        )
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._ended = False
 
     def _run(self) -> None:
         while (data := self._queue.get()) is not None:
             self._hash.update(data)
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
+        if self._ended:
+            raise RuntimeError("the hash was already read: no more bytes can be added")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="asman-sha256", daemon=True)
+            self._thread.start()
         self._queue.put(data if isinstance(data, bytes) else bytes(data))
 
     def close(self) -> None:
+        self._ended = True
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)

@@ -145,6 +145,7 @@ class Log:
         self._closed = False
         self._reconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._replies: _Replies | None = None
+        self._replies_lock = asyncio.Lock()  # two first requests open one inbox, not two
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -394,9 +395,13 @@ class Log:
         return _publish_ack(reply, what)
 
     async def _reply_inbox(self) -> _Replies:
-        if self._replies is None or self._replies.nc is not self.nc:
-            self._replies = await _Replies.open(self.nc)
-        return self._replies
+        replies = self._replies
+        if replies is not None and replies.nc is self.nc:
+            return replies
+        async with self._replies_lock:
+            if self._replies is None or self._replies.nc is not self.nc:
+                self._replies = await _Replies.open(self.nc)
+            return self._replies
 
     async def read_subject(self, stream: str, subject: str, start_seq: int = 1) -> list[RawEvent]:
         """Every message on ``subject`` from ``start_seq``, oldest first.
@@ -507,6 +512,8 @@ def _publish_ack(reply: Msg, what: str) -> int:
         code, description = error.get("err_code"), error.get("description", "")
         if code == ERR_WRONG_LAST_SEQUENCE:
             raise Conflict(f"{what}: someone else wrote first ({description})")
+        if error.get("code") == 503:  # JetStream not ready yet (a restart, an election)
+            raise LogUnavailable(f"{what}: JetStream is unavailable: {description}")
         raise LogError(f"{what}: JetStream refused: {description} (code {code})")
     if not isinstance(ack, dict) or type(ack.get("seq")) is not int:
         raise LogError(f"{what}: JetStream answered {reply.data[:200]!r}")

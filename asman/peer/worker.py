@@ -526,7 +526,7 @@ class Worker:
             running.why = "lost"
             running.stop.set()
             raise
-        except LogUnavailable:
+        except BaseException:
             running.why = running.why or "handback"
             running.stop.set()
             raise
@@ -576,14 +576,21 @@ class Worker:
         when the watch starts)."""
         lease = running.lease
         wake = asyncio.Event()
-        wake.set()  # subscribed first, then read: nothing appended in between is missed
-        stop_sub = await self.log.wake_on(lease.subject, wake, ignore=lease.is_own)
+        stop_sub: Callable[[], Awaitable[None]] | None = None
         ttl = self.log.config.lease_ttl_s
         try:
             while not running.stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(ttl / 3):
-                        await wake.wait()
+                if stop_sub is None:
+                    # subscribed first, then read: nothing appended in between is missed;
+                    # while the subscription fails (a reconnect), the lease is still kept
+                    try:
+                        stop_sub = await self.log.wake_on(lease.subject, wake, ignore=lease.is_own)
+                    except LogError as exc:
+                        logger.warning("job=%s cannot watch the job yet: %s", lease.job_id, exc)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(ttl / 3):
+                            await wake.wait()
                 wake.clear()
                 try:
                     await lease.keepalive()
@@ -599,61 +606,72 @@ class Worker:
                     running.why = running.why or "cancelled"
                     running.stop.set()
                     return
+                if stop_sub is None:
+                    await asyncio.sleep(1.0)
         finally:
-            await stop_sub()
+            if stop_sub is not None:
+                await stop_sub()
 
     async def _run_claimed(self, running: _Running, spec: JobSpec) -> None:
         lease, cfg = running.lease, self.config
-        folders = self.runtime.mounts_folders
+        folders = _mounts_folders(self.runtime)
         if folders:
             job_dir = await asyncio.to_thread(
                 prepare_job_dir, cfg.data_dir / "jobs", lease.job_id, lease.attempt
             )
         else:
             job_dir = job_dir_at(cfg.data_dir / "jobs", lease.job_id, lease.attempt)
-        on_disk = folders  # whether there is a folder to remove at the end
         started = now_ms()
         outcome: RunOutcome | None = None
         result: dict[str, Any]
-        watching = _Watching(self._watch, running)
+        joblog: JobLog | None = None
         try:
-            async with JobLog(
-                self.log,
-                lease.queue,
-                lease.job_id,
-                lease.attempt,
-                job_dir.root / "run.log",
-                live_limit=cfg.live_log_limit,
-                total_limit=cfg.total_log_limit,
-            ) as joblog:
-                try:
-                    outcome = await self._execute(running, spec, job_dir, joblog)
-                    if running.why in ("lost", "handback"):
-                        result = {}
-                    else:
-                        result = await self._collect(
-                            running, outcome, job_dir.outputs if folders else None, joblog
+            watching = _Watching(self._watch, running)
+            try:
+                async with JobLog(
+                    self.log,
+                    lease.queue,
+                    lease.job_id,
+                    lease.attempt,
+                    job_dir.root / "run.log",
+                    live_limit=cfg.live_log_limit,
+                    total_limit=cfg.total_log_limit,
+                ) as joblog:
+                    try:
+                        outcome = await self._execute(running, spec, job_dir, joblog)
+                        if running.why in ("lost", "handback"):
+                            result = {}
+                        else:
+                            result = await self._collect(
+                                running, outcome, job_dir.outputs if folders else None, joblog
+                            )
+                    except (LogUnavailable, BlobUnavailable) as exc:
+                        # the log or the blob store is unreachable (an election, a
+                        # partition): not the job's failure; hand it back so it runs
+                        # again, never finish it as error
+                        logger.warning(
+                            "job=%s log unavailable, handing back: %s", lease.job_id, exc
                         )
-                except (LogUnavailable, BlobUnavailable) as exc:
-                    # the log or the blob store is unreachable (an election, a
-                    # partition): not the job's failure; hand it back so it runs
-                    # again, never finish it as error
-                    logger.warning("job=%s log unavailable, handing back: %s", lease.job_id, exc)
-                    running.why = running.why or "handback"
-                    result = {}
-                except (AsmanError, OSError) as exc:
-                    joblog.system(f"error: {exc}")
-                    result = {"reason": "error", "message": str(exc)[:4000]}
-            # the logs are complete once the JobLog is closed
-            on_disk = on_disk or joblog.spilled
-            if running.why not in ("lost", "handback"):
-                result["log"] = await self._store_log(joblog.content("run"))
-                if joblog.build_size:
-                    result["build_log"] = await self._store_log(joblog.content("build"))
-        finally:
-            running.stop.set()
-            await watching.stop()
-        try:
+                        running.why = running.why or "handback"
+                        result = {}
+                    except (AsmanError, OSError) as exc:
+                        joblog.system(f"error: {exc}")
+                        result = {"reason": "error", "message": str(exc)[:4000]}
+                # the logs are complete once the JobLog is closed
+                if running.why not in ("lost", "handback"):
+                    try:
+                        result["log"] = await self._store_log(joblog.content("run"))
+                        if joblog.build_size:
+                            result["build_log"] = await self._store_log(joblog.content("build"))
+                    except (LogUnavailable, BlobUnavailable) as exc:
+                        # the run is over; a result without its log would lose it: hand
+                        # the job back, unless it was cancelled (finished without the log)
+                        logger.warning("job=%s log not stored: %s", lease.job_id, exc)
+                        if running.why != "cancelled":
+                            running.why = "handback"
+            finally:
+                running.stop.set()
+                await watching.stop()
             if running.why == "lost":
                 logger.warning("job=%s lease lost; result discarded", lease.job_id)
             elif running.why == "handback":
@@ -680,7 +698,9 @@ class Worker:
                     now_ms() - started,
                 )
         finally:
-            if on_disk:
+            # the folder, if one was made: by us for a runtime that mounts folders, or by a
+            # log that spilled to a file
+            if folders or (joblog is not None and joblog.spilled):
                 await asyncio.to_thread(remove_job_dir, job_dir)
 
     async def _execute(
@@ -693,7 +713,7 @@ class Worker:
 
         # inputs
         mounts: list[tuple[Path, str]] = []
-        if self.runtime.mounts_folders:
+        if _mounts_folders(self.runtime):
             mounts = await self.inputs.materialize(spec, job_dir.inputs, job_dir.root / "config")
         # image
         if spec.build is not None:
@@ -838,6 +858,17 @@ class _Watching:
         if not self._running.stop.is_set():
             job = self._running.lease.job_id
             self._task = asyncio.create_task(self._watch(self._running), name=f"watch-{job[:8]}")
+            self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A watcher that fails keeps no lease alive: stop the job and hand it back now,
+        rather than let the lease run out under a running container."""
+        if task.cancelled() or task.exception() is None:
+            return
+        running = self._running
+        logger.error("job=%s watcher failed: %r", running.lease.job_id, task.exception())
+        running.why = running.why or "handback"
+        running.stop.set()
 
     async def stop(self) -> None:
         self._timer.cancel()
@@ -846,8 +877,6 @@ class _Watching:
             return
         task.cancel()
         await asyncio.wait([task])  # our own cancellation still propagates
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("job=%s watcher failed: %r", self._running.lease.job_id, task.exception())
 
 
 class _DataDirLock:
@@ -911,6 +940,11 @@ def _list_outputs(root: Path, limit: int) -> _Outputs:
             out.files.append((rel, path, st.st_size))
     out.files.sort()
     return out
+
+
+def _mounts_folders(runtime: Runtime) -> bool:
+    """Whether ``runtime`` binds the attempt's folders (a runtime that does not say does)."""
+    return bool(getattr(runtime, "mounts_folders", True))
 
 
 def _docker_build(b: BuildSpec) -> docker.BuildSpec:

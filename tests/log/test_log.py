@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from asman.errors import InvalidQueueName, LeaseLost, UnauthorizedSigner
+from asman.errors import (
+    Conflict,
+    InvalidQueueName,
+    LeaseLost,
+    LogUnavailable,
+    UnauthorizedSigner,
+)
 from asman.log import jobs, subjects, wire
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
@@ -389,3 +395,16 @@ async def test_server_restart_loses_no_event_or_ticket(
             await lease.finish({"reason": "success", "exit_code": 0})
             got.add(t.job_id)
     assert got == {s.job_id for s in submitted}
+
+
+async def test_an_append_no_stream_takes_is_unavailable_not_lost(make_log: MakeLog) -> None:
+    """Appends wait for their acknowledgement on the connection's shared reply inbox: a
+    subject no stream listens on is reported (no responders), never taken as written."""
+    log = await make_log()
+    with pytest.raises(LogUnavailable, match="no JetStream answered"):
+        await log.append("not-asman.anything", {"type": "x"}, expected_last_seq=None)
+    subject = subjects.job_subject("q", "f" * 64)
+    first = await log.append(subject, {"type": "x"}, expected_last_seq=0)
+    with pytest.raises(Conflict):
+        await log.append(subject, {"type": "x"}, expected_last_seq=0)
+    assert await log.append(subject, {"type": "x"}, expected_last_seq=first) > first
