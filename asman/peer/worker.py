@@ -14,6 +14,7 @@ Shutdown (``stop`` set, e.g. on SIGTERM), in order:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -58,6 +59,10 @@ T = TypeVar("T")
 CLAIM_RETRY_S = 1.0
 #: How long a GPU ticket handed back by a worker without enough GPUs stays away from it.
 GPU_HANDBACK_S = 10.0
+#: While several ticket sources (queues, or CPU and GPU tickets) share the worker's slots, a
+#: fetch waits at most this long, so that one source never holds a slot another one needs
+#: for a whole long poll.
+SHARE_POLL_S = 1.0
 #: A running job's watcher subscribes to the job's subject only after this long: a job that
 #: ends sooner costs no subscription, and loses nothing, since its finish is fenced (a
 #: cancel or a foreign claim on top makes the finishing compare-and-set fail and is read).
@@ -166,6 +171,8 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._running: dict[str, _Running] = {}
         self._finishing = 0  # jobs past their container that gave their slot back
+        self._slot_sources = 1  # fetch loops that take slots (set when the worker runs)
+        self._slot_queue: collections.deque[object] = collections.deque()  # sources waiting
         self._fetching = asyncio.Event()
         self._done_once = asyncio.Event()
         self.jobs_done = 0
@@ -204,6 +211,7 @@ class Worker:
             len(cfg.gpus),
             cfg.network,
         )
+        self._slot_sources = sum(1 for s in sources if s.job_class == "cpu" or cfg.gpus)
         try:
             async with asyncio.TaskGroup() as tg:
                 drained = asyncio.Event()
@@ -308,30 +316,57 @@ class Worker:
                     logger.warning("sweep of %s failed: %s", q, exc)
 
     async def _wait_free_slot(self, stopping: asyncio.Event) -> bool:
-        while self._free <= 0 and not stopping.is_set():
-            self._slot_freed.clear()
-            waiters = [
-                asyncio.ensure_future(self._slot_freed.wait()),
-                asyncio.ensure_future(stopping.wait()),
-            ]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for w in waiters:
-                w.cancel()
-        return not stopping.is_set()
+        """Until a slot is free for this source (False once ``stopping``). First come, first
+        served: a source that had to wait goes before one that just gave a slot back after
+        an empty poll, so sources sharing the slots take turns."""
+        turn: object | None = None
+        try:
+            while not stopping.is_set():
+                if self._free > 0 and (not self._slot_queue or self._slot_queue[0] is turn):
+                    if turn is not None:
+                        self._slot_queue.popleft()
+                        turn = None
+                        if self._slot_queue:
+                            self._slot_freed.set()  # the next in line looks again
+                    return True
+                if turn is None:
+                    turn = object()
+                    self._slot_queue.append(turn)
+                self._slot_freed.clear()
+                waiters = [
+                    asyncio.ensure_future(self._slot_freed.wait()),
+                    asyncio.ensure_future(stopping.wait()),
+                ]
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+            return False
+        finally:
+            if turn is not None:
+                self._slot_queue.remove(turn)
+                self._slot_freed.set()
 
     async def _fetch_loop(
         self, source: TicketSource, stopping: asyncio.Event, tg: asyncio.TaskGroup
     ) -> None:
+        cfg = self.config
+        idle = True  # the last fetch brought nothing
         while await self._wait_free_slot(stopping):
-            if self.config.once and (self.jobs_done or self._running):
+            if cfg.once and (self.jobs_done or self._running):
                 return
-            want = 1 if (self.config.once or source.job_class == "gpu") else self._free
+            # Sharing the slots with other sources, an idle one probes with one slot and a
+            # bounded poll; the others take the rest (a source with work takes all free).
+            shared = self._slot_sources > 1
+            one = cfg.once or source.job_class == "gpu" or (shared and idle)
+            want = 1 if one else self._free
+            timeout = min(cfg.fetch_timeout_s, SHARE_POLL_S) if shared else cfg.fetch_timeout_s
             self._free -= want  # reserve before the fetch: never pull more than we can run
             try:
-                tickets = await self._fetch_or_stop(source, want, stopping)
+                tickets = await self._fetch_or_stop(source, want, stopping, timeout)
             except BaseException:
                 self._free += want
                 raise
+            idle = not tickets
             self._free += want - len(tickets)
             if len(tickets) < want:
                 self._slot_freed.set()  # wake the other sources waiting for a slot
@@ -345,16 +380,22 @@ class Worker:
                 tg.create_task(self._job(ticket), name=f"job-{ticket.job_id[:8]}")
 
     async def _fetch_or_stop(
-        self, source: TicketSource, want: int, stopping: asyncio.Event
+        self,
+        source: TicketSource,
+        want: int,
+        stopping: asyncio.Event,
+        timeout: float | None = None,
     ) -> list[Ticket]:
-        """Fetch up to ``want`` tickets, giving up at once when ``stopping`` is set (a long
-        poll must never hold shutdown up; nats-py's fetch can also stall past its timeout)."""
-        fetch = asyncio.ensure_future(source.fetch(want, self.config.fetch_timeout_s))
+        """Fetch up to ``want`` tickets within ``timeout`` (the configured long poll), giving
+        up at once when ``stopping`` is set (a long poll must never hold shutdown up;
+        nats-py's fetch can also stall past its timeout)."""
+        poll = self.config.fetch_timeout_s if timeout is None else timeout
+        fetch = asyncio.ensure_future(source.fetch(want, poll))
         stopper = asyncio.ensure_future(stopping.wait())
         try:
             await asyncio.wait(
                 [fetch, stopper],
-                timeout=self.config.fetch_timeout_s + 10,
+                timeout=poll + 10,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:

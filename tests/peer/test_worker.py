@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,12 +56,12 @@ class Stack:
         runtime = DockerRuntime()
         await runtime.__aenter__()
         cfg = WorkerConfig(
-            queues=(queue,),
+            queues=overrides.pop("queues", (queue,)),
             data_dir=self.tmp / f"worker{len(self.tasks)}",
             drain_grace_s=overrides.pop("drain_grace_s", 5.0),
             kill_grace_s=1.0,
             heartbeat_s=1.0,
-            fetch_timeout_s=1.0,
+            fetch_timeout_s=overrides.pop("fetch_timeout_s", 1.0),
             **overrides,
         )
         worker = Worker(log, blobs or await self.blobs(log), runtime, cfg)
@@ -180,6 +181,20 @@ async def test_max_duration_times_out_and_removes_the_container(stack: Stack) ->
     assert state.result is not None and state.result.duration_ms is not None
     assert state.result.duration_ms < 15_000
     assert containers_of(state.job_id) == []
+
+
+async def test_a_one_slot_worker_on_two_queues_serves_both_promptly(stack: Stack) -> None:
+    """The queues share the one slot: each polls for a bounded time (SHARE_POLL_S), so a
+    job on the second queue never waits out the first queue's long poll (here 30 s)."""
+    client = await stack.log()
+    await stack.start_worker("qa", queues=("qa", "qb"), slots=1, fetch_timeout_s=30.0)
+    await asyncio.sleep(1.5)  # both queues' sources are polling
+    t = time.monotonic()
+    for queue in ("qb", "qa", "qb"):
+        definition = {"image": IMAGE, "command": ["true", queue, str(time.monotonic())]}
+        state = await run_job(client, queue, definition, timeout=20)
+        assert state.reason == "success"
+    assert time.monotonic() - t < 20  # far from one 30 s poll per job
 
 
 async def test_cancel_running_job(stack: Stack) -> None:
