@@ -75,6 +75,9 @@ class NatsServer:
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.store_dir = Path(store_dir)
+        # ports we pick may be taken by someone else before the server binds them: then we
+        # pick again (``start``); ports given to us are used as they are
+        self._picked_ports = port is None and http_port is None and config is None
         self.port = port or free_port()
         self.http_port = http_port or free_port()
         self.config = Path(config) if config else None
@@ -107,12 +110,27 @@ class NatsServer:
             raise RuntimeError("nats-server is already running; stop it before starting it again")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
-            self._proc = subprocess.Popen(
-                self._args(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        self.wait_ready(timeout)
-        return self
+        for attempt in range(3):
+            with open(self.log_file, "ab") as log:
+                start = log.tell()
+                self._proc = subprocess.Popen(
+                    self._args(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            try:
+                self.wait_ready(timeout)
+                return self
+            except LogUnavailable:
+                if not (self._picked_ports and attempt < 2 and self._port_was_taken(start)):
+                    raise
+                self.port, self.http_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _port_was_taken(self, log_offset: int) -> bool:
+        """Whether the run that wrote the log from ``log_offset`` on lost a port to another
+        process (the race between picking a free port and binding it)."""
+        with open(self.log_file, "rb") as log:
+            log.seek(log_offset)
+            return b"address already in use" in log.read()
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Wait until JetStream answers healthy on the monitoring port."""
