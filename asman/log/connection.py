@@ -392,7 +392,7 @@ class Log:
         with translate_errors(what):
             replies = await self._reply_inbox()
             reply = await replies.request_one(subject, data, headers, self.config.request_timeout_s)
-        return _publish_ack(reply, what)
+            return _publish_ack(reply, what)
 
     async def _reply_inbox(self) -> _Replies:
         replies = self._replies
@@ -496,25 +496,22 @@ class Log:
 
 
 def _publish_ack(reply: Msg, what: str) -> int:
-    """The stream sequence in a JetStream publish acknowledgement; ``Conflict`` when the
-    compare-and-set was refused, ``LogUnavailable`` when no stream answered."""
+    """The stream sequence in a JetStream publish acknowledgement. Call it inside
+    ``translate_errors``: a refusal is raised as nats-py raises it (no responders, the API
+    error), so it becomes ``Conflict``/``LogError``/``LogUnavailable`` as for any request."""
     status = reply.headers.get("Status") if reply.headers else None
     if status == "503":
-        raise LogUnavailable(
-            f"{what}: no JetStream answered: is JetStream enabled and the domain right?"
-        )
+        raise nats.errors.NoRespondersError
     try:
         ack = json.loads(reply.data)
     except ValueError:
         raise LogError(f"{what}: JetStream answered {reply.data[:200]!r}") from None
     error = ack.get("error") if isinstance(ack, dict) else None
     if error is not None:
-        code, description = error.get("err_code"), error.get("description", "")
-        if code == ERR_WRONG_LAST_SEQUENCE:
-            raise Conflict(f"{what}: someone else wrote first ({description})")
         if error.get("code") == 503:  # JetStream not ready yet (a restart, an election)
+            description = error.get("description", "")
             raise LogUnavailable(f"{what}: JetStream is unavailable: {description}")
-        raise LogError(f"{what}: JetStream refused: {description} (code {code})")
+        nats.js.errors.APIError.from_error(error)  # raises the API error it describes
     if not isinstance(ack, dict) or type(ack.get("seq")) is not int:
         raise LogError(f"{what}: JetStream answered {reply.data[:200]!r}")
     return int(ack["seq"])

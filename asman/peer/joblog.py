@@ -21,9 +21,12 @@ from asman.log.connection import Log
 from asman.log.events import now_ms
 from asman.log.logstream import append_logs
 
-__all__ = ["JobLog"]
+__all__ = ["SPILL_BYTES", "JobLog"]
 
 logger = logging.getLogger(__name__)
+
+#: Up to this size a log is kept in memory (most logs: no file, no thread hop to read it).
+SPILL_BYTES = 256 * 1024
 
 
 class JobLog:
@@ -41,7 +44,7 @@ class JobLog:
         flush_interval_s: float = 0.1,
         live_limit: int = 4 * 1024 * 1024,
         total_limit: int = 64 * 1024 * 1024,
-        spill_bytes: int = 256 * 1024,
+        spill_bytes: int = SPILL_BYTES,
     ) -> None:
         self.log = log
         self.queue = queue

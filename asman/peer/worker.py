@@ -47,7 +47,7 @@ from asman.peer import docker
 from asman.peer.docker import ContainerSpec, RunOutcome
 from asman.peer.inputs import InputFetcher
 from asman.peer.jobdir import JobDir, job_dir_at, prepare_job_dir, remove_job_dir
-from asman.peer.joblog import JobLog
+from asman.peer.joblog import SPILL_BYTES, JobLog
 
 __all__ = ["Runtime", "Worker", "WorkerConfig"]
 
@@ -677,6 +677,7 @@ class Worker:
                     job_dir.root / "run.log",
                     live_limit=cfg.live_log_limit,
                     total_limit=cfg.total_log_limit,
+                    spill_bytes=max(SPILL_BYTES, cfg.inline_output_limit),
                 ) as joblog:
                     try:
                         outcome = await self._execute(running, spec, job_dir, joblog)
@@ -862,24 +863,24 @@ class Worker:
         }
 
     async def _store_log(self, content: bytes | Path) -> dict[str, Any]:
-        """A whole log (bytes kept in memory, or the file it spilled to) as a blob."""
-        limit = self.config.inline_output_limit
-        if isinstance(content, Path):
-            size = (await asyncio.to_thread(content.stat)).st_size
-            return (await self._blob(content, inline=size <= limit)).to_wire()
-        if len(content) <= limit:
-            digest = hashlib.sha256(content).hexdigest()
-            return Blob(size=len(content), sha256=digest, data=content).to_wire()
-        info = await self.blobs.put_bytes(content)
-        return Blob(size=info.size, sha256=info.sha256, key=info.key).to_wire()
+        """A whole log as a blob: the bytes kept in memory, or the file it spilled to (a
+        JobLog spills only past the inline limit, so a file is always uploaded)."""
+        inline = isinstance(content, bytes) and len(content) <= self.config.inline_output_limit
+        return (await self._blob(content, inline=inline)).to_wire()
 
-    async def _blob(self, path: Path, *, inline: bool) -> Blob:
-        """``path``'s bytes carried inside the ``finished`` event, or uploaded to the blob
-        store (by sha256, skipped when already there)."""
+    async def _blob(self, content: bytes | Path, *, inline: bool) -> Blob:
+        """``content`` (bytes, or a file's) carried inside the ``finished`` event, or
+        uploaded to the blob store (by sha256, skipped when already there)."""
         if inline:
-            data = await asyncio.to_thread(path.read_bytes)
+            if isinstance(content, bytes):
+                data = content
+            else:
+                data = await asyncio.to_thread(content.read_bytes)
             return Blob(size=len(data), sha256=hashlib.sha256(data).hexdigest(), data=data)
-        info = await self.blobs.put_file(path)
+        if isinstance(content, bytes):
+            info = await self.blobs.put_bytes(content)
+        else:
+            info = await self.blobs.put_file(content)
         return Blob(size=info.size, sha256=info.sha256, key=info.key)
 
 
