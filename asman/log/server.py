@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata as md
 import os
+import random
 import shutil
 import signal
 import socket
@@ -49,11 +50,41 @@ def nats_server_binary() -> str:
     )
 
 
+_handed_out: set[int] = set()  # ports free_port gave in this process
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections and ``bind(0)``."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free right now, for a server about to bind it.
+
+    Picked below the kernel's ephemeral range where there is one: a port from that range can
+    be taken by any outgoing connection's source port before the server binds it (seen in
+    test runs: "address already in use"). Never the same port twice in one process."""
+    low = _ephemeral_low()
+    if low > 11_000:
+        for _ in range(100):
+            port = random.randrange(10_000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _handed_out.add(port)
+    return port
 
 
 class NatsServer:
