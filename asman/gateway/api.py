@@ -19,7 +19,7 @@ from asman.errors import InvalidDefinition, InvalidInput, JobNotFound
 from asman.gateway import files, sse
 from asman.gateway.limits import read_json
 from asman.gateway.metrics import CONTENT_TYPE, queue_metrics
-from asman.gateway.state import BLOBS, CLOSING, CONFIG, LOG, METRICS
+from asman.gateway.state import BLOBS, CLOSING, CONFIG, FOLLOWERS, LOG, METRICS
 from asman.gateway.views import (
     chunk_view,
     job_summary,
@@ -336,10 +336,9 @@ async def job_stream(request: web.Request) -> web.StreamResponse:
         request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
     )
     base = job_base(queue, job)
-    poll = request.app[CONFIG].poll_s
 
     async def events() -> AsyncIterator[sse.Outgoing]:
-        async for ev in sse.job_events(request.app[LOG], queue, job, start, poll_s=poll):
+        async for ev in sse.job_events(request.app[FOLLOWERS], queue, job, start):
             cursor = str(ev.cursor) if ev.cursor else None
             if ev.kind == "log":
                 yield (

@@ -27,6 +27,7 @@ from aiohttp import web
 from asman.errors import ConfigError
 from asman.gateway import api, compat
 from asman.gateway.config import GatewayConfig
+from asman.gateway.follow import JobFollowers
 from asman.gateway.limits import RateLimiter
 from asman.gateway.metrics import GatewayMetrics
 from asman.gateway.middleware import (
@@ -36,7 +37,16 @@ from asman.gateway.middleware import (
 )
 from asman.gateway.openapi import openapi_document
 from asman.gateway.page import page, static_file
-from asman.gateway.state import BLOBS, CLOSING, CONFIG, LIMITER, LOG, METRICS, TMP_DIR
+from asman.gateway.state import (
+    BLOBS,
+    CLOSING,
+    CONFIG,
+    FOLLOWERS,
+    LIMITER,
+    LOG,
+    METRICS,
+    TMP_DIR,
+)
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
 from asman.log.keys import PeerKey
@@ -68,10 +78,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[BLOBS] = await _open_blobs(config, log)
         tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="asman-gateway-"))
         app[TMP_DIR] = tmp
+        app[FOLLOWERS] = followers = JobFollowers(log, poll_s=config.poll_s)
         logger.info("gateway %s connected as peer %s", config.name, log.peer_id)
         try:
             yield
         finally:
+            await followers.close()
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
 

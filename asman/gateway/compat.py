@@ -26,7 +26,7 @@ from asman.errors import InvalidInput
 from asman.gateway import api, files, sse
 from asman.gateway.limits import read_json
 from asman.gateway.page import page
-from asman.gateway.state import BLOBS, CONFIG, LOG
+from asman.gateway.state import BLOBS, CONFIG, FOLLOWERS, LOG
 from asman.gateway.views import cq_record, worker_view
 from asman.log import jobs, subjects
 from asman.log.events import JobState
@@ -249,10 +249,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
     )
     blob_url = _blob_url(request)
-    poll = request.app[CONFIG].poll_s
 
     async def events() -> AsyncIterator[sse.Outgoing]:
-        async for ev in sse.job_events(request.app[LOG], queue, jid, start, poll_s=poll):
+        async for ev in sse.job_events(request.app[FOLLOWERS], queue, jid, start):
             cursor = str(ev.cursor) if ev.cursor else None
             if ev.kind == "log":
                 run = [

@@ -22,9 +22,13 @@ Queue stream (``GET /api/v1/queues/{q}/events``): ``job`` events (a job summary,
 sequence of the job's last event, in increasing order) for every job, then for each change;
 ``workers`` events (no id) with the live workers whenever they change.
 
-Watchers never hold a NATS subscription as their only source of truth: they wake on messages,
-after a reconnect, and every ``poll_s`` as a safety net, and re-read the log; a read that
-fails while NATS is away is retried, so a stream survives a NATS restart.
+All the job streams of one job share one reader, the job's ``JobFollower``
+(``asman.gateway.follow``): it reads the job, its new log chunks and (while queued) the live
+workers once per change, however many browsers watch, and each stream sends its own client
+what it has not had yet. Neither a follower nor a queue stream holds a NATS subscription as
+its only source of truth: they wake on messages, after a reconnect, and every ``poll_s`` as a
+safety net, and re-read the log; a read that fails while NATS is away is retried, so a stream
+survives a NATS restart.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import contextlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
@@ -43,14 +47,14 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from asman.errors import AsmanError, LogUnavailable
+from asman.gateway.follow import JobFollowers, Waker
 from asman.gateway.limits import client_key
 from asman.gateway.middleware import error_body
 from asman.gateway.state import CLOSING, CONFIG, LIMITER, METRICS
-from asman.gateway.views import Waiting, waiting, worker_view
+from asman.gateway.views import Waiting, worker_view
 from asman.log import subjects
 from asman.log.connection import Log
 from asman.log.events import JobState, RawEvent, fold
-from asman.log.jobs import JobHistory
 from asman.log.logstream import LogChunk, read_logs
 from asman.log.workers import WorkerInfo, list_workers
 
@@ -116,88 +120,58 @@ class QueueEvent:
     workers: tuple[WorkerInfo, ...] = ()
 
 
-class _Waker:
-    """An event set by messages on some subjects and by reconnects; unsubscribes on close."""
-
-    def __init__(self, log: Log) -> None:
-        self.log = log
-        self.event = asyncio.Event()
-        self._stops: list[Callable[[], Awaitable[None]]] = []
-        self._unregister: Callable[[], None] | None = None
-
-    async def __aenter__(self) -> _Waker:
-        async def on_reconnect() -> None:
-            self.event.set()
-
-        self._unregister = self.log.on_reconnect(on_reconnect)
-        return self
-
-    async def watch(self, subject: str) -> None:
-        self._stops.append(await self.log.wake_on(subject, self.event))
-
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self.event.wait()
-        self.event.clear()
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._unregister is not None:
-            self._unregister()
-        for stop in self._stops:
-            await stop()
-
-
-def _writers(state: JobState) -> frozenset[str]:
-    return frozenset(h.signer for h in state.history if h.accepted and h.type == "claimed")
-
-
 async def job_events(
-    log: Log, queue: str, job: str, start: Cursor, *, poll_s: float
+    followers: JobFollowers, queue: str, job: str, start: Cursor
 ) -> AsyncIterator[JobEvent]:
-    """The job's events after ``start``, live, until it is finished (see module docstring)."""
-    history = JobHistory(log, queue, job)  # each event read and verified once
+    """The job's events after ``start``, live, until it is finished (see module docstring).
+
+    The reads are the job's follower's, shared with every other stream of the job; this
+    stream picks from each snapshot what its client has not had yet."""
     sent_job = start.job_seq
     log_next = start.log_seq + 1
     last_waiting: Waiting | None = None
-    async with _Waker(log) as waker:
-        await waker.watch(history.subject)
-        await waker.watch(subjects.logs_subject(queue, job))
+    async with followers.follow(queue, job) as follower:
         while True:
-            try:
-                state = await history.read()
-                if state is None:
-                    return
-                chunks, cursor = await read_logs(log, state, log_next)
-                if cursor > log_next:
-                    # a chunk is kept only if its writer's claim is in `state`: a claim that
-                    # landed after `state` was read hides its chunks, so read them again
-                    newer = await history.read()
-                    if newer is not None and newer.last_seq > state.last_seq:
-                        if _writers(newer) != _writers(state):
-                            chunks, cursor = await read_logs(log, newer, log_next)
-                        state = newer
-                for seq, group in groupby(chunks, key=lambda c: c.seq):
+            changed = follower.changed()
+            await follower.ready()
+            if follower.error is not None:
+                raise follower.error
+            state = follower.state
+            if state is None:
+                return
+            if log_next < follower.base_seq:
+                # older than the follower's buffer: read those chunks from the log, once
+                try:
+                    older, _ = await read_logs(follower.log, state, log_next)
+                except LogUnavailable:
+                    await asyncio.sleep(min(follower.poll_s, 1.0))
+                    continue
+                base = follower.base_seq
+                early = [c for c in older if c.seq < base]
+                for seq, group in groupby(early, key=lambda c: c.seq):
                     yield JobEvent("log", state, Cursor(sent_job, seq), tuple(group))
-                log_next = cursor
-                if state.last_seq > sent_job:
-                    sent_job = state.last_seq
-                    yield JobEvent("state", state, Cursor(sent_job, log_next - 1))
-                if state.state == "queued":
-                    now = waiting(state, await list_workers(log, queue))
-                    if now != last_waiting:
-                        last_waiting = now
-                        yield JobEvent("waiting", state, waiting=now)
-                else:
-                    last_waiting = None
-                if state.finished:
-                    yield JobEvent("end", state, Cursor(sent_job, log_next - 1))
-                    return
-            except LogUnavailable as exc:
-                logger.info("job stream %s/%s: log unavailable, retrying: %s", queue, job, exc)
-                await waker.wait(min(poll_s, 1.0))
+                log_next = max(log_next, base)
                 continue
-            await waker.wait(poll_s)
+            # one snapshot: nothing below changes the follower until the first yield
+            chunks = [c for c in follower.chunks if c.seq >= log_next]
+            cursor = follower.log_next
+            now = follower.waiting
+            for seq, group in groupby(chunks, key=lambda c: c.seq):
+                yield JobEvent("log", state, Cursor(sent_job, seq), tuple(group))
+            log_next = max(log_next, cursor)
+            if state.last_seq > sent_job:
+                sent_job = state.last_seq
+                yield JobEvent("state", state, Cursor(sent_job, log_next - 1))
+            if state.state == "queued":
+                if now is not None and now != last_waiting:
+                    last_waiting = now
+                    yield JobEvent("waiting", state, waiting=now)
+            else:
+                last_waiting = None
+            if state.finished:
+                yield JobEvent("end", state, Cursor(sent_job, log_next - 1))
+                return
+            await changed.wait()
 
 
 async def queue_events(
@@ -210,7 +184,7 @@ async def queue_events(
     next_seq = 1
     sent = after_seq
     last_workers: list[dict[str, Any]] | None = None
-    async with _Waker(log) as waker:
+    async with Waker(log) as waker:
         await waker.watch(flt)
         while True:
             try:

@@ -1,7 +1,8 @@
 """The gateway's application state, typed with ``web.AppKey``.
 
-``CONFIG``, ``LIMITER`` and ``METRICS`` are set by ``create_app``; ``LOG``, ``BLOBS`` and
-``TMP_DIR`` by the resources context (``cleanup_ctx``) once the log is connected; ``CLOSING``
+``CONFIG``, ``LIMITER`` and ``METRICS`` are set by ``create_app``; ``LOG``, ``BLOBS``,
+``FOLLOWERS`` (the job streams' shared readers) and ``TMP_DIR`` by the resources context
+(``cleanup_ctx``) once the log is connected; ``CLOSING``
 is set when the server shuts down, so event streams end at once instead of holding the
 shutdown for their whole timeout.
 """
@@ -14,16 +15,18 @@ from pathlib import Path
 from aiohttp import web
 
 from asman.gateway.config import GatewayConfig
+from asman.gateway.follow import JobFollowers
 from asman.gateway.limits import RateLimiter
 from asman.gateway.metrics import GatewayMetrics
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
 
-__all__ = ["BLOBS", "CLOSING", "CONFIG", "LIMITER", "LOG", "METRICS", "TMP_DIR"]
+__all__ = ["BLOBS", "CLOSING", "CONFIG", "FOLLOWERS", "LIMITER", "LOG", "METRICS", "TMP_DIR"]
 
 CONFIG = web.AppKey("config", GatewayConfig)
 LOG = web.AppKey("log", Log)
 BLOBS = web.AppKey("blobs", BlobStore)
+FOLLOWERS = web.AppKey("followers", JobFollowers)
 LIMITER = web.AppKey("limiter", RateLimiter)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 TMP_DIR = web.AppKey("tmp_dir", Path)

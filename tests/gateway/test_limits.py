@@ -99,6 +99,7 @@ def test_public_names_are_exported() -> None:
         "api",
         "compat",
         "files",
+        "follow",
         "limits",
         "metrics",
         "middleware",

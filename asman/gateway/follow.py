@@ -1,0 +1,242 @@
+"""One reader per watched job, shared by every event stream that watches it.
+
+A job stream needs, on each change of its job: the job's verified history, its new log
+chunks, and (while it is queued) the queue's live workers, to say why it waits. Read by each
+stream, a job watched by N browsers costs N times those reads per change. A ``JobFollower``
+reads them once for all: it wakes on the job's subjects (and after a reconnect, and every
+``poll_s``), reads, and tells its watchers; each watcher only picks, from the follower's
+snapshot, what its own client has not had yet (``asman.gateway.sse.job_events``).
+
+The follower keeps the log chunks it read in a buffer bounded to ``buffer_bytes`` (the oldest
+messages go first). A watcher that needs chunks older than the buffer (a browser that joins a
+long job late, or resumes from an old event id) reads those itself, once, from the log.
+
+``JobFollowers`` is the gateway's registry: ``async with followers.follow(queue, job) as f``
+joins the job's follower, starting it for the first watcher; the last watcher to leave stops
+it. A follower that failed (an error other than the log being away, which it rides out) is
+replaced for the next watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from asman.errors import AsmanError, LogError, LogUnavailable
+from asman.gateway.views import Waiting, waiting
+from asman.log import subjects
+from asman.log.connection import Log
+from asman.log.events import JobState
+from asman.log.jobs import JobHistory
+from asman.log.logstream import LogChunk, read_logs
+from asman.log.workers import list_workers
+
+__all__ = ["BUFFER_BYTES", "JobFollower", "JobFollowers", "Waker", "writers"]
+
+logger = logging.getLogger(__name__)
+
+BUFFER_BYTES = 1024 * 1024  # log chunks kept per followed job for its watchers
+
+
+class Waker:
+    """An event set by messages on some subjects and by reconnects; unsubscribes on close."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.event = asyncio.Event()
+        self._stops: list[Callable[[], Awaitable[None]]] = []
+        self._unregister: Callable[[], None] | None = None
+
+    async def __aenter__(self) -> Waker:
+        async def on_reconnect() -> None:
+            self.event.set()
+
+        self._unregister = self.log.on_reconnect(on_reconnect)
+        return self
+
+    async def watch(self, subject: str) -> None:
+        self._stops.append(await self.log.wake_on(subject, self.event))
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.event.wait()
+        self.event.clear()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._unregister is not None:
+            self._unregister()
+        for stop in self._stops:
+            await stop()
+
+
+def writers(state: JobState) -> frozenset[str]:
+    """The peers whose log chunks count: those with an accepted claim on the job."""
+    return frozenset(h.signer for h in state.history if h.accepted and h.type == "claimed")
+
+
+class JobFollower:
+    """The shared reader of one job. Its snapshot (``state``, the buffered ``chunks`` with
+    ``base_seq`` ≤ their sequences < ``log_next``, ``waiting``) changes only between awaits,
+    all at once, and each change sets the event ``changed()`` returned before it."""
+
+    def __init__(
+        self, log: Log, queue: str, job: str, *, poll_s: float, buffer_bytes: int = BUFFER_BYTES
+    ) -> None:
+        self.log = log
+        self.queue = queue
+        self.job = job
+        self.poll_s = poll_s
+        self.buffer_bytes = buffer_bytes
+        self.history = JobHistory(log, queue, job)  # each event read and verified once
+        self.state: JobState | None = None
+        self.log_next = 1  # the next log sequence to read
+        self.base_seq = 1  # every chunk from here to ``log_next`` is in ``chunks``
+        self.chunks: collections.deque[LogChunk] = collections.deque()
+        self.waiting: Waiting | None = None
+        self.error: AsmanError | None = None
+        self.done = False  # nothing more will change: finished and read, gone, or failed
+        self.users = 0
+        self._bytes = 0
+        self._read_once = False
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"follow-{self.job[:8]}"
+        )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def changed(self) -> asyncio.Event:
+        """The event the next change sets (take it before reading the snapshot)."""
+        return self._changed
+
+    async def ready(self) -> None:
+        """Until the first read is in (or the follower is done)."""
+        while not (self._read_once or self.done):
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _buffer(self, chunks: list[LogChunk]) -> None:
+        self.chunks.extend(chunks)
+        self._bytes += sum(len(c.data) for c in chunks)
+        while self._bytes > self.buffer_bytes and self.chunks:
+            first = self.chunks[0].seq  # drop whole log messages, oldest first
+            while self.chunks and self.chunks[0].seq == first:
+                self._bytes -= len(self.chunks.popleft().data)
+            self.base_seq = first + 1
+
+    async def _read(self) -> bool:
+        """One read of the job, its new log chunks and why it waits; whether it changed."""
+        state = await self.history.read()
+        if state is None:
+            self.done = True  # the job is gone (expired)
+            return True
+        chunks, cursor = await read_logs(self.log, state, self.log_next)
+        if cursor > self.log_next:
+            # a chunk is kept only if its writer's claim is in `state`: a claim that landed
+            # after `state` was read hides its chunks, so read them again
+            newer = await self.history.read()
+            if newer is not None and newer.last_seq > state.last_seq:
+                if writers(newer) != writers(state):
+                    chunks, cursor = await read_logs(self.log, newer, self.log_next)
+                state = newer
+        now: Waiting | None = None
+        if state.state == "queued":
+            now = waiting(state, await list_workers(self.log, self.queue))
+        changed = (
+            not self._read_once
+            or cursor != self.log_next
+            or self.state is None
+            or state.last_seq != self.state.last_seq
+            or now != self.waiting
+        )
+        # the whole snapshot changes at once, with no await in between
+        self._buffer(chunks)
+        self.log_next = cursor
+        self.state = state
+        self.waiting = now
+        self._read_once = True
+        self.done = state.finished
+        return changed
+
+    async def _run(self) -> None:
+        try:
+            async with Waker(self.log) as waker:
+                await waker.watch(self.history.subject)
+                await waker.watch(subjects.logs_subject(self.queue, self.job))
+                while True:
+                    try:
+                        if await self._read():
+                            self._notify()
+                    except LogUnavailable as exc:
+                        logger.info(
+                            "following %s/%s: log unavailable, retrying: %s",
+                            self.queue,
+                            self.job,
+                            exc,
+                        )
+                        await waker.wait(min(self.poll_s, 1.0))
+                        continue
+                    if self.done:
+                        return
+                    await waker.wait(self.poll_s)
+        except AsmanError as exc:
+            self.error = exc
+        except Exception as exc:  # a bug: the watchers get an error rather than hang
+            logger.exception("following %s/%s failed", self.queue, self.job)
+            self.error = LogError(f"following job {self.job} failed: {type(exc).__name__}")
+        finally:
+            self.done = True
+            self._notify()
+
+
+class JobFollowers:
+    """The gateway's followers, one per watched job."""
+
+    def __init__(self, log: Log, *, poll_s: float, buffer_bytes: int = BUFFER_BYTES) -> None:
+        self.log = log
+        self.poll_s = poll_s
+        self.buffer_bytes = buffer_bytes
+        self._live: dict[tuple[str, str], JobFollower] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    @contextlib.asynccontextmanager
+    async def follow(self, queue: str, job: str) -> AsyncIterator[JobFollower]:
+        key = (queue, job)
+        follower = self._live.get(key)
+        if follower is None or follower.error is not None:
+            follower = JobFollower(
+                self.log, queue, job, poll_s=self.poll_s, buffer_bytes=self.buffer_bytes
+            )
+            self._live[key] = follower
+            follower.start()
+        follower.users += 1
+        try:
+            yield follower
+        finally:
+            follower.users -= 1
+            if follower.users == 0:
+                if self._live.get(key) is follower:
+                    del self._live[key]
+                await follower.stop()
+
+    async def close(self) -> None:
+        live, self._live = list(self._live.values()), {}
+        for follower in live:
+            await follower.stop()

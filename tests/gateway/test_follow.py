@@ -1,0 +1,159 @@
+"""Job streams share one reader per job (``asman.gateway.follow``), against a real nats-server.
+
+The job is driven through the lease protocol itself (claim, start, signed log chunks, finish),
+so the streams see exactly what a worker would write."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from asman.gateway.follow import JobFollowers
+from asman.gateway.sse import Cursor, JobEvent, job_events
+from asman.log import jobs
+from asman.log.connection import Log, LogConfig
+from asman.log.keys import PeerKey
+from asman.log.leases import JobLease, TicketSource, claim
+from asman.log.logstream import append_logs
+
+QUEUE = "follow"
+DEF = {"image": "asman/busybox:local", "command": "echo hi"}
+LINES = [f"line {i}\n".encode() for i in range(12)]
+
+
+@pytest.fixture
+async def logs(nats_url: str) -> AsyncIterator[tuple[Log, Log]]:
+    """(the gateway's log, a worker's log)"""
+    async with (
+        Log(LogConfig(servers=(nats_url,)), PeerKey.generate()) as gateway,
+        Log(LogConfig(servers=(nats_url,)), PeerKey.generate()) as worker,
+    ):
+        yield gateway, worker
+
+
+class CountingReads:
+    """Counts the gateway's log reads (the real ``read_subject``, called through)."""
+
+    def __init__(self, log: Log) -> None:
+        self.calls = 0
+        real = log.read_subject
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return await real(*args, **kwargs)
+
+        log.read_subject = counted  # type: ignore[method-assign]
+
+
+async def take_job(worker: Log, job_id: str) -> JobLease:
+    source = await TicketSource(worker, QUEUE, "cpu").open()
+    try:
+        (ticket,) = await source.fetch(1, 5.0)
+    finally:
+        await source.close()
+    assert ticket.job_id == job_id
+    lease = await claim(worker, ticket)
+    assert lease is not None
+    return lease
+
+
+async def run_job(worker: Log, job_id: str, pause: float = 0.05) -> None:
+    """Claim, start, write LINES as one log message each, finish as success."""
+    lease = await take_job(worker, job_id)
+    await lease.start()
+    for line in LINES:
+        await append_logs(worker, QUEUE, job_id, lease.attempt, [("stdout", 0, line)])
+        await asyncio.sleep(pause)
+    await lease.finish({"reason": "success", "exit_code": 0})
+
+
+async def watch(followers: JobFollowers, job_id: str, start: Cursor) -> list[JobEvent]:
+    out = []
+    async with asyncio.timeout(30):
+        async for ev in job_events(followers, QUEUE, job_id, start):
+            out.append(ev)
+    return out
+
+
+def stdout(events: list[JobEvent]) -> bytes:
+    return b"".join(c.data for e in events if e.kind == "log" for c in e.chunks)
+
+
+def shape(events: list[JobEvent]) -> list[tuple[str, str]]:
+    return [(e.kind, str(e.cursor)) for e in events if e.kind in ("log", "state", "end")]
+
+
+async def test_many_streams_of_one_job_share_one_reader(logs: tuple[Log, Log]) -> None:
+    gateway, worker = logs
+    submitted = await jobs.submit(gateway, QUEUE, DEF)
+    followers = JobFollowers(gateway, poll_s=30.0)
+    reads = CountingReads(gateway)
+    watchers = [
+        asyncio.create_task(watch(followers, submitted.job_id, Cursor())) for _ in range(25)
+    ]
+    await asyncio.sleep(0.3)  # every stream is open before the job moves
+    assert len(followers) == 1
+    await run_job(worker, submitted.job_id)
+    results = await asyncio.gather(*watchers)
+
+    # every stream saw the same thing, in order: the job queued, running, its 12 log lines,
+    # then its end, with growing ids
+    for events in results:
+        assert stdout(events) == b"".join(LINES)
+        assert shape(events) == shape(results[0])
+        assert events[-1].kind == "end" and events[-1].state.reason == "success"
+        states = [e.state.state for e in events if e.kind == "state"]
+        assert states[0] == "queued" and states[-1] == "finished"
+    # one reader: its reads follow the changes, not the number of streams (25 streams that
+    # each read the job and its logs on each of its ~15 changes make 750 reads or more)
+    assert reads.calls < 150, reads.calls
+    assert len(followers) == 0  # the last stream to leave stopped the reader
+
+
+async def test_late_and_resuming_streams_get_exactly_what_they_miss(
+    logs: tuple[Log, Log],
+) -> None:
+    gateway, worker = logs
+    submitted = await jobs.submit(gateway, QUEUE, DEF)
+    # a buffer too small to hold more than the newest log message: a stream that needs older
+    # chunks reads them from the log itself
+    followers = JobFollowers(gateway, poll_s=30.0, buffer_bytes=8)
+    live = asyncio.create_task(watch(followers, submitted.job_id, Cursor()))
+    await asyncio.sleep(0.2)
+    await run_job(worker, submitted.job_id, pause=0.02)
+    full = await live
+    assert stdout(full) == b"".join(LINES)
+
+    # joins after the end, from the beginning: the whole history, once, then the same end
+    late = await watch(followers, submitted.job_id, Cursor())
+    assert shape(late)[-1] == shape(full)[-1]
+    assert [e.chunks for e in late if e.kind == "log"] == [
+        e.chunks for e in full if e.kind == "log"
+    ]
+
+    # resumes from the 5th log message: exactly the 7 lines after it, then the end
+    logs_seen = [e for e in full if e.kind == "log"]
+    resume_at = logs_seen[4].cursor
+    assert resume_at is not None
+    rest = await watch(followers, submitted.job_id, resume_at)
+    assert stdout(rest) == b"".join(LINES[5:])
+    assert rest[-1].kind == "end"
+
+
+async def test_a_stream_that_joins_while_the_job_runs_misses_nothing(
+    logs: tuple[Log, Log],
+) -> None:
+    gateway, worker = logs
+    submitted = await jobs.submit(gateway, QUEUE, DEF)
+    followers = JobFollowers(gateway, poll_s=30.0, buffer_bytes=20)
+    first = asyncio.create_task(watch(followers, submitted.job_id, Cursor()))
+    running = asyncio.create_task(run_job(worker, submitted.job_id, pause=0.1))
+    await asyncio.sleep(0.7)  # some lines are out, and dropped from the small buffer
+    second = await watch(followers, submitted.job_id, Cursor())
+    await running
+    assert stdout(await first) == stdout(second) == b"".join(LINES)
+    ids = [str(e.cursor) for e in second if e.kind == "log"]
+    assert len(ids) == len(set(ids)) == len(LINES)
