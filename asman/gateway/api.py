@@ -24,7 +24,6 @@ from asman.gateway.views import (
     chunk_view,
     job_summary,
     job_view,
-    waiting,
     worker_view,
 )
 from asman.log import jobs, subjects
@@ -350,8 +349,8 @@ async def job_stream(request: web.Request) -> web.StreamResponse:
                 yield "waiting", ev.waiting, None
             else:
                 view = job_view(ev.state, base, definition=False, history=False)
-                if ev.kind == "state" and ev.state.state == "queued":
-                    view["waiting"] = waiting(ev.state, await list_workers(request.app[LOG], queue))
+                if ev.kind == "state" and ev.waiting is not None:
+                    view["waiting"] = ev.waiting  # the follower's, read once for every stream
                 yield ev.kind, view, cursor
 
     return await sse.stream(request, events())

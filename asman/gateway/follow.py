@@ -39,6 +39,7 @@ __all__ = ["BUFFER_BYTES", "JobFollower", "JobFollowers", "Waker", "writers"]
 logger = logging.getLogger(__name__)
 
 BUFFER_BYTES = 1024 * 1024  # log chunks kept per followed job for its watchers
+CHUNK_OVERHEAD = 128  # what a buffered chunk costs besides its bytes (counted in the bound)
 
 
 class Waker:
@@ -126,17 +127,28 @@ class JobFollower:
         while not (self._read_once or self.done):
             await self._changed.wait()
 
+    def chunks_from(self, seq: int) -> list[LogChunk]:
+        """The buffered chunks from log sequence ``seq`` on, oldest first (a watcher that
+        is caught up costs only what is new)."""
+        out = []
+        for chunk in reversed(self.chunks):
+            if chunk.seq < seq:
+                break
+            out.append(chunk)
+        out.reverse()
+        return out
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
     def _buffer(self, chunks: list[LogChunk]) -> None:
         self.chunks.extend(chunks)
-        self._bytes += sum(len(c.data) for c in chunks)
+        self._bytes += sum(len(c.data) + CHUNK_OVERHEAD for c in chunks)
         while self._bytes > self.buffer_bytes and self.chunks:
             first = self.chunks[0].seq  # drop whole log messages, oldest first
             while self.chunks and self.chunks[0].seq == first:
-                self._bytes -= len(self.chunks.popleft().data)
+                self._bytes -= len(self.chunks.popleft().data) + CHUNK_OVERHEAD
             self.base_seq = first + 1
 
     async def _read(self) -> bool:
@@ -196,6 +208,11 @@ class JobFollower:
                     await waker.wait(self.poll_s)
         except AsmanError as exc:
             self.error = exc
+        except asyncio.CancelledError:
+            # stopped (the last watcher left, or the gateway closes): a watcher still here
+            # ends its stream with this rather than wait for a change that will not come
+            self.error = LogUnavailable("the gateway stopped following this job; reconnect")
+            raise
         except Exception as exc:  # a bug: the watchers get an error rather than hang
             logger.exception("following %s/%s failed", self.queue, self.job)
             self.error = LogError(f"following job {self.job} failed: {type(exc).__name__}")

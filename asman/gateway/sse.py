@@ -102,7 +102,8 @@ class Cursor:
 
 @dataclass(frozen=True, slots=True)
 class JobEvent:
-    """One thing that happened to a job: ``state``, ``log``, ``waiting`` or ``end``."""
+    """One thing that happened to a job: ``state``, ``log``, ``waiting`` or ``end``.
+    ``waiting`` is also set on a ``state`` event of a queued job (why it waits, then)."""
 
     kind: str
     state: JobState
@@ -140,20 +141,21 @@ async def job_events(
             if state is None:
                 return
             if log_next < follower.base_seq:
-                # older than the follower's buffer: read those chunks from the log, once
+                # older than the follower's buffer: read those chunks from the log, up to
+                # where the buffer starts now (it may have moved on during the read)
                 try:
-                    older, _ = await read_logs(follower.log, state, log_next)
+                    older, end = await read_logs(follower.log, state, log_next)
                 except LogUnavailable:
                     await asyncio.sleep(min(follower.poll_s, 1.0))
                     continue
-                base = follower.base_seq
-                early = [c for c in older if c.seq < base]
+                upto = min(end, follower.base_seq)
+                early = [c for c in older if c.seq < upto]
                 for seq, group in groupby(early, key=lambda c: c.seq):
                     yield JobEvent("log", state, Cursor(sent_job, seq), tuple(group))
-                log_next = max(log_next, base)
+                log_next = max(log_next, upto)
                 continue
             # one snapshot: nothing below changes the follower until the first yield
-            chunks = [c for c in follower.chunks if c.seq >= log_next]
+            chunks = follower.chunks_from(log_next)
             cursor = follower.log_next
             now = follower.waiting
             for seq, group in groupby(chunks, key=lambda c: c.seq):
@@ -161,7 +163,7 @@ async def job_events(
             log_next = max(log_next, cursor)
             if state.last_seq > sent_job:
                 sent_job = state.last_seq
-                yield JobEvent("state", state, Cursor(sent_job, log_next - 1))
+                yield JobEvent("state", state, Cursor(sent_job, log_next - 1), waiting=now)
             if state.state == "queued":
                 if now is not None and now != last_waiting:
                     last_waiting = now
@@ -171,6 +173,8 @@ async def job_events(
             if state.finished:
                 yield JobEvent("end", state, Cursor(sent_job, log_next - 1))
                 return
+            if follower.done:
+                return  # stopped with the gateway (``JobFollowers.close``)
             await changed.wait()
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from asman.errors import LogUnavailable
+from asman.gateway import sse
 from asman.gateway.follow import JobFollowers
 from asman.gateway.sse import Cursor, JobEvent, job_events
 from asman.log import jobs
@@ -157,3 +159,46 @@ async def test_a_stream_that_joins_while_the_job_runs_misses_nothing(
     assert stdout(await first) == stdout(second) == b"".join(LINES)
     ids = [str(e.cursor) for e in second if e.kind == "log"]
     assert len(ids) == len(set(ids)) == len(LINES)
+
+
+async def test_a_slow_read_of_older_chunks_loses_none(
+    logs: tuple[Log, Log], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream reading chunks older than the buffer while the buffer moves on past what it
+    read: it sends what it read, then reads again from there (nothing skipped)."""
+    gateway, worker = logs
+    submitted = await jobs.submit(gateway, QUEUE, DEF)
+    followers = JobFollowers(gateway, poll_s=30.0, buffer_bytes=8)
+    first = asyncio.create_task(watch(followers, submitted.job_id, Cursor()))
+    running = asyncio.create_task(run_job(worker, submitted.job_id, pause=0.1))
+    await asyncio.sleep(0.6)  # some lines are out, and already gone from the tiny buffer
+
+    real_read_logs = sse.read_logs
+
+    async def slow_read_logs(*args: Any, **kwargs: Any) -> Any:
+        result = await real_read_logs(*args, **kwargs)  # the real read, answered late
+        await asyncio.sleep(0.5)  # meanwhile more lines land and the buffer moves on
+        return result
+
+    monkeypatch.setattr(sse, "read_logs", slow_read_logs)
+    second = await watch(followers, submitted.job_id, Cursor())
+    await running
+    assert stdout(await first) == stdout(second) == b"".join(LINES)
+
+
+async def test_streams_end_when_the_gateway_stops_following(logs: tuple[Log, Log]) -> None:
+    gateway, _worker = logs
+    submitted = await jobs.submit(gateway, QUEUE, DEF)
+    followers = JobFollowers(gateway, poll_s=30.0)
+    events: list[JobEvent] = []
+
+    async def listen() -> None:
+        async for ev in job_events(followers, QUEUE, submitted.job_id, Cursor()):
+            events.append(ev)
+
+    task = asyncio.create_task(listen())
+    await asyncio.sleep(0.3)
+    assert [e.kind for e in events][:1] == ["state"]
+    await followers.close()
+    with pytest.raises(LogUnavailable, match="stopped following"):
+        await asyncio.wait_for(task, 5)
