@@ -360,10 +360,9 @@ async def queue_stream(request: web.Request) -> web.StreamResponse:
     queue = queue_param(request)
     raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or "0"
     after = int(raw) if raw.isdigit() and len(raw) <= 18 else 0
-    poll = request.app[CONFIG].poll_s
 
     async def events() -> AsyncIterator[sse.Outgoing]:
-        async for ev in sse.queue_events(request.app[LOG], queue, after, poll_s=poll):
+        async for ev in sse.queue_events(request.app[FOLLOWERS], queue, after):
             if ev.kind == "job" and ev.job is not None:
                 yield "job", job_summary(ev.job), str(ev.job.last_seq)
             else:

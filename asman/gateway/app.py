@@ -27,7 +27,7 @@ from aiohttp import web
 from asman.errors import ConfigError
 from asman.gateway import api, compat
 from asman.gateway.config import GatewayConfig
-from asman.gateway.follow import JobFollowers
+from asman.gateway.follow import Followers
 from asman.gateway.limits import RateLimiter
 from asman.gateway.metrics import GatewayMetrics
 from asman.gateway.middleware import (
@@ -78,7 +78,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[BLOBS] = await _open_blobs(config, log)
         tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="asman-gateway-"))
         app[TMP_DIR] = tmp
-        app[FOLLOWERS] = followers = JobFollowers(log, poll_s=config.poll_s)
+        app[FOLLOWERS] = followers = Followers(log, poll_s=config.poll_s)
         logger.info("gateway %s connected as peer %s", config.name, log.peer_id)
         try:
             yield

@@ -1,4 +1,4 @@
-"""One reader per watched job, shared by every event stream that watches it.
+"""One reader per watched job or queue, shared by every event stream that watches it.
 
 A job stream needs, on each change of its job: the job's verified history, its new log
 chunks, and (while it is queued) the queue's live workers, to say why it waits. Read by each
@@ -11,30 +11,44 @@ The follower keeps the log chunks it read in a buffer bounded to ``buffer_bytes`
 messages go first). A watcher that needs chunks older than the buffer (a browser that joins a
 long job late, or resumes from an old event id) reads those itself, once, from the log.
 
-``JobFollowers`` is the gateway's registry: ``async with followers.follow(queue, job) as f``
-joins the job's follower, starting it for the first watcher; the last watcher to leave stops
-it. A follower that failed (an error other than the log being away, which it rides out) is
-replaced for the next watcher.
+A ``QueueFollower`` does the same for a queue's stream: it reads what is new on the queue's
+job subjects and the live workers once per change, and keeps each job's latest state and the
+order of the changes, so each watcher sends the jobs changed after its own last event id.
+
+``Followers`` is the gateway's registry: ``async with followers.follow_job(queue, job) as f``
+(or ``follow_queue(queue)``) joins the follower, starting it for the first watcher; the last
+watcher to leave stops it. A follower that failed (an error other than the log being away,
+which it rides out) is replaced for the next watcher.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from asman.errors import AsmanError, LogError, LogUnavailable
-from asman.gateway.views import Waiting, waiting
+from asman.gateway.views import Waiting, waiting, worker_view
 from asman.log import subjects
 from asman.log.connection import Log
-from asman.log.events import JobState
+from asman.log.events import JobState, RawEvent, fold
 from asman.log.jobs import JobHistory
 from asman.log.logstream import LogChunk, read_logs
-from asman.log.workers import list_workers
+from asman.log.workers import WorkerInfo, list_workers
 
-__all__ = ["BUFFER_BYTES", "JobFollower", "JobFollowers", "Waker", "writers"]
+__all__ = [
+    "BUFFER_BYTES",
+    "Follower",
+    "Followers",
+    "JobFollower",
+    "QueueFollower",
+    "Waker",
+    "writers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,36 +93,27 @@ def writers(state: JobState) -> frozenset[str]:
     return frozenset(h.signer for h in state.history if h.accepted and h.type == "claimed")
 
 
-class JobFollower:
-    """The shared reader of one job. Its snapshot (``state``, the buffered ``chunks`` with
-    ``base_seq`` ≤ their sequences < ``log_next``, ``waiting``) changes only between awaits,
-    all at once, and each change sets the event ``changed()`` returned before it."""
+class Follower:
+    """The shared reader of one thing on the log (a job, a queue). Its snapshot changes only
+    between awaits, all at once, and each change sets the event ``changed()`` returned
+    before it. Subclasses say what to watch (``_subjects``) and how to read (``_read``)."""
 
-    def __init__(
-        self, log: Log, queue: str, job: str, *, poll_s: float, buffer_bytes: int = BUFFER_BYTES
-    ) -> None:
+    what = "?"
+
+    def __init__(self, log: Log, queue: str, *, poll_s: float) -> None:
         self.log = log
         self.queue = queue
-        self.job = job
         self.poll_s = poll_s
-        self.buffer_bytes = buffer_bytes
-        self.history = JobHistory(log, queue, job)  # each event read and verified once
-        self.state: JobState | None = None
-        self.log_next = 1  # the next log sequence to read
-        self.base_seq = 1  # every chunk from here to ``log_next`` is in ``chunks``
-        self.chunks: collections.deque[LogChunk] = collections.deque()
-        self.waiting: Waiting | None = None
         self.error: AsmanError | None = None
         self.done = False  # nothing more will change: finished and read, gone, or failed
         self.users = 0
-        self._bytes = 0
         self._read_once = False
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"follow-{self.job[:8]}"
+            self._run(), name=f"follow-{self.what[:16]}"
         )
 
     async def stop(self) -> None:
@@ -127,6 +132,72 @@ class JobFollower:
         while not (self._read_once or self.done):
             await self._changed.wait()
 
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _subjects(self) -> list[str]:
+        raise NotImplementedError
+
+    async def _read(self) -> bool:
+        """One read; whether the snapshot changed. Sets ``done`` when nothing more will."""
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        try:
+            async with Waker(self.log) as waker:
+                for subject in self._subjects():
+                    await waker.watch(subject)
+                while True:
+                    try:
+                        changed = await self._read()
+                        self._read_once = True
+                        if changed:
+                            self._notify()
+                    except LogUnavailable as exc:
+                        logger.info("following %s: log unavailable, retrying: %s", self.what, exc)
+                        await waker.wait(min(self.poll_s, 1.0))
+                        continue
+                    if self.done:
+                        return
+                    await waker.wait(self.poll_s)
+        except AsmanError as exc:
+            self.error = exc
+        except asyncio.CancelledError:
+            # stopped (the last watcher left, or the gateway closes): a watcher still here
+            # ends its stream with this rather than wait for a change that will not come
+            self.error = LogUnavailable(f"the gateway stopped following {self.what}; reconnect")
+            raise
+        except Exception as exc:  # a bug: the watchers get an error rather than hang
+            logger.exception("following %s failed", self.what)
+            self.error = LogError(f"following {self.what} failed: {type(exc).__name__}")
+        finally:
+            self.done = True
+            self._notify()
+
+
+class JobFollower(Follower):
+    """The shared reader of one job: ``state``, the buffered ``chunks`` with ``base_seq`` ≤
+    their sequences < ``log_next``, and ``waiting``."""
+
+    def __init__(
+        self, log: Log, queue: str, job: str, *, poll_s: float, buffer_bytes: int = BUFFER_BYTES
+    ) -> None:
+        super().__init__(log, queue, poll_s=poll_s)
+        self.job = job
+        self.what = f"job {job}"
+        self.buffer_bytes = buffer_bytes
+        self.history = JobHistory(log, queue, job)  # each event read and verified once
+        self.state: JobState | None = None
+        self.log_next = 1  # the next log sequence to read
+        self.base_seq = 1  # every chunk from here to ``log_next`` is in ``chunks``
+        self.chunks: collections.deque[LogChunk] = collections.deque()
+        self.waiting: Waiting | None = None
+        self._bytes = 0
+
+    def _subjects(self) -> list[str]:
+        return [self.history.subject, subjects.logs_subject(self.queue, self.job)]
+
     def chunks_from(self, seq: int) -> list[LogChunk]:
         """The buffered chunks from log sequence ``seq`` on, oldest first (a watcher that
         is caught up costs only what is new)."""
@@ -137,10 +208,6 @@ class JobFollower:
             out.append(chunk)
         out.reverse()
         return out
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
 
     def _buffer(self, chunks: list[LogChunk]) -> None:
         self.chunks.extend(chunks)
@@ -181,66 +248,114 @@ class JobFollower:
         self.log_next = cursor
         self.state = state
         self.waiting = now
-        self._read_once = True
         self.done = state.finished
         return changed
 
-    async def _run(self) -> None:
-        try:
-            async with Waker(self.log) as waker:
-                await waker.watch(self.history.subject)
-                await waker.watch(subjects.logs_subject(self.queue, self.job))
-                while True:
-                    try:
-                        if await self._read():
-                            self._notify()
-                    except LogUnavailable as exc:
-                        logger.info(
-                            "following %s/%s: log unavailable, retrying: %s",
-                            self.queue,
-                            self.job,
-                            exc,
-                        )
-                        await waker.wait(min(self.poll_s, 1.0))
-                        continue
-                    if self.done:
-                        return
-                    await waker.wait(self.poll_s)
-        except AsmanError as exc:
-            self.error = exc
-        except asyncio.CancelledError:
-            # stopped (the last watcher left, or the gateway closes): a watcher still here
-            # ends its stream with this rather than wait for a change that will not come
-            self.error = LogUnavailable("the gateway stopped following this job; reconnect")
-            raise
-        except Exception as exc:  # a bug: the watchers get an error rather than hang
-            logger.exception("following %s/%s failed", self.queue, self.job)
-            self.error = LogError(f"following job {self.job} failed: {type(exc).__name__}")
-        finally:
-            self.done = True
-            self._notify()
+
+class QueueFollower(Follower):
+    """The shared reader of one queue: every job's latest state (``states``, by subject), the
+    order in which they changed (``changes_after``), and the live ``workers`` (``workers_version``
+    grows when they change)."""
+
+    def __init__(self, log: Log, queue: str, *, poll_s: float) -> None:
+        super().__init__(log, queue, poll_s=poll_s)
+        self.what = f"queue {queue}"
+        self.filter = subjects.jobs_filter(queue)
+        self.next_seq = 1
+        self.states: dict[str, JobState] = {}
+        self.workers: tuple[WorkerInfo, ...] = ()
+        self.workers_version = 0
+        self._events: dict[str, list[RawEvent]] = collections.defaultdict(list)
+        self._order: list[int] = []  # the last sequence of each change, increasing
+        self._order_subjects: list[str] = []
+        self._shown: list[dict[str, Any]] | None = None
+
+    def _subjects(self) -> list[str]:
+        return [self.filter]
+
+    def changes_after(self, seq: int) -> list[JobState]:
+        """The jobs whose latest event is after ``seq``, oldest change first."""
+        start = bisect.bisect_right(self._order, seq)
+        out = []
+        for last, subject in zip(self._order[start:], self._order_subjects[start:], strict=True):
+            state = self.states[subject]
+            if state.last_seq == last:  # else it changed again: listed further on
+                out.append(state)
+        return out
+
+    async def _read(self) -> bool:
+        new = await self.log.read_subject(subjects.JOBS_STREAM, self.filter, self.next_seq)
+        touched: dict[str, None] = {}
+        for ev in new:
+            self._events[ev.subject].append(ev)
+            touched[ev.subject] = None
+        changed: list[JobState] = []
+        for subject in touched:
+            q, jid = subjects.job_id_from_subject(subject)
+            state = fold(q, jid, subject, self._events[subject])
+            known = self.states.get(subject)
+            if state is not None and (known is None or state.last_seq > known.last_seq):
+                changed.append(state)
+        workers = await list_workers(self.log, self.queue)
+        shown = [{**worker_view(w), "heartbeatMs": 0} for w in workers]
+        # the whole snapshot changes at once, with no await in between
+        if new:
+            self.next_seq = new[-1].seq + 1
+        for state in sorted(changed, key=lambda st: st.last_seq):
+            subject = subjects.job_subject(state.queue, state.job_id)
+            self.states[subject] = state
+            self._order.append(state.last_seq)
+            self._order_subjects.append(subject)
+        if len(self._order) > 2 * len(self.states) + 1024:  # drop superseded changes
+            latest = sorted(self.states.items(), key=lambda item: item[1].last_seq)
+            self._order = [state.last_seq for _, state in latest]
+            self._order_subjects = [subject for subject, _ in latest]
+        workers_changed = shown != self._shown
+        if workers_changed:
+            self._shown = shown
+            self.workers = tuple(workers)
+            self.workers_version += 1
+        return not self._read_once or bool(changed) or workers_changed
 
 
-class JobFollowers:
-    """The gateway's followers, one per watched job."""
+F = TypeVar("F", bound=Follower)
+
+
+class Followers:
+    """The gateway's followers: one per watched job, one per watched queue."""
 
     def __init__(self, log: Log, *, poll_s: float, buffer_bytes: int = BUFFER_BYTES) -> None:
         self.log = log
         self.poll_s = poll_s
         self.buffer_bytes = buffer_bytes
-        self._live: dict[tuple[str, str], JobFollower] = {}
+        self._live: dict[tuple[str, ...], Follower] = {}
 
     def __len__(self) -> int:
         return len(self._live)
 
-    @contextlib.asynccontextmanager
-    async def follow(self, queue: str, job: str) -> AsyncIterator[JobFollower]:
-        key = (queue, job)
-        follower = self._live.get(key)
-        if follower is None or follower.error is not None:
-            follower = JobFollower(
+    def follow_job(
+        self, queue: str, job: str
+    ) -> contextlib.AbstractAsyncContextManager[JobFollower]:
+        """``async with followers.follow_job(q, id) as f``: f is the job's ``JobFollower``."""
+        return self._follow(
+            ("job", queue, job),
+            lambda: JobFollower(
                 self.log, queue, job, poll_s=self.poll_s, buffer_bytes=self.buffer_bytes
-            )
+            ),
+        )
+
+    def follow_queue(self, queue: str) -> contextlib.AbstractAsyncContextManager[QueueFollower]:
+        """``async with followers.follow_queue(q) as f``: f is the queue's ``QueueFollower``."""
+        return self._follow(
+            ("queue", queue), lambda: QueueFollower(self.log, queue, poll_s=self.poll_s)
+        )
+
+    @contextlib.asynccontextmanager
+    async def _follow(self, key: tuple[str, ...], make: Callable[[], F]) -> AsyncIterator[F]:
+        # the key's first part names the kind, so what is stored under it is an F
+        follower = cast("F | None", self._live.get(key))
+        if follower is None or follower.error is not None:
+            follower = make()
             self._live[key] = follower
             follower.start()
         follower.users += 1

@@ -22,13 +22,13 @@ Queue stream (``GET /api/v1/queues/{q}/events``): ``job`` events (a job summary,
 sequence of the job's last event, in increasing order) for every job, then for each change;
 ``workers`` events (no id) with the live workers whenever they change.
 
-All the job streams of one job share one reader, the job's ``JobFollower``
+All the streams of one job share one reader, the job's ``JobFollower``
 (``asman.gateway.follow``): it reads the job, its new log chunks and (while queued) the live
 workers once per change, however many browsers watch, and each stream sends its own client
-what it has not had yet. Neither a follower nor a queue stream holds a NATS subscription as
-its only source of truth: they wake on messages, after a reconnect, and every ``poll_s`` as a
-safety net, and re-read the log; a read that fails while NATS is away is retried, so a stream
-survives a NATS restart.
+what it has not had yet. The streams of one queue share its ``QueueFollower`` the same way.
+A follower never holds a NATS subscription as its only source of truth: it wakes on
+messages, after a reconnect, and every ``poll_s`` as a safety net, and re-reads the log; a
+read that fails while NATS is away is retried, so a stream survives a NATS restart.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from itertools import groupby
@@ -47,16 +46,14 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from asman.errors import AsmanError, LogUnavailable
-from asman.gateway.follow import JobFollowers, Waker
+from asman.gateway.follow import Followers
 from asman.gateway.limits import client_key
 from asman.gateway.middleware import error_body
 from asman.gateway.state import CLOSING, CONFIG, LIMITER, METRICS
-from asman.gateway.views import Waiting, worker_view
-from asman.log import subjects
-from asman.log.connection import Log
-from asman.log.events import JobState, RawEvent, fold
+from asman.gateway.views import Waiting
+from asman.log.events import JobState
 from asman.log.logstream import LogChunk, read_logs
-from asman.log.workers import WorkerInfo, list_workers
+from asman.log.workers import WorkerInfo
 
 __all__ = [
     "MAX_SEQ",
@@ -122,7 +119,7 @@ class QueueEvent:
 
 
 async def job_events(
-    followers: JobFollowers, queue: str, job: str, start: Cursor
+    followers: Followers, queue: str, job: str, start: Cursor
 ) -> AsyncIterator[JobEvent]:
     """The job's events after ``start``, live, until it is finished (see module docstring).
 
@@ -131,7 +128,7 @@ async def job_events(
     sent_job = start.job_seq
     log_next = start.log_seq + 1
     last_waiting: Waiting | None = None
-    async with followers.follow(queue, job) as follower:
+    async with followers.follow_job(queue, job) as follower:
         while True:
             changed = follower.changed()
             await follower.ready()
@@ -179,44 +176,31 @@ async def job_events(
 
 
 async def queue_events(
-    log: Log, queue: str, after_seq: int, *, poll_s: float
+    followers: Followers, queue: str, after_seq: int
 ) -> AsyncIterator[QueueEvent]:
     """Every job of the queue changed after ``after_seq`` (oldest change first), then each
-    change; and the live workers whenever they change."""
-    flt = subjects.jobs_filter(queue)
-    by_subject: dict[str, list[RawEvent]] = defaultdict(list)
-    next_seq = 1
+    change; and the live workers whenever they change. The reads are the queue's follower's,
+    shared with every other stream of the queue."""
     sent = after_seq
-    last_workers: list[dict[str, Any]] | None = None
-    async with Waker(log) as waker:
-        await waker.watch(flt)
+    workers_sent = 0
+    async with followers.follow_queue(queue) as follower:
         while True:
-            try:
-                new = await log.read_subject(subjects.JOBS_STREAM, flt, next_seq)
-                touched: dict[str, None] = {}
-                for ev in new:
-                    by_subject[ev.subject].append(ev)
-                    touched[ev.subject] = None
-                    next_seq = ev.seq + 1
-                changed: list[JobState] = []
-                for subject in touched:
-                    q, jid = subjects.job_id_from_subject(subject)
-                    state = fold(q, jid, subject, by_subject[subject])
-                    if state is not None and state.last_seq > sent:
-                        changed.append(state)
-                for state in sorted(changed, key=lambda s: s.last_seq):
-                    sent = state.last_seq
-                    yield QueueEvent("job", job=state)
-                workers = await list_workers(log, queue)
-                shown = [{**worker_view(w), "heartbeatMs": 0} for w in workers]
-                if shown != last_workers:
-                    last_workers = shown
-                    yield QueueEvent("workers", workers=tuple(workers))
-            except LogUnavailable as exc:
-                logger.info("queue stream %s: log unavailable, retrying: %s", queue, exc)
-                await waker.wait(min(poll_s, 1.0))
-                continue
-            await waker.wait(poll_s)
+            changed = follower.changed()
+            await follower.ready()
+            if follower.error is not None:
+                raise follower.error
+            # one snapshot: nothing below changes the follower until the first yield
+            jobs = follower.changes_after(sent)
+            workers, version = follower.workers, follower.workers_version
+            for state in jobs:
+                sent = state.last_seq
+                yield QueueEvent("job", job=state)
+            if version != workers_sent:
+                workers_sent = version
+                yield QueueEvent("workers", workers=workers)
+            if follower.done:
+                return  # stopped with the gateway (``Followers.close``)
+            await changed.wait()
 
 
 def _dumps(data: Any) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from asman.gateway.config import GatewayConfig
-from asman.gateway.follow import JobFollowers
+from asman.gateway.follow import Followers
 from asman.gateway.limits import RateLimiter
 from asman.gateway.metrics import GatewayMetrics
 from asman.log.blobs import BlobStore
@@ -26,7 +26,7 @@ __all__ = ["BLOBS", "CLOSING", "CONFIG", "FOLLOWERS", "LIMITER", "LOG", "METRICS
 CONFIG = web.AppKey("config", GatewayConfig)
 LOG = web.AppKey("log", Log)
 BLOBS = web.AppKey("blobs", BlobStore)
-FOLLOWERS = web.AppKey("followers", JobFollowers)
+FOLLOWERS = web.AppKey("followers", Followers)
 LIMITER = web.AppKey("limiter", RateLimiter)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 TMP_DIR = web.AppKey("tmp_dir", Path)

@@ -13,8 +13,8 @@ import pytest
 
 from asman.errors import LogUnavailable
 from asman.gateway import sse
-from asman.gateway.follow import JobFollowers
-from asman.gateway.sse import Cursor, JobEvent, job_events
+from asman.gateway.follow import Followers
+from asman.gateway.sse import Cursor, JobEvent, job_events, queue_events
 from asman.log import jobs
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
@@ -72,7 +72,7 @@ async def run_job(worker: Log, job_id: str, pause: float = 0.05) -> None:
     await lease.finish({"reason": "success", "exit_code": 0})
 
 
-async def watch(followers: JobFollowers, job_id: str, start: Cursor) -> list[JobEvent]:
+async def watch(followers: Followers, job_id: str, start: Cursor) -> list[JobEvent]:
     out = []
     async with asyncio.timeout(30):
         async for ev in job_events(followers, QUEUE, job_id, start):
@@ -91,7 +91,7 @@ def shape(events: list[JobEvent]) -> list[tuple[str, str]]:
 async def test_many_streams_of_one_job_share_one_reader(logs: tuple[Log, Log]) -> None:
     gateway, worker = logs
     submitted = await jobs.submit(gateway, QUEUE, DEF)
-    followers = JobFollowers(gateway, poll_s=30.0)
+    followers = Followers(gateway, poll_s=30.0)
     reads = CountingReads(gateway)
     watchers = [
         asyncio.create_task(watch(followers, submitted.job_id, Cursor())) for _ in range(25)
@@ -122,7 +122,7 @@ async def test_late_and_resuming_streams_get_exactly_what_they_miss(
     submitted = await jobs.submit(gateway, QUEUE, DEF)
     # a buffer too small to hold more than the newest log message: a stream that needs older
     # chunks reads them from the log itself
-    followers = JobFollowers(gateway, poll_s=30.0, buffer_bytes=8)
+    followers = Followers(gateway, poll_s=30.0, buffer_bytes=8)
     live = asyncio.create_task(watch(followers, submitted.job_id, Cursor()))
     await asyncio.sleep(0.2)
     await run_job(worker, submitted.job_id, pause=0.02)
@@ -150,7 +150,7 @@ async def test_a_stream_that_joins_while_the_job_runs_misses_nothing(
 ) -> None:
     gateway, worker = logs
     submitted = await jobs.submit(gateway, QUEUE, DEF)
-    followers = JobFollowers(gateway, poll_s=30.0, buffer_bytes=20)
+    followers = Followers(gateway, poll_s=30.0, buffer_bytes=20)
     first = asyncio.create_task(watch(followers, submitted.job_id, Cursor()))
     running = asyncio.create_task(run_job(worker, submitted.job_id, pause=0.1))
     await asyncio.sleep(0.7)  # some lines are out, and dropped from the small buffer
@@ -168,7 +168,7 @@ async def test_a_slow_read_of_older_chunks_loses_none(
     read: it sends what it read, then reads again from there (nothing skipped)."""
     gateway, worker = logs
     submitted = await jobs.submit(gateway, QUEUE, DEF)
-    followers = JobFollowers(gateway, poll_s=30.0, buffer_bytes=8)
+    followers = Followers(gateway, poll_s=30.0, buffer_bytes=8)
     first = asyncio.create_task(watch(followers, submitted.job_id, Cursor()))
     running = asyncio.create_task(run_job(worker, submitted.job_id, pause=0.1))
     await asyncio.sleep(0.6)  # some lines are out, and already gone from the tiny buffer
@@ -189,7 +189,7 @@ async def test_a_slow_read_of_older_chunks_loses_none(
 async def test_streams_end_when_the_gateway_stops_following(logs: tuple[Log, Log]) -> None:
     gateway, _worker = logs
     submitted = await jobs.submit(gateway, QUEUE, DEF)
-    followers = JobFollowers(gateway, poll_s=30.0)
+    followers = Followers(gateway, poll_s=30.0)
     events: list[JobEvent] = []
 
     async def listen() -> None:
@@ -202,3 +202,53 @@ async def test_streams_end_when_the_gateway_stops_following(logs: tuple[Log, Log
     await followers.close()
     with pytest.raises(LogUnavailable, match="stopped following"):
         await asyncio.wait_for(task, 5)
+
+
+async def test_many_queue_streams_share_one_reader(logs: tuple[Log, Log]) -> None:
+    gateway, worker = logs
+    followers = Followers(gateway, poll_s=30.0)
+    first = [await jobs.submit(gateway, QUEUE, {**DEF, "command": f"echo {i}"}) for i in range(3)]
+    reads = CountingReads(gateway)
+    expected = {s.job_id for s in first}
+
+    async def listen(after: int) -> dict[str, list[str]]:
+        seen: dict[str, list[str]] = {}
+        async with asyncio.timeout(30):
+            async for ev in queue_events(followers, QUEUE, after):
+                if ev.kind == "job" and ev.job is not None:
+                    seen.setdefault(ev.job.job_id, []).append(ev.job.state)
+                done = {j for j, states in seen.items() if states[-1] == "finished"}
+                if len(seen) == 5 and done == expected:
+                    return seen
+        raise AssertionError("the stream ended")
+
+    streams = [asyncio.create_task(listen(0)) for _ in range(20)]
+    await asyncio.sleep(0.3)
+    assert len(followers) == 1
+    more = [await jobs.submit(gateway, QUEUE, {**DEF, "command": f"echo {i}"}) for i in (3, 4)]
+    for submitted in first:
+        lease = await take_job(worker, submitted.job_id)
+        await lease.start()
+        await lease.finish({"reason": "success", "exit_code": 0})
+    results = await asyncio.gather(*streams)
+    everyone = expected | {s.job_id for s in more}
+    for seen in results:
+        assert set(seen) == everyone
+        for job_id in expected:
+            assert seen[job_id][-1] == "finished"
+    # one reader for the 20 streams: ~15 changes, a read each (20 streams reading on their
+    # own make 300 or more)
+    assert reads.calls < 60, reads.calls
+    await asyncio.sleep(0)
+    assert len(followers) == 0
+
+    # a stream resuming after the last change it had gets only what changed since
+    last = max(st.last_seq for st in (await jobs.list_jobs(gateway, QUEUE)))
+    lease = await take_job(worker, more[0].job_id)
+    async with asyncio.timeout(30):
+        async for ev in queue_events(followers, QUEUE, last):
+            assert ev.kind == "workers" or (ev.job is not None and ev.job.job_id == more[0].job_id)
+            if ev.job is not None:
+                assert ev.job.state == "running" and ev.job.last_seq > last
+                break
+    await lease.finish({"reason": "success", "exit_code": 0})
