@@ -35,7 +35,7 @@ from asman.errors import AsmanError, LogError, LogUnavailable
 from asman.gateway.views import Waiting, waiting, worker_view
 from asman.log import subjects
 from asman.log.connection import Log
-from asman.log.events import JobState, RawEvent, fold
+from asman.log.events import JobFold, JobState, check_event
 from asman.log.jobs import JobHistory
 from asman.log.logstream import LogChunk, read_logs
 from asman.log.workers import WorkerInfo, list_workers
@@ -265,7 +265,7 @@ class QueueFollower(Follower):
         self.states: dict[str, JobState] = {}
         self.workers: tuple[WorkerInfo, ...] = ()
         self.workers_version = 0
-        self._events: dict[str, list[RawEvent]] = collections.defaultdict(list)
+        self._folds: dict[str, JobFold] = {}  # each job's verified history, folded
         self._order: list[int] = []  # the last sequence of each change, increasing
         self._order_subjects: list[str] = []
         self._shown: list[dict[str, Any]] | None = None
@@ -285,24 +285,32 @@ class QueueFollower(Follower):
 
     async def _read(self) -> bool:
         new = await self.log.read_subject(subjects.JOBS_STREAM, self.filter, self.next_seq)
-        touched: dict[str, None] = {}
-        for ev in new:
-            self._events[ev.subject].append(ev)
-            touched[ev.subject] = None
-        changed: list[JobState] = []
-        for subject in touched:
-            q, jid = subjects.job_id_from_subject(subject)
-            state = fold(q, jid, subject, self._events[subject])
-            known = self.states.get(subject)
-            if state is not None and (known is None or state.last_seq > known.last_seq):
-                changed.append(state)
         workers = await list_workers(self.log, self.queue)
         shown = [{**worker_view(w), "heartbeatMs": 0} for w in workers]
-        # the whole snapshot changes at once, with no await in between
-        if new:
-            self.next_seq = new[-1].seq + 1
-        for state in sorted(changed, key=lambda st: st.last_seq):
-            subject = subjects.job_subject(state.queue, state.job_id)
+        # the whole snapshot changes at once, with no await from here on: a read that fails
+        # (the log away) leaves nothing half-applied, and the retry reads the same events
+        touched: dict[str, JobFold] = {}
+        for ev in new:
+            if ev.seq < self.next_seq:
+                continue
+            self.next_seq = ev.seq + 1
+            job_fold = self._folds.get(ev.subject)
+            if job_fold is None:
+                try:
+                    q, jid = subjects.job_id_from_subject(ev.subject)
+                except AsmanError as exc:  # not one of ours: never let it stop the stream
+                    logger.warning("queue %s: skipping seq %d: %s", self.queue, ev.seq, exc)
+                    continue
+                job_fold = self._folds[ev.subject] = JobFold(q, jid, ev.subject)
+            job_fold.add(check_event(ev, ev.subject))  # each event verified once
+            touched[ev.subject] = job_fold
+        changed: list[tuple[str, JobState]] = []
+        for subject, job_fold in touched.items():
+            state = job_fold.state()
+            known = self.states.get(subject)
+            if state is not None and (known is None or state.last_seq > known.last_seq):
+                changed.append((subject, state))
+        for subject, state in sorted(changed, key=lambda item: item[1].last_seq):
             self.states[subject] = state
             self._order.append(state.last_seq)
             self._order_subjects.append(subject)

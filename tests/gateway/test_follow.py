@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 from asman.errors import LogUnavailable
-from asman.gateway import sse
+from asman.gateway import follow, sse
 from asman.gateway.follow import Followers
 from asman.gateway.sse import Cursor, JobEvent, job_events, queue_events
 from asman.log import jobs
 from asman.log.connection import Log, LogConfig
+from asman.log.events import JobState
 from asman.log.keys import PeerKey
 from asman.log.leases import JobLease, TicketSource, claim
 from asman.log.logstream import append_logs
@@ -252,3 +253,44 @@ async def test_many_queue_streams_share_one_reader(logs: tuple[Log, Log]) -> Non
                 assert ev.job.state == "running" and ev.job.last_seq > last
                 break
     await lease.finish({"reason": "success", "exit_code": 0})
+
+
+async def test_a_queue_read_that_fails_midway_applies_nothing_twice(
+    logs: tuple[Log, Log], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log goes away between the read of the queue's events and the read of its workers:
+    the retry must not fold the same events a second time."""
+    gateway, worker = logs
+    followers = Followers(gateway, poll_s=30.0)
+    submitted = await jobs.submit(gateway, QUEUE, DEF)
+    armed = False
+    real_list_workers = follow.list_workers
+
+    async def flaky_list_workers(*args: Any, **kwargs: Any) -> Any:
+        nonlocal armed
+        if armed:  # the outage, once (timing it with a real restart is not repeatable)
+            armed = False
+            raise LogUnavailable("test: the log is away")
+        return await real_list_workers(*args, **kwargs)
+
+    monkeypatch.setattr(follow, "list_workers", flaky_list_workers)
+    streamed: list[JobState] = []
+
+    async def listen() -> None:
+        async for ev in queue_events(followers, QUEUE, 0):
+            if ev.job is not None:
+                streamed.append(ev.job)
+                if ev.job.state == "queued" and len(ev.job.history) > 1:
+                    return
+
+    task = asyncio.create_task(listen())
+    await asyncio.sleep(0.3)
+    armed = True
+    lease = await take_job(worker, submitted.job_id)
+    await asyncio.sleep(0.2)
+    await lease.release()
+    await asyncio.wait_for(task, 10)
+    truth = await jobs.read_job(gateway, QUEUE, submitted.job_id)
+    assert truth is not None and not armed
+    assert [h.seq for h in streamed[-1].history] == [h.seq for h in truth.history]
+    assert streamed[-1].rejected == truth.rejected == 0
