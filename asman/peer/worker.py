@@ -810,6 +810,9 @@ class Worker:
                 grace_s=cfg.kill_grace_s,
             )
         except BaseException:
+            # a second cancel can land while we wait for it: the task then ends on its own,
+            # and its outcome is still read (and logged) rather than left behind
+            starting.add_done_callback(_log_failed_start)
             with contextlib.suppress(Exception):
                 await asyncio.shield(starting)
             raise
@@ -982,6 +985,11 @@ def _list_outputs(root: Path, limit: int) -> _Outputs:
             out.files.append((rel, path, st.st_size))
     out.files.sort()
     return out
+
+
+def _log_failed_start(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.info("started not appended (the job was stopping): %s", exc)
 
 
 def _mounts_folders(runtime: Runtime) -> bool:
