@@ -79,6 +79,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="asman-gateway-"))
         app[TMP_DIR] = tmp
         app[FOLLOWERS] = followers = Followers(log, poll_s=config.poll_s)
+        app[METRICS].followers.set_function(lambda: len(followers))
         logger.info("gateway %s connected as peer %s", config.name, log.peer_id)
         try:
             yield

@@ -43,6 +43,11 @@ class GatewayMetrics:
             "Server-Sent Event streams open now",
             registry=self.registry,
         )
+        self.followers = Gauge(
+            "asman_gateway_followed",
+            "Jobs and queues followed now: one shared reader each, whatever their streams",
+            registry=self.registry,
+        )
         self.submitted = Counter(
             "asman_gateway_jobs_submitted",
             "Jobs submitted through this gateway, by outcome",

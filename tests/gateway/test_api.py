@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from gatewaystack import IMAGE, Gateway, Stack, replace_limits
+from sseparse import read_events
 
 from asman.log.definition import job_id
 
@@ -338,6 +340,30 @@ async def test_queue_metrics(gateway: Gateway) -> None:
         text = await resp.text()
     assert "asman_gateway_http_requests_total" in text
     assert 'asman_gateway_jobs_submitted_total{outcome="created"} 3.0' in text
+
+
+async def test_streams_of_one_job_share_one_reader(gateway: Gateway) -> None:
+    _status, body = await gateway.json(
+        "POST", f"/api/v1/queues/{Q}/jobs", json={"definition": {"image": IMAGE}}
+    )
+    path = f"/api/v1/queues/{Q}/jobs/{body['jobId']}/events"
+
+    async def metric(name: str) -> float:
+        async with gateway.http.get("/metrics") as resp:
+            text = await resp.text()
+        (line,) = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+        return float(line.split()[1])
+
+    async with contextlib.AsyncExitStack() as streams:
+        for _ in range(3):
+            resp = await streams.enter_async_context(gateway.http.get(path))
+            async for ev in read_events(resp):
+                if ev["event"] == "state":
+                    break
+        assert await metric("asman_gateway_event_streams") == 3.0
+        assert await metric("asman_gateway_followed") == 1.0
+        # (the reader stops with the last stream: tests/gateway/test_follow.py; here the
+        # server sees a client leave only at its next write, the ping)
 
 
 async def test_errors_never_leak_tracebacks(gateway: Gateway) -> None:
