@@ -11,9 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asman.errors import InvalidPath
+from asman.errors import InvalidInput, InvalidPath
 
-__all__ = ["JobDir", "fresh_dir", "job_dir_at", "prepare_job_dir", "remove_job_dir"]
+__all__ = [
+    "DataDirLock",
+    "JobDir",
+    "fresh_dir",
+    "job_dir_at",
+    "prepare_job_dir",
+    "remove_job_dir",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +88,31 @@ def _rmtree(path: Path) -> None:
 
 
 # ---- build context archives ----------------------------------------------------------------
+
+
+class DataDirLock:
+    """An exclusive lock on the worker's data dir: one worker per data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> DataDirLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InvalidInput(
+                f"another worker uses the data dir {self.path.parent}: give this one its own "
+                "--data-dir"
+            ) from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -18,9 +18,7 @@ import collections
 import contextlib
 import hashlib
 import logging
-import os
 import socket
-import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -39,15 +37,16 @@ from asman.errors import (
 from asman.log import jobs, subjects
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
-from asman.log.definition import BuildSpec, JobSpec, validate_relative_path
-from asman.log.events import Blob, JobState, now_ms
+from asman.log.definition import BuildSpec, JobSpec
+from asman.log.events import JobState, now_ms
 from asman.log.leases import JobLease, Ticket, TicketSource, claim
 from asman.log.workers import WorkerInfo, beat, list_workers, remove
 from asman.peer import docker
 from asman.peer.docker import ContainerSpec, RunOutcome
 from asman.peer.inputs import InputFetcher
-from asman.peer.jobdir import JobDir, job_dir_at, prepare_job_dir, remove_job_dir
+from asman.peer.jobdir import DataDirLock, JobDir, job_dir_at, prepare_job_dir, remove_job_dir
 from asman.peer.joblog import SPILL_BYTES, JobLog
+from asman.peer.outputs import OutputLimits, store_blob, store_outputs
 
 __all__ = ["Runtime", "Worker", "WorkerConfig"]
 
@@ -188,7 +187,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         (cfg.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
-        with _DataDirLock(cfg.data_dir):
+        with DataDirLock(cfg.data_dir):
             await self._run(stop)
 
     async def _run(self, stop: asyncio.Event) -> None:
@@ -828,26 +827,13 @@ class Worker:
         self, running: _Running, outcome: RunOutcome, outputs_dir: Path | None, joblog: JobLog
     ) -> dict[str, Any]:
         cfg = self.config
-        files = _Outputs()
-        if outputs_dir is not None:
-            files = await asyncio.to_thread(_list_outputs, outputs_dir, cfg.max_outputs)
-        for skipped in files.skipped:
-            joblog.system(f"output {skipped} skipped")
-        manifest = []
-        inline_total = 0
-        total = 0
-        for rel, path, size in files.files:
-            total += size
-            if total > cfg.max_output_bytes:
-                joblog.system(f"outputs over {cfg.max_output_bytes} bytes; the rest dropped")
-                break
-            inline = (
-                size <= cfg.inline_output_limit and inline_total + size <= cfg.inline_outputs_total
-            )
-            blob = await self._blob(path, inline=inline)
-            if inline:
-                inline_total += blob.size
-            manifest.append({"path": rel, **blob.to_wire()})
+        limits = OutputLimits(
+            max_files=cfg.max_outputs,
+            max_bytes=cfg.max_output_bytes,
+            inline_limit=cfg.inline_output_limit,
+            inline_total=cfg.inline_outputs_total,
+        )
+        manifest = await store_outputs(self.blobs, outputs_dir, limits, joblog.system)
         if running.why == "cancelled":
             reason = "cancelled"
         elif outcome.timed_out:
@@ -869,22 +855,7 @@ class Worker:
         """A whole log as a blob: the bytes kept in memory, or the file it spilled to (a
         JobLog spills only past the inline limit, so a file is always uploaded)."""
         inline = isinstance(content, bytes) and len(content) <= self.config.inline_output_limit
-        return (await self._blob(content, inline=inline)).to_wire()
-
-    async def _blob(self, content: bytes | Path, *, inline: bool) -> Blob:
-        """``content`` (bytes, or a file's) carried inside the ``finished`` event, or
-        uploaded to the blob store (by sha256, skipped when already there)."""
-        if inline:
-            if isinstance(content, bytes):
-                data = content
-            else:
-                data = await asyncio.to_thread(content.read_bytes)
-            return Blob(size=len(data), sha256=hashlib.sha256(data).hexdigest(), data=data)
-        if isinstance(content, bytes):
-            info = await self.blobs.put_bytes(content)
-        else:
-            info = await self.blobs.put_file(content)
-        return Blob(size=info.size, sha256=info.sha256, key=info.key)
+        return (await store_blob(self.blobs, content, inline=inline)).to_wire()
 
 
 class _Watching:
@@ -922,69 +893,6 @@ class _Watching:
             return
         task.cancel()
         await asyncio.wait([task])  # our own cancellation still propagates
-
-
-class _DataDirLock:
-    """An exclusive lock on the worker's data dir: one worker per data dir."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / ".lock"
-        self._fd: int | None = None
-
-    def __enter__(self) -> _DataDirLock:
-        import fcntl
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise InvalidInput(
-                f"another worker uses the data dir {self.path.parent}: give this one its own "
-                "--data-dir"
-            ) from None
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-@dataclass(slots=True)
-class _Outputs:
-    files: list[tuple[str, Path, int]] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-
-def _list_outputs(root: Path, limit: int) -> _Outputs:
-    """Regular files under ``root``, recursively, never following a symlink out."""
-    out = _Outputs()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        base = Path(dirpath)
-        for d in list(dirnames):
-            if (base / d).is_symlink():
-                dirnames.remove(d)
-                out.skipped.append(f"{(base / d).relative_to(root)}/ (a symlink)")
-        for name in sorted(filenames):
-            path = base / name
-            rel = path.relative_to(root).as_posix()
-            st = path.lstat()
-            if not stat.S_ISREG(st.st_mode):
-                out.skipped.append(f"{rel} (not a regular file)")
-                continue
-            try:
-                validate_relative_path(rel, "outputs")
-            except InvalidInput as exc:
-                out.skipped.append(f"{rel} ({exc})")
-                continue
-            if len(out.files) >= limit:
-                out.skipped.append(f"{rel} (more than {limit} output files)")
-                continue
-            out.files.append((rel, path, st.st_size))
-    out.files.sort()
-    return out
 
 
 def _log_failed_start(task: asyncio.Task[None]) -> None:

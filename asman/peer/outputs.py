@@ -1,0 +1,114 @@
+"""What a finished job leaves: its output files and its logs, as the ``finished`` event's
+manifest.
+
+Output files are listed without ever following a symlink out of the outputs folder; only
+regular files with a valid relative path count, up to a number of files and a total size.
+Each is carried inside the event when small (``inline_limit``, up to ``inline_total`` for the
+job), else stored in the blob store by its sha256 (skipped when already there). Whatever is
+skipped is said in the job's log (``note``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asman.errors import InvalidInput
+from asman.log.blobs import BlobStore
+from asman.log.definition import validate_relative_path
+from asman.log.events import Blob
+
+__all__ = ["OutputLimits", "Outputs", "list_outputs", "store_blob", "store_outputs"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutputLimits:
+    max_files: int
+    max_bytes: int
+    inline_limit: int  # a file this small is carried inside the event
+    inline_total: int  # up to this much inline per job
+
+
+@dataclass(slots=True)
+class Outputs:
+    files: list[tuple[str, Path, int]] = field(default_factory=list)  # (rel, path, size)
+    skipped: list[str] = field(default_factory=list)
+
+
+def list_outputs(root: Path, limit: int) -> Outputs:
+    """Regular files under ``root``, recursively, never following a symlink out."""
+    out = Outputs()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for d in list(dirnames):
+            if (base / d).is_symlink():
+                dirnames.remove(d)
+                out.skipped.append(f"{(base / d).relative_to(root)}/ (a symlink)")
+        for name in sorted(filenames):
+            path = base / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                out.skipped.append(f"{rel} (not a regular file)")
+                continue
+            try:
+                validate_relative_path(rel, "outputs")
+            except InvalidInput as exc:
+                out.skipped.append(f"{rel} ({exc})")
+                continue
+            if len(out.files) >= limit:
+                out.skipped.append(f"{rel} (more than {limit} output files)")
+                continue
+            out.files.append((rel, path, st.st_size))
+    out.files.sort()
+    return out
+
+
+async def store_blob(blobs: BlobStore, content: bytes | Path, *, inline: bool) -> Blob:
+    """``content`` (bytes, or a file's) carried inside the ``finished`` event, or uploaded to
+    the blob store (by sha256, skipped when already there)."""
+    if inline:
+        if isinstance(content, bytes):
+            data = content
+        else:
+            data = await asyncio.to_thread(content.read_bytes)
+        return Blob(size=len(data), sha256=hashlib.sha256(data).hexdigest(), data=data)
+    if isinstance(content, bytes):
+        info = await blobs.put_bytes(content)
+    else:
+        info = await blobs.put_file(content)
+    return Blob(size=info.size, sha256=info.sha256, key=info.key)
+
+
+async def store_outputs(
+    blobs: BlobStore,
+    outputs_dir: Path | None,
+    limits: OutputLimits,
+    note: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The manifest of the files under ``outputs_dir`` (none when None), each stored."""
+    files = Outputs()
+    if outputs_dir is not None:
+        files = await asyncio.to_thread(list_outputs, outputs_dir, limits.max_files)
+    for skipped in files.skipped:
+        note(f"output {skipped} skipped")
+    manifest = []
+    inline_total = 0
+    total = 0
+    for rel, path, size in files.files:
+        total += size
+        if total > limits.max_bytes:
+            note(f"outputs over {limits.max_bytes} bytes; the rest dropped")
+            break
+        inline = size <= limits.inline_limit and inline_total + size <= limits.inline_total
+        blob = await store_blob(blobs, path, inline=inline)
+        if inline:
+            inline_total += blob.size
+        manifest.append({"path": rel, **blob.to_wire()})
+    return manifest
