@@ -1,6 +1,6 @@
 """A runtime that runs nothing: **benchmark-only**.
 
-``NoopRuntime`` satisfies ``asman.peer.worker.Runtime`` and answers every job at once with exit
+``NoopRuntime`` satisfies ``asman.peer.runtime.Runtime`` and answers every job at once with exit
 code 0, so the queue-path benchmarks measure Asman's log work (fetch, claim, start, finish, ack)
 and not Docker. It must never be used to serve a real queue: it would finish every job as a
 success without running it.

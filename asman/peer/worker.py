@@ -20,10 +20,10 @@ import hashlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from asman import __version__
 from asman.errors import (
@@ -37,16 +37,17 @@ from asman.errors import (
 from asman.log import jobs, subjects
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
-from asman.log.definition import BuildSpec, JobSpec
+from asman.log.definition import JobSpec
 from asman.log.events import JobState, now_ms
 from asman.log.leases import JobLease, Ticket, TicketSource, claim
 from asman.log.workers import WorkerInfo, beat, list_workers, remove
-from asman.peer import docker
 from asman.peer.docker import ContainerSpec, RunOutcome
 from asman.peer.inputs import InputFetcher
 from asman.peer.jobdir import DataDirLock, JobDir, job_dir_at, prepare_job_dir, remove_job_dir
 from asman.peer.joblog import SPILL_BYTES, JobLog
 from asman.peer.outputs import OutputLimits, store_blob, store_outputs
+from asman.peer.runtime import Runtime, docker_build, mounts_folders
+from asman.peer.watch import Running, Watching
 
 __all__ = ["Runtime", "Worker", "WorkerConfig"]
 
@@ -62,47 +63,6 @@ GPU_HANDBACK_S = 10.0
 #: fetch waits at most this long, so that one source never holds a slot another one needs
 #: for a whole long poll.
 SHARE_POLL_S = 1.0
-#: A running job's watcher subscribes to the job's subject only after this long: a job that
-#: ends sooner costs no subscription, and loses nothing, since its finish is fenced (a
-#: cancel or a foreign claim on top makes the finishing compare-and-set fail and is read).
-WATCH_AFTER_S = 0.25
-
-OnOutput = Callable[[str, bytes], Awaitable[None]]
-OnLog = Callable[[str], Awaitable[None]]
-
-
-class Runtime(Protocol):
-    """What runs a job's container. ``DockerRuntime`` is the real one.
-
-    ``mounts_folders``: the runtime binds the attempt's host folders (``inputs_dir``,
-    ``outputs_dir``) into the job; the worker makes them, fills the inputs and collects the
-    outputs only then. A runtime that mounts nothing costs no folder, no thread hop.
-    """
-
-    mounts_folders: bool
-
-    async def ensure_image(self, image: str, on_log: OnLog) -> None: ...
-
-    async def build(
-        self,
-        build: docker.BuildSpec,
-        *,
-        work_dir: Path,
-        fetch_context: Callable[[str, Path], Awaitable[Path]] | None,
-        on_log: OnLog,
-    ) -> str: ...
-
-    async def run(
-        self,
-        spec: ContainerSpec,
-        *,
-        on_output: OnOutput | None,
-        stop: asyncio.Event,
-        timeout_s: float | None,
-        grace_s: float = 10.0,
-    ) -> RunOutcome: ...
-
-    async def cleanup_orphans(self, worker_id: str | None = None) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,16 +104,6 @@ class WorkerConfig:
             raise InvalidInput("--gpus lists a device twice")
 
 
-@dataclass(slots=True)
-class _Running:
-    lease: JobLease
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    why: str = ""  # "cancelled", "lost" or "handback" once stop is set
-    gpus: tuple[str, ...] = ()
-    exited: bool = False  # the container is gone; outputs and result are being written
-    holds_slot: bool = True  # False once the slot went to the next job (``_exited``)
-
-
 class Worker:
     """One worker process's job loop. ``await worker.run(stop)`` until ``stop`` is set."""
 
@@ -168,7 +118,7 @@ class Worker:
         self._free = config.slots
         self._free_gpus = list(config.gpus)
         self._slot_freed = asyncio.Event()
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, Running] = {}
         self._finishing = 0  # jobs past their container that gave their slot back
         self._slot_sources = 1  # fetch loops that take slots (set when the worker runs)
         self._slot_queue: collections.deque[object] = collections.deque()  # sources waiting
@@ -463,7 +413,7 @@ class Worker:
             return False
         return True  # nobody has enough GPUs: claim it and refuse it with the reason
 
-    def _exited(self, running: _Running) -> None:
+    def _exited(self, running: Running) -> None:
         """The container is gone: its slot (and GPUs) go to the next job while this one's
         outputs are stored and its result is written, as long as no more jobs than there are
         slots are finishing so (the work that is not a container stays bounded too)."""
@@ -475,7 +425,7 @@ class Worker:
 
     async def _job(self, ticket: Ticket) -> None:
         gpus: tuple[str, ...] = ()
-        running: _Running | None = None
+        running: Running | None = None
         try:
             if ticket.job_class == "gpu" and not await self._gpu_ticket_is_ours(ticket):
                 return
@@ -501,7 +451,7 @@ class Worker:
                 if got is None:
                     return
                 gpus = got
-            running = _Running(lease, gpus=gpus)
+            running = Running(lease, gpus=gpus)
             self._running[lease.job_id] = running
             try:
                 await self._run_claimed(running, spec)
@@ -557,7 +507,7 @@ class Worker:
                 with contextlib.suppress(AsmanError):
                     await lease.keepalive()
 
-    async def _start(self, running: _Running) -> None:
+    async def _start(self, running: Running) -> None:
         """Append ``started``; if it cannot be (the lease was lost, or the log stays out),
         stop the container: its result could not be written."""
         try:
@@ -610,51 +560,9 @@ class Worker:
         logger.info("job=%s queue=%s error: %s", lease.job_id, lease.queue, message)
         await asyncio.shield(lease.finish({"reason": "error", "message": message[:4000]}))
 
-    async def _watch(self, running: _Running) -> None:
-        """Stop the container at once when a cancel or a foreign claim lands on the job
-        (started ``WATCH_AFTER_S`` into the job by ``_Watching``: what landed before is read
-        when the watch starts)."""
-        lease = running.lease
-        wake = asyncio.Event()
-        stop_sub: Callable[[], Awaitable[None]] | None = None
-        ttl = self.log.config.lease_ttl_s
-        try:
-            while not running.stop.is_set():
-                if stop_sub is None:
-                    # subscribed first, then read: nothing appended in between is missed;
-                    # while the subscription fails (a reconnect), the lease is still kept
-                    try:
-                        stop_sub = await self.log.wake_on(lease.subject, wake, ignore=lease.is_own)
-                    except LogError as exc:
-                        logger.warning("job=%s cannot watch the job yet: %s", lease.job_id, exc)
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(ttl / 3):
-                            await wake.wait()
-                wake.clear()
-                try:
-                    await lease.keepalive()
-                    state = await lease.check()
-                except LeaseLost:
-                    running.why = "lost"
-                    running.stop.set()
-                    return
-                except LogError as exc:
-                    logger.warning("job=%s lease check failed: %s", lease.job_id, exc)
-                    continue
-                if state.cancel_requested:
-                    running.why = running.why or "cancelled"
-                    running.stop.set()
-                    return
-                if stop_sub is None:
-                    await asyncio.sleep(1.0)
-        finally:
-            if stop_sub is not None:
-                await stop_sub()
-
-    async def _run_claimed(self, running: _Running, spec: JobSpec) -> None:
+    async def _run_claimed(self, running: Running, spec: JobSpec) -> None:
         lease, cfg = running.lease, self.config
-        folders = _mounts_folders(self.runtime)
+        folders = mounts_folders(self.runtime)
         if folders:
             job_dir = await asyncio.to_thread(
                 prepare_job_dir, cfg.data_dir / "jobs", lease.job_id, lease.attempt
@@ -666,7 +574,7 @@ class Worker:
         result: dict[str, Any]
         joblog: JobLog | None = None
         try:
-            watching = _Watching(self._watch, running)
+            watching = Watching(running)
             try:
                 async with JobLog(
                     self.log,
@@ -745,7 +653,7 @@ class Worker:
                 await asyncio.to_thread(remove_job_dir, job_dir)
 
     async def _execute(
-        self, running: _Running, spec: JobSpec, job_dir: JobDir, joblog: JobLog
+        self, running: Running, spec: JobSpec, job_dir: JobDir, joblog: JobLog
     ) -> RunOutcome:
         lease, cfg = running.lease, self.config
 
@@ -754,12 +662,12 @@ class Worker:
 
         # inputs
         mounts: list[tuple[Path, str]] = []
-        if _mounts_folders(self.runtime):
+        if mounts_folders(self.runtime):
             mounts = await self.inputs.materialize(spec, job_dir.inputs, job_dir.root / "config")
         # image
         if spec.build is not None:
             image = await self.runtime.build(
-                _docker_build(spec.build),
+                docker_build(spec.build),
                 work_dir=job_dir.root / "build",
                 fetch_context=self.inputs.fetch_context,
                 on_log=on_build_log,
@@ -824,7 +732,7 @@ class Worker:
         return outcome
 
     async def _collect(
-        self, running: _Running, outcome: RunOutcome, outputs_dir: Path | None, joblog: JobLog
+        self, running: Running, outcome: RunOutcome, outputs_dir: Path | None, joblog: JobLog
     ) -> dict[str, Any]:
         cfg = self.config
         limits = OutputLimits(
@@ -858,60 +766,6 @@ class Worker:
         return (await store_blob(self.blobs, content, inline=inline)).to_wire()
 
 
-class _Watching:
-    """A running job's watcher, started ``WATCH_AFTER_S`` after the job: a job that ends
-    sooner costs a timer, not a task and a subscription."""
-
-    def __init__(
-        self, watch: Callable[[_Running], Coroutine[Any, Any, None]], running: _Running
-    ) -> None:
-        self._watch = watch
-        self._running = running
-        self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
-
-    def _start(self) -> None:
-        if not self._running.stop.is_set():
-            job = self._running.lease.job_id
-            self._task = asyncio.create_task(self._watch(self._running), name=f"watch-{job[:8]}")
-            self._task.add_done_callback(self._ended)
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        """A watcher that fails keeps no lease alive: stop the job and hand it back now,
-        rather than let the lease run out under a running container."""
-        if task.cancelled() or task.exception() is None:
-            return
-        running = self._running
-        logger.error("job=%s watcher failed: %r", running.lease.job_id, task.exception())
-        running.why = running.why or "handback"
-        running.stop.set()
-
-    async def stop(self) -> None:
-        self._timer.cancel()
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        await asyncio.wait([task])  # our own cancellation still propagates
-
-
 def _log_failed_start(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         logger.info("started not appended (the job was stopping): %s", exc)
-
-
-def _mounts_folders(runtime: Runtime) -> bool:
-    """Whether ``runtime`` binds the attempt's folders (a runtime that does not say does)."""
-    return bool(getattr(runtime, "mounts_folders", True))
-
-
-def _docker_build(b: BuildSpec) -> docker.BuildSpec:
-    return docker.BuildSpec(
-        dockerfile=b.dockerfile,
-        context=b.context,
-        build_context=b.build_context or ".",
-        filename=b.filename,
-        target=b.target,
-        platform=b.platform,
-        build_args=dict(b.build_args),
-    )
