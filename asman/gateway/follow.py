@@ -37,7 +37,7 @@ from asman.log import subjects
 from asman.log.connection import Log
 from asman.log.events import JobFold, JobState, check_event
 from asman.log.jobs import JobHistory
-from asman.log.logstream import LogChunk, read_logs
+from asman.log.logstream import LogChunk, read_logs, writers
 from asman.log.workers import WorkerInfo, list_workers
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "JobFollower",
     "QueueFollower",
     "Waker",
-    "writers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,11 +85,6 @@ class Waker:
             self._unregister()
         for stop in self._stops:
             await stop()
-
-
-def writers(state: JobState) -> frozenset[str]:
-    """The peers whose log chunks count: those with an accepted claim on the job."""
-    return frozenset(h.signer for h in state.history if h.accepted and h.type == "claimed")
 
 
 class Follower:

@@ -171,7 +171,7 @@ async def job_events(
                 yield JobEvent("end", state, Cursor(sent_job, log_next - 1))
                 return
             if follower.done:
-                return  # stopped with the gateway (``JobFollowers.close``)
+                return  # nothing more will change (a stopped follower carries an error)
             await changed.wait()
 
 
@@ -199,7 +199,7 @@ async def queue_events(
                 workers_sent = version
                 yield QueueEvent("workers", workers=workers)
             if follower.done:
-                return  # stopped with the gateway (``Followers.close``)
+                return  # nothing more will change (a stopped follower carries an error)
             await changed.wait()
 
 

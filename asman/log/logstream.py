@@ -17,7 +17,7 @@ from asman.log import subjects, wire
 from asman.log.connection import Log, translate_errors
 from asman.log.events import JobState, now_ms
 
-__all__ = ["LogChunk", "append_logs", "follow_logs", "read_logs"]
+__all__ = ["LogChunk", "append_logs", "follow_logs", "read_logs", "writers"]
 
 STREAMS = ("stdout", "stderr", "build", "system")
 
@@ -44,18 +44,17 @@ async def append_logs(
     return int(ack.seq)
 
 
-def _writers(state: JobState | None) -> set[str]:
-    if state is None:
-        return set()
-    return {h.signer for h in state.history if h.accepted and h.type == "claimed"}
+def writers(state: JobState) -> frozenset[str]:
+    """The peers whose log chunks count: those with an accepted claim on the job."""
+    return frozenset(h.signer for h in state.history if h.accepted and h.type == "claimed")
 
 
-def _decode(subject: str, seq: int, data: bytes, writers: set[str]) -> list[LogChunk]:
+def _decode(subject: str, seq: int, data: bytes, allowed: frozenset[str]) -> list[LogChunk]:
     try:
         opened = wire.open_envelope(data, subject)
     except EnvelopeError:
         return []
-    if opened.signer not in writers:
+    if opened.signer not in allowed:
         return []
     attempt = opened.event.get("attempt", 0)
     items = opened.event.get("chunks", [])
@@ -78,10 +77,10 @@ async def read_logs(log: Log, state: JobState, start_seq: int = 1) -> tuple[list
     """Chunks of the job from ``start_seq``; returns them and the next cursor."""
     subject = subjects.logs_subject(state.queue, state.job_id)
     raw = await log.read_subject(subjects.LOGS_STREAM, subject, start_seq)
-    writers = _writers(state)
+    allowed = writers(state)
     out: list[LogChunk] = []
     for ev in raw:
-        out.extend(_decode(subject, ev.seq, ev.data, writers))
+        out.extend(_decode(subject, ev.seq, ev.data, allowed))
     cursor = raw[-1].seq + 1 if raw else start_seq
     return out, cursor
 
