@@ -101,6 +101,11 @@ async def run_dev(options: DevOptions) -> int:
     )
     base = f"http://127.0.0.1:{options.http_port}"
     try:
+        from asman.peer.client import migrate_log
+
+        upgrade = await migrate_log(settings)
+        if upgrade.found_v1:
+            click.echo(f"asman dev: the log in {data}: {upgrade.summary()}", err=True)
         async with (
             Client.connect(settings, name="asman-dev") as client,
             contextlib.AsyncExitStack() as stack,

@@ -20,7 +20,10 @@ subject, field name) so callers can act on them without parsing text.
     │   ├── LogUnavailable            cannot reach NATS or JetStream in time
     │   ├── JobNotFound               no such job on this queue (.queue, .job_id)
     │   ├── Conflict                  a compare-and-set lost: someone else wrote first
-    │   └── LeaseLost                 this worker no longer holds the job's lease
+    │   ├── LeaseLost                 this worker no longer holds the job's lease
+    │   ├── HistoryFull               a job's subject holds all the messages it may
+    │   ├── MessageTooLarge           an event is over the stream's message size limit
+    │   └── WireVersionMismatch       the log was written by another Asman wire version
     ├── BlobError                     the blob store failed (.key)
     │   ├── BlobNotFound
     │   ├── BlobCorrupt               bytes do not match their sha256
@@ -46,6 +49,7 @@ __all__ = [
     "DockerUnavailable",
     "EnvelopeError",
     "EnvelopeTooLarge",
+    "HistoryFull",
     "ImageError",
     "InvalidDefinition",
     "InvalidInput",
@@ -57,8 +61,10 @@ __all__ = [
     "LogError",
     "LogUnavailable",
     "MalformedEnvelope",
+    "MessageTooLarge",
     "RuntimeFailure",
     "UnauthorizedSigner",
+    "WireVersionMismatch",
     "WrongSubject",
 ]
 
@@ -157,6 +163,18 @@ class LeaseLost(LogError):
         self.queue = queue
         self.job_id = job_id
         super().__init__(message or f"lease on job {job_id} (queue {queue!r}) was lost")
+
+
+class HistoryFull(LogError):
+    pass
+
+
+class MessageTooLarge(LogError):
+    pass
+
+
+class WireVersionMismatch(LogError):
+    pass
 
 
 class BlobError(AsmanError):

@@ -78,7 +78,6 @@ async def run(n: int = 30) -> dict[str, Any]:
                     queues=(QUEUE,),
                     data_dir=work / "worker",
                     slots=1,
-                    fetch_timeout_s=5.0,
                     heartbeat_s=30.0,
                 ),
             )

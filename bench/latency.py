@@ -48,9 +48,7 @@ async def asman_latency(url: str, n: int, data_dir: Any) -> tuple[list[float], l
             wlog,
             blobs,
             NoopRuntime(),
-            WorkerConfig(
-                queues=(QUEUE,), data_dir=data_dir, slots=1, fetch_timeout_s=5.0, heartbeat_s=30.0
-            ),
+            WorkerConfig(queues=(QUEUE,), data_dir=data_dir, slots=1, heartbeat_s=30.0),
         )
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))

@@ -1,16 +1,17 @@
 """Queue path: enqueue N jobs, one worker process drains them; against raw JetStream.
 
-Asman: ``jobs.submit`` (validate, job id, signed ``submitted`` by CAS, dispatch ticket) with
+Asman: ``jobs.submit`` (validate, job id, signed ``submitted`` by CAS, waiting-index entry) with
 ``ENQUEUE_CONCURRENCY`` submits in flight; then one ``Worker`` with the benchmark-only
 ``NoopRuntime`` (every job an instant success) drains the queue with 1 slot and with 10:
-fetch, read and verify the job, signed ``claimed`` by CAS, ``started`` and ``finished`` by CAS,
-ack. The drain runs in this process while nothing else does (the enqueuer is idle).
+find it in the waiting index (live), signed ``claimed`` by CAS while the job is read and
+verified, ``started`` and ``finished`` by CAS, the index entry marked done. The drain runs
+in this process while nothing else does (the enqueuer is idle).
 
 Raw: the same stream settings as the dispatch stream (work queue, file storage, R1); publish N
 messages with ``js.publish`` (same concurrency), then a durable pull consumer drains them with
 ``fetch(1)`` + ``ack_sync()``, one at a time or 10 in flight.
 
-Also measured: the lease protocol alone (``drain_protocol``: fetch, claim, start, finish, ack
+Also measured: the lease protocol alone (``drain_protocol``: take, claim, start, finish
 in 1 or 10 loops, no ``Worker`` around it), which splits the cost between the log layer and
 the worker's own per-job work (job folder, log file, watcher, runtime calls).
 
@@ -36,9 +37,9 @@ from nats.js.api import (
 from asman.log import jobs
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
-from asman.log.leases import TicketSource, claim
 from asman.log.objstore import ObjectStoreBlobs
 from asman.peer.worker import Worker, WorkerConfig
+from bench.claiming import Claimer
 from bench.common import log, median, nats_server, scratch, table
 from bench.noop import NoopRuntime
 
@@ -71,7 +72,6 @@ async def drain_asman(url: str, queue: str, n: int, slots: int, data_dir: Path) 
             queues=(queue,),
             data_dir=data_dir,
             slots=slots,
-            fetch_timeout_s=1.0,
             heartbeat_s=30.0,
             sweep_interval_s=3600.0,
         )
@@ -99,28 +99,26 @@ async def drain_asman(url: str, queue: str, n: int, slots: int, data_dir: Path) 
 
 async def drain_protocol(url: str, queue: str, n: int, inflight: int) -> float:
     """The lease protocol alone, without the worker around it (no job folder, log file,
-    watcher or runtime): ``inflight`` loops of fetch(1), ``claim``, ``start``, ``finish``.
+    watcher or runtime): ``inflight`` loops of take a waiting job, ``claim``, ``start``,
+    ``finish``.
     What the log layer costs per job; the worker's own per-job work is the difference."""
     async with Log(LogConfig(servers=(url,)), PeerKey.generate()) as wlog:
         done = 0
         finished = asyncio.Event()
 
+        claimer = await Claimer(wlog, queue).open()
+
         async def loop() -> None:
             nonlocal done
-            source = await TicketSource(wlog, queue, "cpu").open()
-            try:
-                while True:
-                    for ticket in await source.fetch(1, 1.0):
-                        lease = await claim(wlog, ticket)
-                        if lease is None:
-                            raise RuntimeError(f"job {ticket.job_id} could not be claimed")
-                        await lease.start()
-                        await lease.finish({"reason": "success", "exit_code": 0})
-                        done += 1
-                        if done >= n:
-                            finished.set()
-            finally:
-                await source.close()
+            while True:
+                lease = await claimer.next(1.0)
+                if lease is None:
+                    continue
+                await lease.start()
+                await lease.finish({"reason": "success", "exit_code": 0})
+                done += 1
+                if done >= n:
+                    finished.set()
 
         t = time.perf_counter()
         async with asyncio.TaskGroup() as tg:
@@ -130,6 +128,7 @@ async def drain_protocol(url: str, queue: str, n: int, inflight: int) -> float:
             rate = n / (time.perf_counter() - t)
             for task in loops:
                 task.cancel()
+        await claimer.close()
         return rate
 
 

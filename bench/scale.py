@@ -24,7 +24,6 @@ from typing import Any
 from asman.log import jobs
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
-from asman.log.leases import TicketSource
 from bench.common import ROOT, log, median, nats_server, percentile, rss_kb, scratch, table
 
 IMAGE = "asman/busybox:local"
@@ -92,23 +91,20 @@ async def _take(url: str, queue: str, work: Path) -> dict[str, Any]:
 
 async def _contention(client: Log, url: str, n: int, workers: int, work: Path) -> dict[str, Any]:
     queue = "scale-16"
-    source = await TicketSource(client, queue, "cpu").open()  # the shared durable exists
     procs = [_spawn(url, queue, work / f"c{i}") for i in range(workers)]
     try:
         for proc in procs:
             await _ready(proc)
-        await asyncio.sleep(1.0)  # every worker is in its fetch loop
         t = time.perf_counter()
         await _enqueue(client, queue, n, concurrency=32)
         async with asyncio.timeout(600):
             while True:
-                waiting, unacked = await source.pending()
-                if waiting == 0 and unacked == 0:
+                states = await jobs.list_jobs(client, queue)
+                if len(states) == n and all(s.finished for s in states):
                     break
                 await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - t
     finally:
-        await source.close()
         for proc in procs:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)

@@ -3,15 +3,17 @@
 same run (issue 6 section 4).
 
 No containers: each worker process runs Asman's lease protocol itself, one job at a time,
-through ``asman.log`` (fetch one ticket, read and verify the job, signed ``claimed`` by CAS,
-``started``, ``finished`` by CAS, ack). That is everything a worker does on the log for a job;
+through ``asman.log`` (take a waiting job from the queue's index, signed ``claimed`` by CAS
+while the job is read and verified, ``started``, ``finished`` by CAS). That is everything a
+worker does on the log for a job;
 the container is left out so the figures show the log, not Docker. Nothing is faked: every
 event is signed, verified and compare-and-set on real servers.
 
 Per topology and process count: N jobs are submitted first (not timed), the worker processes
 connect and wait, then all start at once. jobs/s = N / (last finish - start). Claim latency =
-fetch returned -> claim accepted (read + verify + CAS append), per job; "job" = fetch returned
--> ack done. Every job must end finished exactly once (checked after each run).
+taking a job from the index -> claim accepted (read + verify + CAS append), per job;
+"job" = the same start -> finished accepted. Every job must end finished exactly once
+(checked after each run).
 
     .venv/bin/python -m bench.scaleout [--jobs 400] [--procs 1,4,16] [--repeat 3]
                                        [--reads direct|consumer] [--json]
@@ -39,8 +41,8 @@ from typing import Any
 from asman.log import jobs
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
-from asman.log.leases import TicketSource, claim
 from asman.log.server import NatsServer, free_port, nats_server_binary
+from bench.claiming import Claimer
 from bench.common import ROOT, log, median, percentile, table
 
 sys.path.insert(0, str(ROOT / "tests" / "federation"))  # the deploy/nats launcher of the tests
@@ -99,22 +101,19 @@ async def worker_main(servers: list[str], queue: str, replicas: int, reads: str)
     """Print "ready", wait for "go" on stdin, drain the queue, print the stats as JSON."""
     config = LogConfig(servers=tuple(servers), replicas=replicas, manage_streams=False, reads=reads)
     async with Log(config, PeerKey.generate()) as lg:
-        source = await TicketSource(lg, queue, "cpu").open()
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
+        claimer = await Claimer(lg, queue).open()
         claim_ms: list[float] = []
         job_ms: list[float] = []
         last_finish = time.time()
         try:
             while True:
-                tickets = await source.fetch(1, 1.0)
-                if not tickets:
-                    break  # everything was submitted before "go": the queue is drained
                 t0 = time.perf_counter()
-                lease = await claim(lg, tickets[0])
+                lease = await claimer.next(1.0)
                 t1 = time.perf_counter()
                 if lease is None:
-                    continue
+                    break  # everything was submitted before "go": the queue is drained
                 await lease.start()
                 await lease.finish({"reason": "success", "exit_code": 0, "duration_ms": 0})
                 t2 = time.perf_counter()
@@ -122,7 +121,7 @@ async def worker_main(servers: list[str], queue: str, replicas: int, reads: str)
                 job_ms.append((t2 - t0) * 1000)
                 last_finish = time.time()
         finally:
-            await source.close()
+            await claimer.close()
     print(json.dumps({"claim_ms": claim_ms, "job_ms": job_ms, "last_finish": last_finish}))
 
 

@@ -1,7 +1,7 @@
 """One worker process for the scale benchmark (benchmark-only: it runs the ``NoopRuntime``).
 
 ``python -m bench.worker_proc --url URL --queue Q --data-dir DIR [--jobs K] [--slots N]``
-prints one JSON line ``{"ready": true}`` once it fetches, and at the end one JSON line with
+prints one JSON line ``{"ready": true}`` once it runs, and at the end one JSON line with
 the jobs it ran, its claim latencies (ms, from calling ``claim`` to holding the lease), its
 resident memory (``VmRSS`` and peak ``VmHWM``, KiB) and its peer id. It stops after ``K`` jobs,
 or on SIGTERM (the parent stops it by PID).
@@ -21,7 +21,7 @@ from typing import Any
 from asman.log import leases
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
-from asman.log.leases import JobLease, Ticket
+from asman.log.leases import JobLease
 from asman.log.objstore import ObjectStoreBlobs
 from asman.peer import worker as worker_module
 from asman.peer.worker import Worker, WorkerConfig
@@ -40,9 +40,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     claimed_at: list[float] = []
     real_claim = leases.claim
 
-    async def timed_claim(log: Log, ticket: Ticket) -> JobLease | None:
+    async def timed_claim(
+        log: Log, queue: str, job: str, *args: Any, **kwargs: Any
+    ) -> JobLease | None:
         t = time.perf_counter()
-        lease = await real_claim(log, ticket)
+        lease = await real_claim(log, queue, job, *args, **kwargs)
         if lease is not None:
             claimed_at.append(time.perf_counter())
             claim_ms.append((claimed_at[-1] - t) * 1000)
@@ -65,7 +67,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 queues=(args.queue,),
                 data_dir=Path(args.data_dir),
                 slots=args.slots,
-                fetch_timeout_s=1.0,
                 heartbeat_s=5.0,
                 drain_grace_s=5.0,
                 sweep_interval_s=3600.0,
@@ -84,7 +85,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.perf_counter() - t0
         stop.set()
         await task
-        # steady rate: from the 10th claim on (the first ones include the consumer's start)
+        # steady rate: from the 10th claim on (the first ones include the worker's start)
         steady = claimed_at[10:]
         return {
             "first_claim_s": claimed_at[0] - t0 if claimed_at else None,

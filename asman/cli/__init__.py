@@ -345,6 +345,34 @@ async def jobs_cancel(queue: str, job: str, as_json: bool, **kwargs: Any) -> Non
         click.echo(f"{job[:12]}: cancel requested; its worker is stopping it")
 
 
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Say what would be carried over; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@log_options
+@asyncmain
+async def migrate(dry_run: bool, as_json: bool, **kwargs: Any) -> None:
+    """Upgrade a NATS server's Asman streams from wire v1 (Asman 0.1) to v2, once.
+
+    Unfinished v1 jobs are submitted again (signed by this key); finished v1 results are
+    not carried over (docs/operations.md, "Upgrading")."""
+    from asman.peer.client import migrate_log
+
+    report = await migrate_log(settings_from(kwargs), dry_run=dry_run)
+    if as_json:
+        emit_json(
+            {
+                "found_v1": report.found_v1,
+                "dry_run": dry_run,
+                "jobs_seen": report.jobs_seen,
+                "carried": [{"queue": q, "job": j} for q, j in report.carried],
+                "finished_left": report.finished_left,
+                "unreadable": report.unreadable,
+            }
+        )
+    else:
+        click.echo(("(dry run) " if dry_run else "") + report.summary())
+
+
 # -- queue, url, keys --------------------------------------------------------------------
 
 

@@ -189,7 +189,8 @@ def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
             envvar="ASMAN_LEASE_TTL",
             default="30s",
             show_default=True,
-            help="A worker's lease: the ack wait of its tickets.",
+            help="The lease grace: a challenged lease holder has this long to answer (written "
+            "into the jobs stream when this peer creates it; peers use the stream's).",
         ),
         click.option(
             "--max-attempts",

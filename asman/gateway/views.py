@@ -251,7 +251,7 @@ def _last_change_ms(state: JobState) -> int:
     if state.result:
         return state.result.finished_ms
     if state.lease:
-        return state.started_ms or state.lease.claimed_ms
+        return state.started_ms or state.lease.claimed_ms or state.submitted_ms
     return state.submitted_ms
 
 

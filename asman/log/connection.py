@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import functools
 import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -31,9 +34,18 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from asman.errors import AsmanError, ConfigError, Conflict, LogError, LogUnavailable
+from asman.errors import (
+    AsmanError,
+    ConfigError,
+    Conflict,
+    HistoryFull,
+    LogError,
+    LogUnavailable,
+    MessageTooLarge,
+    WireVersionMismatch,
+)
 from asman.log import subjects, wire
-from asman.log.events import CheckedEvent, RawEvent
+from asman.log.events import CheckedEvent, RawEvent, Rules
 from asman.log.filtered import read_filtered
 from asman.log.keys import PeerKey
 
@@ -43,9 +55,15 @@ logger = logging.getLogger(__name__)
 
 ERR_WRONG_LAST_SEQUENCE = 10071
 ERR_MAX_MSGS_PER_SUBJECT = 10077
+ERR_MESSAGE_TOO_LARGE = 10054
 ERR_STREAM_CONFIG_CHANGED = 10058
 ERR_STREAM_NOT_FOUND = 10059
 READ_RETRIES = 4
+#: a read asks for at most this many bytes per batch (a subject full of large junk must not
+#: arrive in one burst)
+READ_BATCH_BYTES = 1024 * 1024
+#: how long a waiting-index tombstone (``d``) stays before it goes away by itself
+DONE_TTL = "1s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +80,11 @@ class LogConfig:
     replicas: int = 1
     retention_s: int = 7 * 24 * 3600
     logs_retention_s: int = 7 * 24 * 3600
+    # a challenged lease holder has this long to answer (server time); written into the
+    # jobs stream's metadata by whoever creates it, and read from there by every peer
     lease_ttl_s: float = 30.0
     max_attempts: int = 3
+    max_events: int = 512
     heartbeat_ttl_s: float = 30.0
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 5.0
@@ -85,6 +106,60 @@ class LogConfig:
     def __post_init__(self) -> None:
         if self.reads not in ("direct", "consumer"):
             raise ConfigError(f"reads must be 'direct' or 'consumer', not {self.reads!r}")
+        if self.lease_ttl_s < 0.5:
+            raise ConfigError(f"the lease ttl must be at least 0.5 s, not {self.lease_ttl_s}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max attempts must be at least 1, not {self.max_attempts}")
+        if not 16 <= self.max_events <= 100_000:
+            raise ConfigError(f"max events must be 16 to 100000, not {self.max_events}")
+
+    def rules(self) -> Rules:
+        """The protocol's numbers this config asks for (used when it creates the streams)."""
+        return Rules(
+            lease_ms=int(self.lease_ttl_s * 1000),
+            max_attempts=self.max_attempts,
+            max_events=self.max_events,
+        )
+
+
+def rules_metadata(rules: Rules) -> dict[str, str]:
+    """The jobs stream's metadata: the wire version and the protocol's numbers."""
+    out = {subjects.META_WIRE: str(wire.SCHEMA_VERSION)}
+    for name, key in subjects.META_RULES.items():
+        out[key] = str(getattr(rules, name))
+    return out
+
+
+def rules_from_metadata(metadata: dict[str, str] | None, default: Rules) -> Rules:
+    """The protocol's numbers from a jobs stream's metadata (``default`` for what is
+    missing or not a positive number)."""
+    values: dict[str, int] = {}
+    names = {f.name for f in fields(Rules)}
+    for name, key in subjects.META_RULES.items():
+        raw = (metadata or {}).get(key)
+        if name in names and raw is not None and raw.isdigit() and int(raw) > 0:
+            values[name] = int(raw)
+    return Rules(**{**{f.name: getattr(default, f.name) for f in fields(Rules)}, **values})
+
+
+@functools.lru_cache(maxsize=512)
+def _epoch_seconds(prefix: str) -> int:
+    return int(datetime.datetime.fromisoformat(prefix + "+00:00").timestamp())
+
+
+def server_ms(stamp: str | None) -> int | None:
+    """Milliseconds since the epoch of a ``Nats-Time-Stamp`` (RFC 3339, UTC, nanoseconds):
+    the server's time of a stored message. None if it is missing or not one."""
+    if not stamp or len(stamp) < 20 or stamp[-1] != "Z":
+        return None
+    try:
+        base = _epoch_seconds(stamp[:19])
+    except ValueError:
+        return None
+    frac = stamp[20:-1] if stamp[19] == "." else ""
+    if frac and not frac.isdigit():
+        return None
+    return base * 1000 + (int((frac + "000")[:3]) if frac else 0)
 
 
 class _Translate:
@@ -109,8 +184,19 @@ class _Translate:
                 raise Conflict(
                     f"{self.what}: someone else wrote first ({exc.description})"
                 ) from exc
+            if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
+                raise HistoryFull(
+                    f"{self.what}: the subject holds all the messages it may "
+                    f"({exc.description}); nothing more can be written there"
+                ) from exc
+            if exc.err_code == ERR_MESSAGE_TOO_LARGE:
+                raise MessageTooLarge(f"{self.what}: {exc.description}") from exc
             raise LogError(
                 f"{self.what}: JetStream refused: {exc.description} (code {exc.err_code})"
+            ) from exc
+        if isinstance(exc, nats.errors.MaxPayloadError):
+            raise MessageTooLarge(
+                f"{self.what}: the message is over the server's max_payload"
             ) from exc
         if isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
             raise LogUnavailable(
@@ -146,6 +232,12 @@ class Log:
         self._reconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._replies: _Replies | None = None
         self._replies_lock = asyncio.Lock()  # two first requests open one inbox, not two
+        #: the protocol's numbers, from the jobs stream's metadata once connected
+        self.rules: Rules = config.rules()
+        #: this process's id under its key: leases and heartbeats name it, so that several
+        #: processes sharing one key (``asman worker --procs``) never take each other's jobs
+        #: for their own
+        self.session = secrets.token_hex(8)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -161,7 +253,10 @@ class Log:
     ) -> None:
         await self.close()
 
-    async def connect(self) -> None:
+    async def connect(self, *, setup: bool = True) -> None:
+        """Connect; with ``setup`` (the default), create the streams (``manage_streams``) or
+        read the protocol's numbers from them. ``setup=False`` only connects (an upgrade
+        that must look at older streams first: ``asman.log.migrate``)."""
         if self._closed:
             raise LogError("this Log was closed; open a new one")
         if self._nc is not None:
@@ -196,8 +291,15 @@ class Log:
         self._js = self._nc.jetstream(
             domain=self.config.domain, timeout=self.config.request_timeout_s
         )
+        if not setup:
+            return
         if self.config.manage_streams:
             await self.ensure_streams()
+        elif self.config.reads != "consumer":
+            await self.load_rules()
+        # a confined peer (reads="consumer") may not read stream info (it could list subjects
+        # with it): it folds with its configured numbers, which the operator keeps equal to
+        # the deployment's (docs/operations.md, "Confined credentials")
 
     async def close(self) -> None:
         self._closed = True
@@ -254,32 +356,39 @@ class Log:
 
     def stream_configs(self) -> list[StreamConfig]:
         c = self.config
+        rules = c.rules()
         return [
             StreamConfig(
                 name=subjects.JOBS_STREAM,
-                description="Asman job events (signed envelopes), one subject per job",
+                description="Asman job events (signed, chained envelopes), one subject per job",
                 subjects=["asman.job.*.*"],
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
                 num_replicas=c.replicas,
                 max_age=float(c.retention_s),
                 max_msg_size=c.max_event_bytes,
+                # a job's history is bounded: the server refuses a subject's next message
+                max_msgs_per_subject=rules.max_events,
+                discard=DiscardPolicy.NEW,
+                discard_new_per_subject=True,
                 allow_direct=True,
-                duplicate_window=120.0,
+                duplicate_window=min(120.0, float(c.retention_s)),
+                metadata=rules_metadata(rules),
             ),
             StreamConfig(
-                name=subjects.PENDING_STREAM,
-                description="Asman dispatch tickets, one per waiting job",
-                subjects=["asman.pending.*.*.*"],
-                retention=RetentionPolicy.WORK_QUEUE,
+                name=subjects.WAITING_STREAM,
+                description="Asman waiting index: one hint per unfinished job",
+                subjects=["asman.waiting.*.*.*"],
+                retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
                 num_replicas=c.replicas,
                 max_age=float(c.retention_s),
                 max_msgs_per_subject=1,
-                discard=DiscardPolicy.NEW,
-                discard_new_per_subject=True,
-                max_msg_size=4096,
-                duplicate_window=120.0,
+                max_msg_size=256,
+                allow_direct=True,
+                allow_msg_ttl=True,
+                duplicate_window=min(10.0, float(c.retention_s)),
+                metadata={subjects.META_WIRE: str(wire.SCHEMA_VERSION)},
             ),
             StreamConfig(
                 name=subjects.LOGS_STREAM,
@@ -291,15 +400,37 @@ class Log:
                 max_age=float(c.logs_retention_s),
                 max_msg_size=c.max_event_bytes,
                 allow_direct=True,
-                duplicate_window=120.0,
+                duplicate_window=min(120.0, float(c.logs_retention_s)),
             ),
         ]
 
     async def ensure_streams(self) -> None:
-        """Create Asman's streams and buckets, or update them when settings changed."""
+        """Create Asman's streams and buckets, or update them when settings changed; then
+        take the protocol's numbers from the jobs stream (``rules``)."""
         for cfg in self.stream_configs():
             await self._ensure_stream(cfg)
         await self._ensure_workers_bucket()
+        await self.load_rules()
+
+    async def load_rules(self) -> None:
+        """Read the jobs stream's wire version and protocol numbers. ``WireVersionMismatch``
+        (one line, with what to do) when another Asman version made it. A peer that may not
+        read stream info (confined credentials) keeps its configured numbers."""
+        with translate_errors(f"reading stream {subjects.JOBS_STREAM}"):
+            try:
+                info = await self.js.stream_info(subjects.JOBS_STREAM)
+            except nats.js.errors.NotFoundError:
+                return
+        metadata = info.config.metadata or {}
+        wire_version = metadata.get(subjects.META_WIRE, "1")
+        if wire_version != str(wire.SCHEMA_VERSION):
+            raise WireVersionMismatch(
+                f"stream {subjects.JOBS_STREAM} on this NATS server holds wire format "
+                f"v{wire_version}, this Asman speaks v{wire.SCHEMA_VERSION}: run `asman "
+                "migrate` once to carry its unfinished jobs over (docs/operations.md, "
+                "Upgrading)"
+            )
+        self.rules = rules_from_metadata(metadata, self.config.rules())
 
     async def _ensure_stream(self, cfg: StreamConfig) -> None:
         with translate_errors(f"creating stream {cfg.name}"):
@@ -309,8 +440,18 @@ class Log:
                 if exc.err_code != ERR_STREAM_CONFIG_CHANGED:
                     raise
                 if not self.config.update_streams:
-                    logger.info("stream %s exists with other settings; left as it is", cfg.name)
+                    logger.debug("stream %s exists with other settings; left as it is", cfg.name)
                     return
+                assert cfg.name is not None
+                existing = await self.js.stream_info(cfg.name)
+                # the protocol's numbers are the deployment's: never rewritten by a peer
+                cfg.metadata = existing.config.metadata or cfg.metadata
+                if cfg.name == subjects.JOBS_STREAM:
+                    wire_version = (cfg.metadata or {}).get(subjects.META_WIRE, "1")
+                    if wire_version != str(wire.SCHEMA_VERSION):
+                        return  # load_rules says what to do
+                    rules = rules_from_metadata(cfg.metadata, self.config.rules())
+                    cfg.max_msgs_per_subject = rules.max_events
                 logger.info("updating stream %s to the configured settings", cfg.name)
                 await self.js.update_stream(cfg)
 
@@ -354,40 +495,40 @@ class Log:
 
     # -- events ------------------------------------------------------------------------
 
-    async def append(
-        self, subject: str, event: dict[str, Any], *, expected_last_seq: int | None
-    ) -> int:
-        """Sign ``event`` and append it to ``subject``; returns its stream sequence.
+    async def append(self, subject: str, event: dict[str, Any], *, expected_last_seq: int) -> int:
+        """Sign ``event`` and append it to ``subject`` by compare-and-set on the subject's
+        last sequence (0 = the subject must be empty); returns its stream sequence.
 
-        With ``expected_last_seq`` the append is a compare-and-set on the subject's last
-        sequence (0 = the subject must be empty): ``Conflict`` when someone wrote first.
+        The event is chained: it names ``expected_last_seq`` as ``prev``, so the fold
+        refuses it anywhere else (a replay). ``Conflict`` when someone wrote first.
         """
-        data = wire.seal(self.key, subject, event)
-        return await self._publish_event(subject, event, data, expected_last_seq)
+        body = {**event, "prev": expected_last_seq}
+        data = wire.seal(self.key, subject, body)
+        return await self._publish_event(subject, body, data, expected_last_seq)
 
     async def append_checked(
         self,
         subject: str,
         event: dict[str, Any],
         *,
-        expected_last_seq: int | None,
+        expected_last_seq: int,
         sent: set[bytes] | None = None,
     ) -> CheckedEvent:
         """``append``, returning the event as every reader will see it once verified (our
-        own first-hand view: no need to verify our own signature). The envelope is added to
-        ``sent`` before it is published, so a subscriber can tell our own events apart."""
-        data, opened = wire.seal_opened(self.key, subject, event)
+        own first-hand view: no need to verify our own signature; its server time is not
+        known until read back). The envelope is added to ``sent`` before it is published,
+        so a subscriber can tell our own events apart."""
+        body = {**event, "prev": expected_last_seq}
+        data, opened = wire.seal_opened(self.key, subject, body)
         if sent is not None:
             sent.add(data)
-        seq = await self._publish_event(subject, event, data, expected_last_seq)
-        return CheckedEvent(seq, opened)
+        seq = await self._publish_event(subject, body, data, expected_last_seq)
+        return CheckedEvent(seq, opened, "", None, len(data))
 
     async def _publish_event(
-        self, subject: str, event: dict[str, Any], data: bytes, expected_last_seq: int | None
+        self, subject: str, event: dict[str, Any], data: bytes, expected_last_seq: int
     ) -> int:
-        headers = None
-        if expected_last_seq is not None:
-            headers = {subjects.HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq)}
+        headers = {subjects.HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq)}
         what = f"appending {event.get('type', 'event')} to {subject}"
         with translate_errors(what):
             replies = await self._reply_inbox()
@@ -403,23 +544,44 @@ class Log:
                 self._replies = await _Replies.open(self.nc)
             return self._replies
 
-    async def read_subject(self, stream: str, subject: str, start_seq: int = 1) -> list[RawEvent]:
-        """Every message on ``subject`` from ``start_seq``, oldest first.
+    async def read_subject(
+        self,
+        stream: str,
+        subject: str,
+        start_seq: int = 1,
+        *,
+        max_bytes: int | None = None,
+        max_messages: int | None = None,
+    ) -> list[RawEvent]:
+        """Every message on ``subject`` from ``start_seq``, oldest first, each with the
+        server's timestamp. With ``max_bytes`` or ``max_messages``, stops after the batch
+        that reaches it (so it may return a little more).
 
-        Uses batched direct get: one round trip per 256 messages, served by any replica; or,
-        with ``LogConfig(reads="consumer")``, a filtered consumer (``asman.log.filtered``).
+        Uses batched direct get: one round trip per 256 messages (and at most
+        ``READ_BATCH_BYTES``), served by any replica; or, with
+        ``LogConfig(reads="consumer")``, a filtered consumer (``asman.log.filtered``).
         """
         if self.config.reads == "consumer":
             with translate_errors(f"reading {subject}"):
                 return await read_filtered(
-                    self.js, stream, subject, start_seq, self.config.request_timeout_s
+                    self.js,
+                    stream,
+                    subject,
+                    start_seq,
+                    self.config.request_timeout_s,
+                    max_bytes,
+                    max_messages,
                 )
         out: list[RawEvent] = []
         seq = start_seq
+        total = 0
         while True:
             batch, more, last = await self._direct_batch_retrying(stream, subject, seq)
             out.extend(batch)
-            if not more or not batch:
+            total += sum(len(ev.data) for ev in batch)
+            if not more or not batch or (max_bytes is not None and total > max_bytes):
+                return out
+            if max_messages is not None and len(out) >= max_messages:
                 return out
             seq = last + 1
 
@@ -440,7 +602,14 @@ class Log:
     async def _direct_batch(
         self, stream: str, subject: str, start_seq: int, batch: int
     ) -> tuple[list[RawEvent], bool, int]:
-        request = json.dumps({"seq": start_seq, "next_by_subj": subject, "batch": batch})
+        request = json.dumps(
+            {
+                "seq": start_seq,
+                "next_by_subj": subject,
+                "batch": batch,
+                "max_bytes": READ_BATCH_BYTES,
+            }
+        )
         with translate_errors(f"reading {subject}"):
             replies = await self._reply_inbox()
             msgs, status, detail = await replies.request(
@@ -455,8 +624,32 @@ class Log:
         for msg in msgs:
             headers = msg.headers or {}
             last = int(headers["Nats-Sequence"])
-            out.append(RawEvent(seq=last, data=msg.data, subject=headers["Nats-Subject"]))
+            out.append(
+                RawEvent(
+                    seq=last,
+                    data=msg.data,
+                    subject=headers["Nats-Subject"],
+                    ts=server_ms(headers.get("Nats-Time-Stamp")),
+                )
+            )
+        # 204 with messages pending: there is more (a batch cut by count or by bytes)
         return out, status == "204" and detail not in ("", "0"), last
+
+    async def publish_entry(
+        self, subject: str, data: bytes, *, ttl: str | None = None, wait: bool = True
+    ) -> None:
+        """Write a hint that needs no signature (a waiting-index entry). With ``wait``,
+        the server's acknowledgement is awaited; without, it is sent and forgotten (a lost
+        hint costs a worker one read)."""
+        headers = {subjects.HDR_TTL: ttl} if ttl else None
+        what = f"writing {subject}"
+        with translate_errors(what):
+            if not wait:
+                await self.nc.publish(subject, data, headers=headers)
+                return
+            replies = await self._reply_inbox()
+            reply = await replies.request_one(subject, data, headers, self.config.request_timeout_s)
+            _publish_ack(reply, what)
 
     async def last_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on ``subject`` (0 if none)."""
@@ -466,6 +659,25 @@ class Log:
             except nats.js.errors.NotFoundError:
                 return 0
         return int(msg.seq or 0)
+
+    async def on_message(
+        self, subject: str, callback: Callable[[str, bytes], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Call ``callback(subject, data)`` for every message published on ``subject``
+        (wildcards allowed; live only, no history). Returns the coroutine function that stops
+        it. A core subscription: it costs the server nothing that outlives the connection."""
+
+        async def on_msg(msg: Msg) -> None:
+            callback(msg.subject, msg.data)
+
+        with translate_errors(f"subscribing to {subject}"):
+            sub = await self.nc.subscribe(subject, cb=on_msg)
+
+        async def stop() -> None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+        return stop
 
     async def wake_on(
         self,
@@ -508,7 +720,8 @@ def _publish_ack(reply: Msg, what: str) -> int:
         raise LogError(f"{what}: JetStream answered {reply.data[:200]!r}") from None
     error = ack.get("error") if isinstance(ack, dict) else None
     if error is not None:
-        if error.get("code") == 503:  # JetStream not ready yet (a restart, an election)
+        known = error.get("err_code") in (ERR_MAX_MSGS_PER_SUBJECT, ERR_MESSAGE_TOO_LARGE)
+        if error.get("code") == 503 and not known:  # JetStream not ready (restart, election)
             description = error.get("description", "")
             raise LogUnavailable(f"{what}: JetStream is unavailable: {description}")
         nats.js.errors.APIError.from_error(error)  # raises the API error it describes

@@ -1,32 +1,55 @@
 """Job events and the fold that turns a job's verified events into its state.
 
 A job's subject in ``ASMAN_JOBS`` holds its events oldest first. Each is a signed envelope
-(``asman.log.wire``). The state is computed, never stored: ``fold`` replays the events,
-verifying each signature against its subject and each signer against the rules below, and
-ignores (and counts) any event that breaks them.
+(``asman.log.wire``). The state is computed, never stored: ``fold`` replays the messages,
+verifying each envelope against its subject, each event's place in the chain, and each signer
+against the rules below, and ignores (and counts) any message that breaks them.
 
-Who may sign what (open queues):
+Nothing a signer declares decides who holds a job. Times that matter are the NATS server's
+own timestamps of the messages (``RawEvent.ts``), which no client can forge:
+
+* **Chained.** Every event names the sequence of the message it was appended on (``prev``;
+  0 for the first message of the subject). Events are appended by compare-and-set on that
+  sequence, so an envelope published again at another place is refused: no replay.
+* **Bound.** ``submitted`` counts only if its definition hashes to the subject's job id.
+* **Leases in server time.** A claim on a queued job takes the lease. A claim on a held job
+  is a *challenge*: the holder must answer (any event of its own: ``renewed``, ``started``,
+  ``finished``, ``released``) within ``Rules.lease_ms`` of the challenge in server time, or
+  the challenger holds the lease from the first of its events after that. A healthy holder
+  writes nothing to keep its lease; only a challenge costs it one event. A lease held longer
+  than the job's life (twice its ``maxDuration`` plus an allowance) can no longer be kept by
+  answering.
+* **Bounded.** A subject holds at most ``Rules.max_events`` messages (JetStream refuses more)
+  and the fold reads at most ``Rules.max_history_bytes``; a job that reaches either unfinished
+  ends ``error`` ("history over limit").
+
+Who may sign what, and what the fold does otherwise (docs/architecture.md has the same table):
 
 ============  ==================================================================
-submitted     anyone; only the first event on the subject counts
-claimed       any worker, while the job is queued or running; a claim on top of a
-              live claim takes the lease over only with a later ticket delivery
-              (the old holder's ack wait passed), so two workers racing on one
-              delivery cannot both win
-started       the holder of the live claim, same attempt
-cancel        the submitter; on a queued job it finishes it as ``cancelled``, on a
-              running job it is a request the lease holder acts on
-finished      the holder of the live claim, same attempt; ``worker_lost`` by anyone
-              once the job has a claim (attempts exhausted, written by whoever
-              fetched the ticket)
-requeued      anyone, on a finished job (an explicit re-run); attempts start again
-released      the holder of the live claim: hands the job back untried (a draining
-              worker); the attempt is not counted
+submitted     anyone, as the first valid event; the definition must hash to the job id.
+              Its signer is the job's *submitter*
+claimed       anyone, on a job not finished: takes a queued job (attempt = claims + 1),
+              or challenges the holder of a running one (one challenge at a time)
+renewed       the holder (answers a challenge), or the challenger past the grace (takes
+              the lease over)
+started       the holder, same attempt
+cancel        the submitter: a queued job is finished ``cancelled``; a running one gets a
+              cancel request; a second cancel ``lease_ms`` after the request, with the job
+              still unfinished, finishes it ``cancelled``
+finished      the holder, same attempt; a holder whose attempt is past ``max_attempts``
+              (it took a dead worker's job over once too often) may only write
+              ``worker_lost``
+released      the holder: the job goes back to queued, the attempt is not counted (a
+              draining worker); on a job with a cancel request it finishes it ``cancelled``
+requeued      on a finished job: anyone when it finished without a result (``error``,
+              ``cancelled``, ``worker_lost``); only the submitter when it has one
 ============  ==================================================================
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import time
@@ -34,13 +57,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from asman.errors import EnvelopeError
+from asman.errors import EnvelopeError, InvalidDefinition
 from asman.log import wire
+from asman.log.definition import job_id as definition_job_id
+from asman.log.definition import parse_duration_ms
 
 __all__ = [
     "FINISH_REASONS",
     "RESULT_REASONS",
     "Blob",
+    "Challenge",
     "CheckedEvent",
     "HistoryEntry",
     "JobFold",
@@ -49,6 +75,7 @@ __all__ = [
     "OutputFile",
     "RawEvent",
     "Result",
+    "Rules",
     "check_event",
     "fold",
     "fold_checked",
@@ -71,6 +98,7 @@ FINISH_REASONS: tuple[str, ...] = (
 RESULT_REASONS: frozenset[str] = frozenset({"success", "failed", "timed_out"})
 
 MAX_MESSAGE = 4096
+OVER_LIMIT = "history over limit"
 
 _TES = {
     "queued": "QUEUED",
@@ -97,12 +125,51 @@ def now_ms() -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Rules:
+    """The protocol's numbers. Every peer folding a job must use the same ones: they come
+    from the jobs stream's metadata (``asman.log.connection``), so one deployment has one set.
+    """
+
+    #: a challenged holder has this long (server time) to answer
+    lease_ms: int = 30_000
+    #: attempts (accepted claims) before a job ends ``worker_lost``
+    max_attempts: int = 3
+    #: messages one job subject may hold (JetStream refuses the next one)
+    max_events: int = 512
+    #: bytes of a job's history the fold reads
+    max_history_bytes: int = 8 * 1024 * 1024
+    #: a job's life when its definition has no ``maxDuration``
+    default_duration_ms: int = 24 * 3600 * 1000
+    #: added to twice the ``maxDuration`` for pulls, builds, inputs and outputs
+    life_allowance_ms: int = 15 * 60 * 1000
+
+    def life_ms(self, definition: Mapping[str, Any]) -> int:
+        """How long one attempt may keep its lease by answering challenges."""
+        durations = []
+        req = definition.get("requirements")
+        for value in (
+            definition.get("maxDuration"),
+            req.get("maxDuration") if isinstance(req, Mapping) else None,
+        ):
+            if isinstance(value, (str, int)) and not isinstance(value, bool):
+                with contextlib.suppress(InvalidDefinition):
+                    durations.append(parse_duration_ms(value, "maxDuration"))
+        duration = min(durations) if durations else self.default_duration_ms
+        return 2 * duration + self.life_allowance_ms
+
+
+DEFAULT_RULES = Rules()
+
+
+@dataclass(frozen=True, slots=True)
 class RawEvent:
-    """One message read from a job subject: its stream sequence, bytes and server time."""
+    """One message read from a job subject: its stream sequence, bytes, subject and the
+    server's timestamp (ms; None when not known, e.g. our own append not read back)."""
 
     seq: int
     data: bytes
     subject: str = ""
+    ts: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +212,23 @@ class OutputFile:
         return {"path": self.path, **self.blob.to_wire()}
 
 
+def parse_outputs(items: Any) -> tuple[OutputFile, ...]:
+    """An outputs list as written in ``finished`` (or in its manifest blob)."""
+    if not isinstance(items, list):
+        raise ValueError("outputs must be a list")
+    outputs = []
+    for item in items:
+        if not isinstance(item, Mapping) or not isinstance(item.get("path"), str):
+            raise ValueError("each output needs a path")
+        outputs.append(OutputFile(path=item["path"], blob=Blob.from_wire(item)))
+    return tuple(outputs)
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
-    """What ``finished`` records."""
+    """What ``finished`` records. A large outputs list is kept in a blob (``manifest``, CBOR
+    of the same list) so that a result always fits in one message; ``outputs`` is then empty
+    until a reader loads it (``asman.peer.client.load_outputs``)."""
 
     reason: str
     worker: str
@@ -159,6 +240,7 @@ class Result:
     message: str = ""
     outputs: tuple[OutputFile, ...] = ()
     log: Blob | None = None
+    manifest: Blob | None = None
 
     @property
     def is_result(self) -> bool:
@@ -167,22 +249,41 @@ class Result:
 
 
 @dataclass(frozen=True, slots=True)
+class Challenge:
+    """A claim on a job someone else holds: the holder must answer before ``ts + lease_ms``
+    (server time), or ``by`` takes the lease over."""
+
+    by: str
+    seq: int
+    ts: int | None  # server time; None while only known first-hand
+    proc: str = ""  # the challenger's process under its key
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
-    """The live claim on a job: who holds it and the fencing sequence to write on top of."""
+    """The live claim on a job: who holds it and the fencing sequence of the claim."""
 
     worker: str
     attempt: int
-    claimed_ms: int
-    lease_ms: int
+    claimed_ms: int | None  # server time of the claim (None: only known first-hand)
     claim_seq: int
-    ticket_seq: int = 0
-    delivered: int = 0
+    life_ms: int
+    challenge: Challenge | None = None
+    #: the holder's process under its key: processes sharing a key are different holders
+    proc: str = ""
 
-    @property
-    def delivery(self) -> tuple[int, int]:
-        """(ticket stream sequence, delivery count): a claim may only take a live lease over
-        with a strictly later delivery, i.e. after the ticket was redelivered."""
-        return (self.ticket_seq, self.delivered)
+    def held_by(self, signer: str, proc: str) -> bool:
+        return signer == self.worker and proc == self.proc
+
+    def challenge_due_ms(self, rules: Rules = DEFAULT_RULES) -> int | None:
+        """Server time from which a pending challenge takes the lease over."""
+        c = self.challenge
+        return None if c is None or c.ts is None else c.ts + rules.lease_ms
+
+    def expired(self, server_now_ms: int) -> bool:
+        """Whether the lease is past its life at ``server_now_ms``: it can no longer be kept
+        by answering a challenge."""
+        return self.claimed_ms is not None and server_now_ms >= self.claimed_ms + self.life_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,10 +312,17 @@ class JobState:
     started_ms: int | None = None
     cancel_requested: bool = False
     cancel_seq: int | None = None
+    cancel_ms: int | None = None
     result: Result | None = None
     history: tuple[HistoryEntry, ...] = ()
     rejected: int = 0
     job_class: str = "cpu"
+    life_ms: int = 0
+    #: every key that held a lease on this job (whose log chunks count)
+    holders: frozenset[str] = frozenset()
+    #: messages and bytes on the subject so far (junk included)
+    events: int = 0
+    history_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -256,7 +364,7 @@ def _int(event: Mapping[str, Any], key: str, default: int | None = None) -> int:
     return value
 
 
-def _parse_result(event: Mapping[str, Any], signer: str, attempt: int) -> Result:
+def _parse_result(event: Mapping[str, Any], signer: str, attempt: int, ts: int) -> Result:
     reason = _text(event, "reason")
     if reason not in FINISH_REASONS:
         raise ValueError(f"unknown finish reason {reason!r}")
@@ -264,116 +372,176 @@ def _parse_result(event: Mapping[str, Any], signer: str, attempt: int) -> Result
     if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)):
         raise ValueError("exit_code must be an integer")
     duration = event.get("duration_ms")
-    if duration is not None and not isinstance(duration, int):
+    if duration is not None and (not isinstance(duration, int) or isinstance(duration, bool)):
         raise ValueError("duration_ms must be an integer")
-    outputs_raw = event.get("outputs", [])
-    if not isinstance(outputs_raw, list):
-        raise ValueError("outputs must be a list")
-    outputs = []
-    for item in outputs_raw:
-        if not isinstance(item, Mapping) or not isinstance(item.get("path"), str):
-            raise ValueError("each output needs a path")
-        outputs.append(OutputFile(path=item["path"], blob=Blob.from_wire(item)))
+    outputs = parse_outputs(event.get("outputs", []))
     log_ref = event.get("log")
+    manifest_ref = event.get("manifest")
     return Result(
         reason=reason,
         worker=signer,
         attempt=attempt,
-        finished_ms=_int(event, "ts", 0),
+        finished_ms=ts,
         exit_code=exit_code,
         oom_killed=bool(event.get("oom_killed", False)),
         duration_ms=duration,
         message=_text(event, "message")[:MAX_MESSAGE],
-        outputs=tuple(outputs),
+        outputs=outputs,
         log=Blob.from_wire(log_ref) if log_ref is not None else None,
+        manifest=Blob.from_wire(manifest_ref) if manifest_ref is not None else None,
     )
 
 
-def _apply(
-    state: JobState | None, seq: int, signer: str, event: Mapping[str, Any], queue: str, job: str
-) -> tuple[JobState | None, str]:
-    """Apply one verified event. Returns (new state, "" if accepted else why not)."""
-    kind = event.get("type")
-    ts = _int(event, "ts", 0)
-    if state is None:
-        if kind != "submitted":
-            return None, "the first event of a job must be 'submitted'"
-        definition_json = _text(event, "definition")
-        definition = json.loads(definition_json)
-        if not isinstance(definition, dict):
-            return None, "definition must be a JSON object"
-        job_class = _text(event, "class", "cpu")
-        return (
-            JobState(
-                queue=queue,
-                job_id=job,
-                state="queued",
-                definition=definition,
-                definition_json=definition_json,
-                submitter=signer,
-                submitted_ms=ts,
-                via=_text(event, "via", ""),
-                last_seq=seq,
-                job_class=job_class if job_class in ("cpu", "gpu") else "cpu",
-            ),
-            "",
-        )
+@dataclass(frozen=True, slots=True)
+class _Event:
+    """One verified, chained event as ``_apply`` sees it."""
+
+    seq: int
+    signer: str
+    body: Mapping[str, Any]
+    kind: str
+    ts: int | None  # server time (ms), None when only known first-hand
+
+    @property
+    def proc(self) -> str:
+        """The signer's process (``Log.session``), for the events a worker process writes."""
+        value = self.body.get("proc", "")
+        if not isinstance(value, str) or len(value) > 32:
+            raise ValueError("proc must be text of at most 32 characters")
+        return value
+
+    @property
+    def when(self) -> int:
+        """The event's time for display: the signer's (``ts``). Rules use the server's time
+        (``ts`` of the message), never this; display uses what every peer has, including
+        the signer before it reads its own event back."""
+        value = self.body.get("ts", 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _submitted(ev: _Event, queue: str, job: str, rules: Rules) -> tuple[JobState | None, str]:
+    if ev.kind != "submitted":
+        return None, "the first event of a job must be 'submitted'"
+    definition_json = _text(ev.body, "definition")
+    definition = json.loads(definition_json)
+    if not isinstance(definition, dict):
+        return None, "definition must be a JSON object"
+    try:
+        computed = definition_job_id(definition)
+    except InvalidDefinition as exc:
+        return None, f"definition has no job id: {exc}"
+    if computed != job:
+        return None, f"definition hashes to job {computed[:12]}, not to this job"
+    job_class = _text(ev.body, "class", "cpu")
+    return (
+        JobState(
+            queue=queue,
+            job_id=job,
+            state="queued",
+            definition=definition,
+            definition_json=definition_json,
+            submitter=ev.signer,
+            submitted_ms=ev.when,
+            via=_text(ev.body, "via", ""),
+            last_seq=ev.seq,
+            job_class=job_class if job_class in ("cpu", "gpu") else "cpu",
+            life_ms=rules.life_ms(definition),
+        ),
+        "",
+    )
+
+
+def _resolve(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
+    """A challenge nobody answered in time: from the first event at or past its due time,
+    the challenger holds the lease (another attempt)."""
+    lease = state.lease
+    if lease is None or lease.challenge is None or ev.ts is None:
+        return state, ""
+    due = lease.challenge_due_ms(rules)
+    if due is None or ev.ts < due:
+        return state, ""
+    c = lease.challenge
+    attempt = state.claims + 1
+    taken = Lease(c.by, attempt, c.ts, c.seq, state.life_ms, proc=c.proc)
+    note = f"the lease of {lease.worker[:12]} passed to {c.by[:12]} (challenge unanswered)"
+    return (
+        replace(
+            state, claims=attempt, lease=taken, started_ms=None, holders=state.holders | {c.by}
+        ),
+        note,
+    )
+
+
+def _holder_answers(state: JobState, ev: _Event) -> tuple[JobState, str]:
+    """Any event of the holder proves it alive: a pending challenge is void, unless the
+    lease is past its life (then only a result or a release still counts)."""
+    lease = state.lease
+    assert lease is not None
+    c = lease.challenge
+    if c is None:
+        return state, ""
+    if c.ts is not None and lease.expired(c.ts) and ev.kind in ("renewed", "started"):
+        return state, "the lease is past the job's life: it cannot be kept"
+    return replace(state, lease=replace(lease, challenge=None)), ""
+
+
+def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
+    """Apply one verified, chained event to an existing job. Returns (new state, "" if
+    accepted else why not)."""
+    kind, signer = ev.kind, ev.signer
     lease = state.lease
     if kind == "submitted":
         return state, "job already submitted"
     if kind == "claimed":
         if state.finished:
             return state, "job is finished"
-        lease_ms = _int(event, "lease_ms")
-        delivery = (_int(event, "ticket_seq", 0), _int(event, "delivered", 0))
-        if lease is not None and delivery <= lease.delivery:
-            return state, "the job is claimed by a delivery as recent as this one"
-        attempt = state.claims + 1
-        new_lease = Lease(signer, attempt, ts, lease_ms, seq, delivery[0], delivery[1])
-        return (
-            replace(
-                state,
-                state="running",
-                claims=attempt,
-                lease=new_lease,
-                started_ms=None,
-            ),
-            "",
-        )
-    if kind == "started":
-        if lease is None or state.finished:
-            return state, "no live claim"
-        if signer != lease.worker or _int(event, "attempt") != lease.attempt:
-            return state, "only the lease holder may start the job"
-        return replace(state, started_ms=ts), ""
+        if lease is None:
+            attempt = state.claims + 1
+            new = Lease(signer, attempt, ev.ts, ev.seq, state.life_ms, proc=ev.proc)
+            return (
+                replace(
+                    state,
+                    state="running",
+                    claims=attempt,
+                    lease=new,
+                    started_ms=None,
+                    holders=state.holders | {signer},
+                ),
+                "",
+            )
+        if lease.held_by(signer, ev.proc):
+            return state, "the signer already holds the lease"
+        if lease.challenge is not None:
+            return state, "a challenge is already pending"
+        challenge = Challenge(signer, ev.seq, ev.ts, ev.proc)
+        return replace(state, lease=replace(lease, challenge=challenge)), ""
     if kind == "cancel":
         if state.finished:
             return state, "job is finished"
         if signer != state.submitter:
             return state, "only the submitter may cancel the job"
-        message = _text(event, "message", "cancelled")[:MAX_MESSAGE]
+        message = _text(ev.body, "message", "cancelled")[:MAX_MESSAGE]
         if state.state == "queued":
-            result = Result("cancelled", signer, state.claims, ts, message=message)
-            return replace(state, state="finished", result=result, cancel_seq=seq), ""
-        return replace(state, cancel_requested=True, cancel_seq=seq), ""
-    if kind == "finished":
-        if state.finished:
-            return state, "job is already finished"
-        reason = _text(event, "reason")
-        if reason == "worker_lost":
-            if state.claims == 0:
-                return state, "worker_lost needs an earlier claim"
-            result = _parse_result(event, signer, state.claims)
-            return replace(state, state="finished", result=result, lease=None), ""
-        if lease is None:
-            return state, "no live claim"
-        if signer != lease.worker or _int(event, "attempt") != lease.attempt:
-            return state, "only the lease holder may finish the job"
-        result = _parse_result(event, signer, lease.attempt)
+            result = Result("cancelled", signer, state.claims, ev.when, message=message)
+            return replace(state, state="finished", result=result, cancel_seq=ev.seq), ""
+        if not state.cancel_requested:
+            return replace(state, cancel_requested=True, cancel_seq=ev.seq, cancel_ms=ev.ts), ""
+        if ev.ts is None or state.cancel_ms is None or ev.ts < state.cancel_ms + rules.lease_ms:
+            return state, "a cancel is already requested; the worker is stopping the job"
+        result = Result(
+            "cancelled",
+            signer,
+            state.claims,
+            ev.when,
+            message=f"{message} (the worker did not stop the job in time)",
+        )
         return replace(state, state="finished", result=result, lease=None), ""
     if kind == "requeued":
         if not state.finished:
             return state, "only a finished job can be requeued"
+        assert state.result is not None
+        if state.result.is_result and signer != state.submitter:
+            return state, "only the submitter may re-run a job that has a result"
         return (
             replace(
                 state,
@@ -383,29 +551,57 @@ def _apply(
                 started_ms=None,
                 cancel_requested=False,
                 cancel_seq=None,
+                cancel_ms=None,
                 claims=0,
             ),
             "",
         )
-    if kind == "released":
-        if lease is None or state.finished:
-            return state, "no live claim"
-        if signer != lease.worker or _int(event, "attempt") != lease.attempt:
-            return state, "only the lease holder may release the job"
-        if state.cancel_requested:
-            result = Result("cancelled", signer, lease.attempt, ts, message="cancelled")
-            return replace(state, state="finished", result=result, lease=None), ""
-        return (
-            replace(state, state="queued", lease=None, started_ms=None, claims=state.claims - 1),
-            "",
-        )
-    return state, f"unknown event type {kind!r}"
+    if kind not in ("renewed", "started", "finished", "released"):
+        return state, f"unknown event type {kind!r}"
+    # the holder's events
+    if lease is None or state.finished:
+        return state, "no live claim"
+    if not lease.held_by(signer, ev.proc):
+        return state, f"only the lease holder may write '{kind}'"
+    if kind != "renewed" and _int(ev.body, "attempt") != lease.attempt:
+        return state, "the event is for another attempt"
+    state, why = _holder_answers(state, ev)
+    if why:
+        return state, why
+    lease = state.lease
+    assert lease is not None
+    if kind == "renewed":
+        return state, ""
+    if kind == "started":
+        if lease.attempt > rules.max_attempts:
+            return state, (
+                f"attempt {lease.attempt} is past the {rules.max_attempts} allowed: "
+                "it may only end the job worker_lost"
+            )
+        return replace(state, started_ms=ev.when), ""
+    if kind == "finished":
+        result = _parse_result(ev.body, signer, lease.attempt, ev.when)
+        if lease.attempt > rules.max_attempts and result.reason != "worker_lost":
+            return state, (
+                f"attempt {lease.attempt} is past the {rules.max_attempts} allowed: "
+                "only worker_lost may end it"
+            )
+        return replace(state, state="finished", result=result, lease=None), ""
+    # released
+    if state.cancel_requested:
+        result = Result("cancelled", signer, lease.attempt, ev.when, message="cancelled")
+        return replace(state, state="finished", result=result, lease=None), ""
+    return (
+        replace(state, state="queued", lease=None, started_ms=None, claims=state.claims - 1),
+        "",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class CheckedEvent:
-    """One event of a job subject after verification: ``opened`` (signer and event) when its
-    envelope verified, else None and ``error`` says why it was rejected.
+    """One message of a job subject after verification: ``opened`` (signer and event) when
+    its envelope verified, else None and ``error`` says why it was rejected. ``ts`` is the
+    server's timestamp (None when known only first-hand) and ``size`` the message's bytes.
 
     Folding checked events costs no cryptography, so a peer that follows one job (a lease,
     a watcher) verifies each event once and folds its verified history as often as it likes.
@@ -414,83 +610,215 @@ class CheckedEvent:
     seq: int
     opened: wire.Opened | None
     error: str = ""
+    ts: int | None = None
+    size: int = 0
 
 
 def check_event(raw: RawEvent, subject: str) -> CheckedEvent:
     """Verify one raw event received on ``subject`` (see ``wire.open_envelope``)."""
     try:
-        return CheckedEvent(raw.seq, wire.open_envelope(raw.data, subject))
+        opened = wire.open_envelope(raw.data, subject)
     except (EnvelopeError, ValueError, TypeError) as exc:
-        return CheckedEvent(raw.seq, None, str(exc))
+        return CheckedEvent(raw.seq, None, str(exc), raw.ts, len(raw.data))
+    return CheckedEvent(raw.seq, opened, "", raw.ts, len(raw.data))
 
 
-def fold(queue: str, job_id: str, subject: str, events: Iterable[RawEvent]) -> JobState | None:
+def fold(
+    queue: str,
+    job_id: str,
+    subject: str,
+    events: Iterable[RawEvent],
+    rules: Rules = DEFAULT_RULES,
+) -> JobState | None:
     """The state of a job from its raw events, oldest first. None when nothing valid exists."""
-    return fold_checked(queue, job_id, subject, (check_event(raw, subject) for raw in events))
+    return fold_checked(
+        queue, job_id, subject, (check_event(raw, subject) for raw in events), rules
+    )
 
 
 def fold_checked(
-    queue: str, job_id: str, subject: str, events: Iterable[CheckedEvent]
+    queue: str,
+    job_id: str,
+    subject: str,
+    events: Iterable[CheckedEvent],
+    rules: Rules = DEFAULT_RULES,
 ) -> JobState | None:
     """``fold`` over events already verified by ``check_event`` (or known first-hand: an
-    event this peer signed and the log accepted). Rejected events are counted."""
-    folder = JobFold(queue, job_id, subject)
+    event this peer signed and the log accepted). Rejected events are counted, and logged
+    once for the whole fold."""
+    folder = JobFold(queue, job_id, subject, rules)
     for checked in events:
+        if folder.full:
+            break
         folder.add(checked)
+    folder.log_rejections()
     return folder.state()
+
+
+def _category(why: str, opened: bool) -> str:
+    """A short name for a rejection, for the aggregated warning."""
+    if not opened:
+        return "bad signature" if "signature" in why else "not a signed event of this job"
+    for words, name in (
+        ("out of chain", "out of chain"),
+        ("wire v", "other wire version"),
+        ("hashes to", "definition not of this job"),
+        ("only the", "unauthorized signer"),
+    ):
+        if words in why:
+            return name
+    return "not allowed now"
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    state: JobState | None
+    history: int
+    rejected: int
+    last_seq: int
+    events: int
+    history_bytes: int
+    full: bool
 
 
 class JobFold:
     """``fold_checked`` one event at a time: a peer that follows a job adds each new event
-    once instead of replaying the whole history."""
+    once instead of replaying the whole history.
+
+    ``mark()`` saves the fold before events known only first-hand (our own appends, whose
+    server time we do not know yet); ``rewind()`` goes back there, so that the same events,
+    read back with their server times, are folded again.
+    """
 
     __slots__ = (
+        "_bytes",
         "_cached",
+        "_count",
         "_history",
         "_last_seq",
+        "_mark",
         "_rejected",
+        "_rejections",
         "_state",
+        "full",
         "job_id",
         "queue",
+        "rules",
         "subject",
     )
 
-    def __init__(self, queue: str, job_id: str, subject: str) -> None:
+    def __init__(self, queue: str, job_id: str, subject: str, rules: Rules = DEFAULT_RULES) -> None:
         self.queue = queue
         self.job_id = job_id
         self.subject = subject
+        self.rules = rules
+        self.full = False  # the history reached a limit: nothing more is read
         self._state: JobState | None = None
         self._history: list[HistoryEntry] = []
         self._rejected = 0
-        self._last_seq = 0
+        self._rejections: collections.Counter[str] = collections.Counter()
+        self._last_seq = 0  # sequence of the last message on the subject (any message)
+        self._count = 0
+        self._bytes = 0
         self._cached: JobState | None = None
+        self._mark: _Snapshot | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    def mark(self) -> None:
+        """Save the fold as it is (once: a later mark keeps the first)."""
+        if self._mark is None:
+            self._mark = _Snapshot(
+                self._state,
+                len(self._history),
+                self._rejected,
+                self._last_seq,
+                self._count,
+                self._bytes,
+                self.full,
+            )
+
+    def rewind(self) -> None:
+        """Back to the last ``mark()`` (nothing if none)."""
+        m, self._mark = self._mark, None
+        if m is None:
+            return
+        self._state = m.state
+        del self._history[m.history :]
+        self._rejected = m.rejected
+        self._last_seq = m.last_seq
+        self._count = m.events
+        self._bytes = m.history_bytes
+        self.full = m.full
+        self._cached = None
 
     def add(self, checked: CheckedEvent) -> None:
-        """Apply the next event (oldest first)."""
+        """Apply the next message of the subject (oldest first)."""
+        if self.full:
+            return
         self._cached = None
-        self._last_seq = checked.seq
-        opened = checked.opened
+        prev, self._last_seq = self._last_seq, checked.seq
+        self._count += 1
+        self._bytes += checked.size
+        rules = self.rules
+        if self._bytes > rules.max_history_bytes:
+            self._over_limit(checked, f"over {rules.max_history_bytes} bytes")
+            return
+        kind, signer, ts, why, note = "?", "", 0, "", ""
         try:
+            opened = checked.opened
             if opened is None:
                 raise ValueError(checked.error)
-            kind = str(opened.event.get("type", "?"))
-            ts = opened.event.get("ts", 0)
-            self._state, why = _apply(
-                self._state, checked.seq, opened.signer, opened.event, self.queue, self.job_id
-            )
+            body = opened.event
+            signer = opened.signer
+            kind = str(body.get("type", "?"))
+            ev = _Event(checked.seq, signer, body, kind, checked.ts)
+            ts = ev.when
+            version = body.get("v")
+            if version != wire.SCHEMA_VERSION:
+                why = (
+                    f"wire v{version} event, this peer reads v{wire.SCHEMA_VERSION}: it was "
+                    "written by another Asman version (docs/architecture.md, upgrading)"
+                )
+            elif body.get("prev") != prev:
+                why = (
+                    f"out of chain: names {body.get('prev')!r} as the message before it, "
+                    f"which was {prev} (a replay, or an append without compare-and-set)"
+                )
+            elif self._state is None:
+                self._state, why = _submitted(ev, self.queue, self.job_id, rules)
+            else:
+                self._state, note = _resolve(self._state, ev, rules)
+                self._state, why = _apply(self._state, ev, rules)
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            self._rejected += 1
-            logger.warning("rejected event seq=%d on %s: %s", checked.seq, self.subject, exc)
-            self._history.append(HistoryEntry(checked.seq, "?", "", 0, False, str(exc)))
-            return
+            why = str(exc) or type(exc).__name__
         if why:
             self._rejected += 1
-            logger.info("ignored %s event seq=%d on %s: %s", kind, checked.seq, self.subject, why)
-        self._history.append(
-            HistoryEntry(
-                checked.seq, kind, opened.signer, ts if isinstance(ts, int) else 0, not why, why
-            )
-        )
+            self._rejections[_category(why, checked.opened is not None)] += 1
+        text = f"{note}; {why}" if note and why else (why or note)
+        self._history.append(HistoryEntry(checked.seq, kind, signer, ts, not why, text))
+        if self._count >= rules.max_events:
+            self._over_limit(checked, f"{rules.max_events} messages")
+
+    def _over_limit(self, checked: CheckedEvent, what: str) -> None:
+        self.full = True
+        state = self._state
+        message = f"{OVER_LIMIT} ({what}): the job's subject holds junk or too many re-runs"
+        if state is not None and not state.finished:
+            result = Result("error", "", state.claims, checked.ts or 0, message=message)
+            self._state = replace(state, state="finished", result=result, lease=None)
+        self._history.append(HistoryEntry(checked.seq, "?", "", 0, False, message))
+
+    def log_rejections(self) -> None:
+        """One warning for every message rejected since the last call (not one each)."""
+        if not self._rejections:
+            return
+        total = sum(self._rejections.values())
+        kinds = ", ".join(f"{name}: {n}" for name, n in self._rejections.most_common())
+        logger.warning("ignored %d message(s) on %s: %s", total, self.subject, kinds)
+        self._rejections.clear()
 
     def state(self) -> JobState | None:
         """The job's state after the events added so far (None when nothing valid yet)."""
@@ -502,5 +830,20 @@ class JobFold:
                 last_seq=self._last_seq,
                 history=tuple(self._history),
                 rejected=self._rejected,
+                events=self._count,
+                history_bytes=self._bytes,
             )
         return self._cached
+
+    def needs_server_time(self, own: CheckedEvent) -> bool:
+        """Whether our own event ``own``, appended on the last message we know, is judged by
+        server time (so its outcome is known only once read back with its timestamp)."""
+        state = self._state
+        if state is None or own.opened is None:
+            return False
+        kind = own.opened.event.get("type")
+        if kind == "renewed":
+            return True
+        if state.lease is not None and state.lease.challenge is not None:
+            return True
+        return kind == "cancel" and state.cancel_requested

@@ -39,9 +39,16 @@ SETUP_RETRIES = 10
 
 
 async def read_filtered(
-    js: JetStreamContext, stream: str, subject: str, start_seq: int, timeout: float
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    start_seq: int,
+    timeout: float,
+    max_bytes: int | None = None,
+    max_messages: int | None = None,
 ) -> list[RawEvent]:
-    """Every message of ``stream`` on ``subject`` (wildcards allowed) from ``start_seq``.
+    """Every message of ``stream`` on ``subject`` (wildcards allowed) from ``start_seq``,
+    with the server's timestamps; with ``max_bytes``, stops after the batch that passes it.
 
     nats errors propagate: the caller translates them (``translate_errors``).
     """
@@ -59,6 +66,7 @@ async def read_filtered(
     info = await js.add_consumer(stream, config, timeout=timeout)
     pending = int(info.num_pending or 0)
     out: list[RawEvent] = []
+    total = 0
     if pending == 0:
         await _delete(js, stream, name)
         return out
@@ -68,13 +76,34 @@ async def read_filtered(
             msgs = await _fetch(sub, min(pending, BATCH), timeout, subject, pending)
             for msg in msgs:
                 md = msg.metadata
-                out.append(RawEvent(seq=md.sequence.stream, data=msg.data, subject=msg.subject))
+                ts = _stamp_ms(msg.reply)
+                out.append(
+                    RawEvent(seq=md.sequence.stream, data=msg.data, subject=msg.subject, ts=ts)
+                )
+                total += len(msg.data)
                 pending = md.num_pending
+            if max_bytes is not None and total > max_bytes:
+                break
+            if max_messages is not None and len(out) >= max_messages:
+                break
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         await _delete(js, stream, name)
     return out
+
+
+def _stamp_ms(reply: str | None) -> int | None:
+    """The server's time (ms) of a delivered message, from its ack subject: the same integer
+    a direct get's ``Nats-Time-Stamp`` gives (no float on the way)."""
+    tokens = (reply or "").split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>
+        raw = tokens[7]
+    elif len(tokens) >= 11:  # with domain and account hash
+        raw = tokens[9]
+    else:
+        return None
+    return int(raw) // 1_000_000 if raw.isdigit() else None
 
 
 async def _fetch(

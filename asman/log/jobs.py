@@ -1,8 +1,8 @@
 """Job operations on the log: submit, read, list, watch, cancel, requeue.
 
-Submit is idempotent (DESIGN §2): the ``submitted`` event is a compare-and-set on an empty
-subject, and the dispatch ticket is refused by the server when one already waits, so
-submitting again is always safe and repairs a job whose ticket was never written.
+Submit is idempotent: the ``submitted`` event is a compare-and-set on an empty subject, and
+the job's waiting-index entry is written again each time it is found queued, so submitting
+again is always safe and repairs a job whose entry was never written (or was overwritten).
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import nats.js.errors
-
-from asman.errors import Conflict, JobNotFound, LogError, UnauthorizedSigner
+from asman.errors import Conflict, HistoryFull, JobNotFound, LogError, UnauthorizedSigner
 from asman.log import subjects, wire
-from asman.log.connection import ERR_MAX_MSGS_PER_SUBJECT, Log, translate_errors
+from asman.log.connection import Log
 from asman.log.definition import image_class, job_id, validate_definition
 from asman.log.events import (
     CheckedEvent,
@@ -36,8 +34,8 @@ __all__ = [
     "JobHistory",
     "Submitted",
     "cancel",
-    "ensure_ticket",
     "list_jobs",
+    "mark_waiting",
     "read_job",
     "requeue",
     "submit",
@@ -76,18 +74,22 @@ class JobHistory:
 
     Sequences only grow, so a read from the last known sequence on is complete; our own
     appends are recorded first-hand (``appended``) when the compare-and-set proves that
-    nothing came between the last event we know and ours.
+    nothing came between the last event we know and ours. A first-hand event has no server
+    time yet: the fold is marked before it, and the next read that brings anything (or an
+    append whose outcome depends on server time) reads our events back with their times and
+    folds them again from the mark.
     """
 
-    __slots__ = ("_fold", "job_id", "last_seq", "log", "queue", "subject")
+    __slots__ = ("_fold", "_unknown_from", "job_id", "last_seq", "log", "queue", "subject")
 
     def __init__(self, log: Log, queue: str, job: str) -> None:
         self.log = log
         self.queue = queue
         self.job_id = job
         self.subject = subjects.job_subject(queue, job)
-        self.last_seq = 0  # stream sequence of the last event known (0 if none)
-        self._fold = JobFold(queue, job, self.subject)
+        self.last_seq = 0  # stream sequence of the last message known (0 if none)
+        self._fold = JobFold(queue, job, self.subject, log.rules)
+        self._unknown_from = 0  # first sequence known only first-hand (0: none)
 
     def state(self) -> JobState | None:
         """The fold of the events known so far."""
@@ -100,19 +102,39 @@ class JobHistory:
 
     async def read(self) -> JobState | None:
         """Read and verify what was appended since the last read; the job's state now."""
-        new = await self.log.read_subject(subjects.JOBS_STREAM, self.subject, self.last_seq + 1)
+        start = self._unknown_from or self.last_seq + 1
+        if self._fold.full and not self._unknown_from:
+            return self.state()  # the history reached its limit: nothing more is read
+        new = await self.log.read_subject(
+            subjects.JOBS_STREAM,
+            self.subject,
+            start,
+            max_bytes=self.log.rules.max_history_bytes,
+        )
+        if self._unknown_from:
+            if not new:
+                return self.state()
+            self._fold.rewind()
+            self.last_seq = self._fold.last_seq
+            self._unknown_from = 0
         for raw in new:
             if raw.seq > self.last_seq:
                 self._add(check_event(raw, self.subject))
+        self._fold.log_rejections()
         return self.state()
 
     async def appended(self, own: CheckedEvent, expected_last_seq: int) -> JobState | None:
         """Record our own event, accepted by a compare-and-set on ``expected_last_seq``.
 
-        When the last event we know is that sequence, ours is the very next one on the
-        subject and needs no read. Otherwise we read (and verify) what we are missing.
-        """
-        if self.last_seq == expected_last_seq or own.seq <= self.last_seq:
+        When the last message we know is that sequence, ours is the very next one on the
+        subject and needs no read, unless its outcome depends on server time (answering a
+        challenge, taking a lease over, forcing a cancel): then it is read back."""
+        if own.seq <= self.last_seq:
+            return self.state()
+        if self.last_seq == expected_last_seq and not self._fold.needs_server_time(own):
+            if not self._unknown_from:
+                self._fold.mark()
+                self._unknown_from = own.seq
             self._add(own)
             return self.state()
         return await self.read()
@@ -130,22 +152,13 @@ async def _require(log: Log, queue: str, job: str) -> JobState:
     return state
 
 
-async def ensure_ticket(
-    log: Log, queue: str, job_class: str, job: str, *, last_seq: int = 0
-) -> bool:
-    """Publish the job's dispatch ticket; False when one is already waiting.
-
-    ``last_seq``, the sequence of the job's last event when known, lets the worker claim
-    without reading first (see ``wire.ticket_payload``)."""
-    subject = subjects.pending_subject(queue, job_class, job)
-    with translate_errors(f"publishing ticket {subject}"):
-        try:
-            await log.js.publish(subject, wire.ticket_payload(job, last_seq))
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
-                return False
-            raise
-    return True
+async def mark_waiting(log: Log, queue: str, job_class: str, job: str, last_seq: int) -> None:
+    """Write the job's waiting-index entry: workers see it at once (live) or on their next
+    scan. Safe to repeat; ``last_seq``, the sequence of the job's last event, lets a worker
+    claim without reading first (``wire.waiting_entry``)."""
+    await log.publish_entry(
+        subjects.waiting_subject(queue, job_class, job), wire.waiting_entry(last_seq)
+    )
 
 
 async def submit(
@@ -160,7 +173,8 @@ async def submit(
 
     A finished job whose reason is a result of the job (success, failed, timed_out) is served
     from cache; one that finished for another reason (error, cancelled, worker_lost) is run
-    again. ``rerun=True`` runs it again whatever the reason.
+    again. ``rerun=True`` runs it again whatever the reason (only its submitter may re-run a
+    job that has a result).
     """
     subjects.validate_queue(queue)
     clean = validate_definition(definition)
@@ -183,14 +197,23 @@ async def submit(
             own = await log.append_checked(subject, event, expected_last_seq=expected)
         except Conflict:
             state = await history.read()
+        except HistoryFull as exc:
+            state = await history.read()
+            if state is None:
+                raise HistoryFull(
+                    f"job {jid} cannot be submitted on queue {queue!r}: its subject is full "
+                    "of messages that are not events of this job (junk from another key); "
+                    "use another queue"
+                ) from exc
         else:
             created = True
             # on an empty subject our event is the first: its state needs no read back
             state = await history.appended(own, expected)
         if state is not None:
             break
-        # the subject holds only invalid events (noise, or a forged first event): append on top
-        expected = await log.last_seq(subjects.JOBS_STREAM, subject)
+        # the subject holds only invalid messages (noise, or a forged first event): append
+        # on top of them
+        expected = history.last_seq
     if state is None:
         raise LogError(f"could not submit job {jid}: its subject keeps changing; try again")
 
@@ -203,35 +226,54 @@ async def submit(
         state = await requeue(log, queue, jid, _state=state)
         requeued = True
     if state.state == "queued":
-        await ensure_ticket(log, queue, state.job_class, jid, last_seq=state.last_seq)
+        await mark_waiting(log, queue, state.job_class, jid, state.last_seq)
     logger.info("job=%s queue=%s submitted created=%s", jid, queue, created)
     return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
 
 
 async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = None) -> JobState:
-    """Run a finished job again (an explicit choice). A job not finished is left as it is."""
+    """Run a finished job again (an explicit choice). A job not finished is left as it is.
+    Only the submitter may re-run a job that has a result (``UnauthorizedSigner``)."""
     state = _state or await _require(log, queue, job)
     subject = subjects.job_subject(queue, job)
     for _ in range(CAS_RETRIES):
         if not state.finished:
             break
+        assert state.result is not None
+        if state.result.is_result and state.submitter != log.peer_id:
+            raise UnauthorizedSigner(
+                f"job {job} has a result ({state.result.reason}), and only the peer that "
+                f"submitted it ({state.submitter[:12]}…) may run it again; this peer is "
+                f"{log.peer_id[:12]}…. Change the definition to run a new job",
+                subject,
+            )
         with contextlib.suppress(Conflict):
             await log.append(
                 subject, {"type": "requeued", "ts": now_ms()}, expected_last_seq=state.last_seq
             )
         state = await _require(log, queue, job)
     if state.state == "queued":
-        await ensure_ticket(log, queue, state.job_class, job, last_seq=state.last_seq)
+        await mark_waiting(log, queue, state.job_class, job, state.last_seq)
     return state
 
 
-async def cancel(log: Log, queue: str, job: str, message: str = "cancelled") -> JobState:
+async def cancel(
+    log: Log, queue: str, job: str, message: str = "cancelled", *, force: bool = False
+) -> JobState:
     """Cancel a job. Queued: finished as cancelled at once. Running: its worker is asked to
-    stop the container and finishes it as cancelled. Finished: nothing changes."""
+    stop the container and finishes it as cancelled. Finished: nothing changes.
+
+    ``force`` on a running job whose cancel request is older than the lease grace
+    (``Rules.lease_ms``, server time) finishes it as cancelled without its worker: the worker
+    is gone or will not stop. Earlier, the log refuses it and the state is returned as is.
+    """
     subject = subjects.job_subject(queue, job)
-    state = await _require(log, queue, job)
+    history = JobHistory(log, queue, job)
+    state = await history.read()
+    if state is None:
+        raise JobNotFound(queue, job)
     for _ in range(CAS_RETRIES):
-        if state.finished or state.cancel_requested:
+        if state.finished or (state.cancel_requested and not force):
             return state
         if state.submitter != log.peer_id:
             raise UnauthorizedSigner(
@@ -239,13 +281,23 @@ async def cancel(log: Log, queue: str, job: str, message: str = "cancelled") -> 
                 f"{state.submitter[:12]}…, this peer {log.peer_id[:12]}…)",
                 subject,
             )
-        with contextlib.suppress(Conflict):
-            await log.append(
+        requested = state.cancel_requested
+        try:
+            own = await log.append_checked(
                 subject,
                 {"type": "cancel", "ts": now_ms(), "message": message},
                 expected_last_seq=state.last_seq,
             )
-        state = await _require(log, queue, job)
+        except Conflict:
+            new = await history.read()
+            assert new is not None
+            state = new
+            continue
+        new = await history.appended(own, state.last_seq)
+        assert new is not None
+        state = new
+        if requested:
+            return state  # a force: accepted or not, the log has decided
     return state
 
 
@@ -258,7 +310,7 @@ async def list_jobs(log: Log, queue: str) -> list[JobState]:
     out = []
     for subject, evs in by_subject.items():
         q, jid = subjects.job_id_from_subject(subject)
-        state = fold(q, jid, subject, evs)
+        state = fold(q, jid, subject, evs, log.rules)
         if state is not None:
             out.append(state)
     out.sort(key=lambda s: s.submitted_ms)
@@ -323,11 +375,12 @@ async def watch_queue(log: Log, queue: str) -> AsyncIterator[JobState]:
             folder = by_subject.get(ev.subject)
             if folder is None:
                 q, jid = subjects.job_id_from_subject(ev.subject)
-                folder = by_subject[ev.subject] = JobFold(q, jid, ev.subject)
+                folder = by_subject[ev.subject] = JobFold(q, jid, ev.subject, log.rules)
             folder.add(check_event(ev, ev.subject))
             touched[ev.subject] = None
             next_seq = ev.seq + 1
         for subject in touched:
+            by_subject[subject].log_rejections()
             state = by_subject[subject].state()
             if state is not None:
                 yield state

@@ -15,33 +15,52 @@ __all__ = [
     "BLOBS_BUCKET",
     "HDR_EXPECTED_LAST_SUBJECT_SEQ",
     "HDR_MSG_ID",
+    "HDR_TTL",
     "JOBS_STREAM",
     "LOGS_STREAM",
-    "PENDING_STREAM",
+    "META_WIRE",
+    "V1_PENDING_STREAM",
+    "WAITING_STREAM",
     "WORKERS_BUCKET",
     "JobClass",
-    "consumer_name",
     "job_id_from_subject",
     "job_subject",
     "jobs_filter",
     "logs_subject",
-    "pending_filter",
-    "pending_subject",
     "validate_job_id",
+    "validate_peer_id",
+    "validate_proc",
     "validate_queue",
+    "waiting_filter",
+    "waiting_key",
+    "waiting_subject",
     "worker_key",
     "workers_filter",
 ]
 
 PREFIX = "asman"
 JOBS_STREAM = "ASMAN_JOBS"
-PENDING_STREAM = "ASMAN_PENDING"
+WAITING_STREAM = "ASMAN_WAITING"
+#: the work-queue stream of wire v1 (Asman 0.1), which ``asman migrate`` removes
+V1_PENDING_STREAM = "ASMAN_PENDING"
 LOGS_STREAM = "ASMAN_LOGS"
 WORKERS_BUCKET = "ASMAN_WORKERS"
 BLOBS_BUCKET = "ASMAN_BLOBS"
 
 HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 HDR_MSG_ID = "Nats-Msg-Id"
+HDR_TTL = "Nats-TTL"
+
+#: stream metadata keys: the wire version, and the protocol's numbers (``events.Rules``)
+META_WIRE = "asman_wire"
+META_RULES = {
+    "lease_ms": "asman_lease_ms",
+    "max_attempts": "asman_max_attempts",
+    "max_events": "asman_max_events",
+    "max_history_bytes": "asman_max_history_bytes",
+    "default_duration_ms": "asman_default_duration_ms",
+    "life_allowance_ms": "asman_life_allowance_ms",
+}
 
 JobClass = Literal["cpu", "gpu"]
 JOB_CLASSES: tuple[JobClass, ...] = ("cpu", "gpu")
@@ -49,6 +68,7 @@ JOB_CLASSES: tuple[JobClass, ...] = ("cpu", "gpu")
 _QUEUE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _JOB_ID_RE = re.compile(r"[0-9a-f]{64}")
 _PEER_ID_RE = re.compile(r"[0-9a-f]{64}")
+_PROC_RE = re.compile(r"[0-9a-f]{1,32}")
 
 
 def validate_queue(queue: str) -> str:
@@ -67,8 +87,8 @@ def validate_job_id(job_id: str) -> str:
     return job_id
 
 
-def _validate_peer_id(peer_id: str) -> str:
-    if not _PEER_ID_RE.fullmatch(peer_id):
+def validate_peer_id(peer_id: str) -> str:
+    if not isinstance(peer_id, str) or not _PEER_ID_RE.fullmatch(peer_id):
         raise InvalidInput(f"peer id {peer_id!r} is not valid: 64 lower-case hex characters")
     return peer_id
 
@@ -99,21 +119,30 @@ def job_id_from_subject(subject: str) -> tuple[str, str]:
     return validate_queue(parts[2]), validate_job_id(parts[3])
 
 
-def pending_subject(queue: str, job_class: str, job_id: str) -> str:
-    """Subject of a job's dispatch ticket in ``ASMAN_PENDING``."""
+def waiting_subject(queue: str, job_class: str, job_id: str) -> str:
+    """Subject of a job's entry in the waiting index ``ASMAN_WAITING``."""
     return (
-        f"{PREFIX}.pending.{validate_queue(queue)}.{_validate_class(job_class)}."
+        f"{PREFIX}.waiting.{validate_queue(queue)}.{_validate_class(job_class)}."
         f"{validate_job_id(job_id)}"
     )
 
 
-def pending_filter(queue: str, job_class: str) -> str:
-    return f"{PREFIX}.pending.{validate_queue(queue)}.{_validate_class(job_class)}.*"
+def waiting_filter(queue: str) -> str:
+    """Filter matching every waiting-index entry of a queue (both classes)."""
+    return f"{PREFIX}.waiting.{validate_queue(queue)}.*.*"
 
 
-def consumer_name(queue: str, job_class: str) -> str:
-    """Durable pull consumer shared by every worker of (queue, class)."""
-    return f"asman_{validate_queue(queue)}_{_validate_class(job_class)}"
+def waiting_key(subject: str) -> tuple[str, str, str] | None:
+    """(queue, class, job id) of a waiting-index subject; None for anything else."""
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[0] != PREFIX or parts[1] != "waiting":
+        return None
+    queue, job_class, job = parts[2], parts[3], parts[4]
+    if not _QUEUE_RE.fullmatch(queue) or job_class not in JOB_CLASSES:
+        return None
+    if not _JOB_ID_RE.fullmatch(job):
+        return None
+    return queue, job_class, job
 
 
 def logs_subject(queue: str, job_id: str) -> str:
@@ -121,10 +150,18 @@ def logs_subject(queue: str, job_id: str) -> str:
     return f"{PREFIX}.logs.{validate_queue(queue)}.{validate_job_id(job_id)}"
 
 
-def worker_key(queue: str, worker_id: str) -> str:
-    """Key of a worker's heartbeat in the ``ASMAN_WORKERS`` bucket."""
-    return f"{validate_queue(queue)}.{_validate_peer_id(worker_id)}"
+def validate_proc(proc: str) -> str:
+    """A worker process's id under its key (``Log.session``): 1-32 lower-case hex."""
+    if not isinstance(proc, str) or not _PROC_RE.fullmatch(proc):
+        raise InvalidInput(f"process id {proc!r} is not valid: 1-32 lower-case hex characters")
+    return proc
+
+
+def worker_key(queue: str, worker_id: str, proc: str) -> str:
+    """Key of a worker process's heartbeat in the ``ASMAN_WORKERS`` bucket: several processes
+    may share one key (``asman worker --procs``), each beats for itself."""
+    return f"{validate_queue(queue)}.{validate_peer_id(worker_id)}.{validate_proc(proc)}"
 
 
 def workers_filter(queue: str) -> str:
-    return f"{validate_queue(queue)}.*"
+    return f"{validate_queue(queue)}.*.*"

@@ -46,22 +46,25 @@ __all__ = [
     "ALG_EDDSA",
     "COSE_SIGN1_TAG",
     "DEFAULT_MAX_SIZE",
+    "DONE_ENTRY",
     "MAX_DEPTH",
     "SCHEMA_VERSION",
+    "Entry",
     "Opened",
     "decode",
     "encode",
     "open_envelope",
+    "parse_entry",
+    "running_entry",
     "seal",
     "seal_opened",
-    "ticket_hint",
-    "ticket_payload",
+    "waiting_entry",
 ]
 
 COSE_SIGN1_TAG = 18
 ALG_ED25519 = -19  # RFC 9864, fully specified
 ALG_EDDSA = -8  # RFC 9053, deprecated by RFC 9864; accepted on input
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_MAX_SIZE = 1024 * 1024
 MAX_DEPTH = 64  # nested containers, on encode and decode
 
@@ -406,22 +409,63 @@ def open_envelope(data: bytes, subject: str, *, max_size: int = DEFAULT_MAX_SIZE
     return Opened(signer=kid.hex(), event=event, protected_sub=signed_sub)
 
 
-# -- dispatch tickets ----------------------------------------------------------------------
+# -- the waiting index ----------------------------------------------------------------------
+
+#: An entry of ``ASMAN_WAITING`` says what a job needs from workers, as a hint: a worker
+#: always reads (or claims by compare-and-set on) the job's own subject before it believes
+#: anything, so an entry needs no signature. One entry per job (the stream keeps the last):
+#:
+#: * ``w <seq>``: waiting; ``seq`` is the job's last sequence when written (a worker claims
+#:   by compare-and-set on it while it reads the job: one round trip);
+#: * ``r <seq> <peer id> <proc>``: running, claimed at ``seq`` by that worker process;
+#: * ``d``: finished (written with a short per-message TTL, so it goes away).
+ENTRY_WAITING = "w"
+ENTRY_RUNNING = "r"
+ENTRY_DONE = "d"
 
 
-def ticket_payload(job_id: str, last_seq: int = 0) -> bytes:
-    """A dispatch ticket's body: the job id, and the stream sequence of the job's last event
-    when the ticket was written (``"<job id> <seq>"``; a bare job id from older peers).
-
-    The sequence is only a hint, never trusted: a worker claims by compare-and-set on it
-    while it reads and verifies the job's history, and believes the claim only when the fold
-    of that verified history accepts it. A wrong hint costs one refused compare-and-set."""
-    return f"{job_id} {last_seq}".encode() if last_seq > 0 else job_id.encode()
+@dataclass(frozen=True, slots=True)
+class Entry:
+    kind: str
+    seq: int = 0
+    holder: str = ""
+    proc: str = ""
 
 
-def ticket_hint(data: bytes) -> int:
-    """The sequence hint of a ticket body (0 when it has none or it is not a number)."""
-    _, _, seq = data.partition(b" ")
-    if not seq or len(seq) > 20 or not seq.isdigit():
-        return 0
-    return int(seq)
+def waiting_entry(last_seq: int) -> bytes:
+    return f"w {max(0, last_seq)}".encode()
+
+
+def running_entry(claim_seq: int, holder: str, proc: str) -> bytes:
+    return f"r {claim_seq} {holder} {proc}".encode()
+
+
+DONE_ENTRY = b"d"
+
+
+def parse_entry(data: bytes) -> Entry | None:
+    """The entry in ``data``, or None when it is not one (junk is ignored)."""
+    if len(data) > 100:
+        return None
+    parts = data.split(b" ")
+    kind = parts[0]
+    try:
+        if kind == b"d" and len(parts) == 1:
+            return Entry(ENTRY_DONE)
+        if kind == b"w" and len(parts) == 2 and parts[1].isdigit() and len(parts[1]) <= 20:
+            return Entry(ENTRY_WAITING, int(parts[1]))
+        if (
+            kind == b"r"
+            and len(parts) == 4
+            and parts[1].isdigit()
+            and len(parts[1]) <= 20
+            and len(parts[2]) == 64
+            and 0 < len(parts[3]) <= 32
+        ):
+            holder, proc = parts[2].decode("ascii"), parts[3].decode("ascii")
+            if holder.strip("0123456789abcdef") or proc.strip("0123456789abcdef"):
+                return None
+            return Entry(ENTRY_RUNNING, int(parts[1]), holder, proc)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None

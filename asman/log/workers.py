@@ -8,7 +8,7 @@ under another worker's id.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from asman.errors import EnvelopeError
@@ -40,11 +40,16 @@ class WorkerInfo:
     network: str = "none"
     ts: int = 0
     draining: bool = False
+    #: the process under the worker's key (several processes may share a key)
+    proc: str = ""
+    #: the server's time of the heartbeat message (set by ``list_workers``)
+    seen_ms: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("extra")
+        out.pop("seen_ms")
         out["labels"] = list(self.labels)
         out["running"] = list(self.running)
         return out
@@ -59,9 +64,11 @@ class WorkerInfo:
             value = obj.get(key, [])
             return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
+        proc = obj.get("proc", "")
         return cls(
             worker_id=signer,
             queue=str(obj.get("queue", "")),
+            proc=proc if isinstance(proc, str) else "",
             slots=num("slots"),
             free_slots=num("free_slots"),
             gpus=num("gpus"),
@@ -83,19 +90,18 @@ def _kv_subject(key: str) -> str:
 
 
 async def beat(log: Log, info: WorkerInfo) -> None:
-    """Write (or refresh) this worker's heartbeat for ``info.queue``."""
-    key = subjects.worker_key(info.queue, log.peer_id)
-    data = wire.seal(
-        log.key, _kv_subject(key), {"type": "worker", **info.to_wire(), "ts": now_ms()}
-    )
+    """Write (or refresh) this worker process's heartbeat for ``info.queue``."""
+    key = subjects.worker_key(info.queue, log.peer_id, log.session)
+    body = {"type": "worker", **info.to_wire(), "proc": log.session, "ts": now_ms()}
+    data = wire.seal(log.key, _kv_subject(key), body)
     kv = await log.workers_kv()
     with translate_errors(f"writing heartbeat {key}"):
         await kv.put(key, data)
 
 
 async def remove(log: Log, queue: str) -> None:
-    """Delete this worker's heartbeat for ``queue`` (on a clean stop)."""
-    key = subjects.worker_key(queue, log.peer_id)
+    """Delete this worker process's heartbeat for ``queue`` (on a clean stop)."""
+    key = subjects.worker_key(queue, log.peer_id, log.session)
     kv = await log.workers_kv()
     with translate_errors(f"removing heartbeat {key}"):
         await kv.delete(key)
@@ -115,9 +121,10 @@ async def list_workers(log: Log, queue: str) -> list[WorkerInfo]:
         except EnvelopeError as exc:
             logger.warning("ignoring heartbeat on %s: %s", subject, exc)
             continue
-        if not subject.endswith("." + opened.signer):
+        info = WorkerInfo.from_wire(opened.signer, opened.event)
+        if not subject.endswith(f".{opened.signer}.{info.proc}"):
             logger.warning("ignoring heartbeat on %s signed by %s", subject, opened.signer[:12])
             continue
-        out.append(WorkerInfo.from_wire(opened.signer, opened.event))
-    out.sort(key=lambda w: w.worker_id)
+        out.append(replace(info, seen_ms=ev.ts))
+    out.sort(key=lambda w: (w.worker_id, w.proc))
     return out

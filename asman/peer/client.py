@@ -32,6 +32,7 @@ from asman.log.definition import validate_relative_path
 from asman.log.events import JobState, OutputFile
 from asman.log.keys import PeerKey
 from asman.log.logstream import LogChunk
+from asman.log.migrate import Migration, migrate
 from asman.log.objstore import ObjectStoreBlobs
 from asman.log.workers import WorkerInfo
 
@@ -98,6 +99,17 @@ async def open_blobs(settings: ClientSettings, log: Log) -> BlobStore:
     s3 = S3Blobs.from_url(settings.blobs.url, settings.blobs.access_key, settings.blobs.secret_key)
     await s3.ensure()
     return s3
+
+
+async def migrate_log(settings: ClientSettings, *, dry_run: bool = False) -> Migration:
+    """Upgrade the log ``settings`` point at from wire v1 (``asman.log.migrate``)."""
+    key = PeerKey.load_or_create(settings.key_file)
+    log = Log(log_config(settings, name="asman-migrate"), key)
+    try:
+        await log.connect(setup=False)
+        return await migrate(log, dry_run=dry_run)
+    finally:
+        await log.close()
 
 
 def log_config(settings: ClientSettings, *, name: str = "asman") -> LogConfig:

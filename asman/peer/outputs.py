@@ -20,11 +20,27 @@ from pathlib import Path
 from typing import Any
 
 from asman.errors import InvalidInput
+from asman.log import wire
 from asman.log.blobs import BlobStore
 from asman.log.definition import validate_relative_path
-from asman.log.events import Blob
+from asman.log.events import Blob, OutputFile, Result, parse_outputs
 
-__all__ = ["OutputLimits", "Outputs", "list_outputs", "store_blob", "store_outputs"]
+__all__ = [
+    "MANIFEST_INLINE_LIMIT",
+    "OutputLimits",
+    "Outputs",
+    "list_outputs",
+    "load_outputs",
+    "manifest_fields",
+    "store_blob",
+    "store_outputs",
+]
+
+#: An outputs list whose encoding is larger than this goes into a blob of its own, so that a
+#: ``finished`` event always fits in one message.
+MANIFEST_INLINE_LIMIT = 128 * 1024
+#: A manifest blob is read up to this size (10,000 outputs with long paths and inline data).
+MANIFEST_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +128,26 @@ async def store_outputs(
             inline_total += blob.size
         manifest.append({"path": rel, **blob.to_wire()})
     return manifest
+
+
+async def manifest_fields(blobs: BlobStore, manifest: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``finished`` event's fields for ``manifest``: the list itself when small, else a
+    reference to a blob holding it (deterministic CBOR of the same list)."""
+    encoded = wire.encode(manifest)
+    if len(encoded) <= MANIFEST_INLINE_LIMIT:
+        return {"outputs": manifest}
+    blob = await store_blob(blobs, encoded, inline=False)
+    return {"outputs": [], "manifest": blob.to_wire()}
+
+
+async def load_outputs(blobs: BlobStore, result: Result) -> tuple[OutputFile, ...]:
+    """A result's outputs, reading its manifest blob when it has one (sha256 verified)."""
+    if result.manifest is None:
+        return result.outputs
+    data = await blobs.get_bytes(result.manifest.sha256, max_size=MANIFEST_MAX_BYTES)
+    try:
+        return parse_outputs(wire.decode(data, max_size=MANIFEST_MAX_BYTES))
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(
+            f"the outputs manifest {result.manifest.sha256} is not valid: {exc}"
+        ) from None

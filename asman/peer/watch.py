@@ -1,10 +1,13 @@
-"""Keeping a running job's lease: the watcher that stops its container when it must.
+"""Keeping a running job's lease: the watcher that answers challenges and stops the
+container when it must.
 
-While a job runs, its ticket's ack deadline is pushed back every ``lease ttl / 3``
-(``keepalive``), and the job's subject is watched: a cancel request, or another worker's
-claim on top of ours (our lease was lost), stops the container at once. The watcher starts
-``WATCH_AFTER_S`` into the job (``Watching``): a job that ends sooner costs a timer, not a
-task and a subscription, and loses nothing, since its finish is fenced.
+A healthy holder writes nothing to keep its lease (its heartbeat says it lives). While a job
+runs, its subject is watched: a challenge (another worker's claim on top of ours) is answered
+at once with ``renewed``; a cancel request, or a lease that passed to another worker, stops
+the container. The subject is also read every third of the lease grace, in case a message
+was missed (a reconnect). The watcher starts ``WATCH_AFTER_S`` into the job (``Watching``): a
+job that ends sooner costs a timer, not a task and a subscription, and loses nothing, since
+its finish is fenced (and answers a pending challenge itself).
 """
 
 from __future__ import annotations
@@ -41,13 +44,13 @@ class Running:
 
 
 async def watch_lease(running: Running) -> None:
-    """Stop the container at once when a cancel or a foreign claim lands on the job
-    (started ``WATCH_AFTER_S`` into the job by ``Watching``: what landed before is read
-    when the watch starts)."""
+    """Answer a challenge, and stop the container at once when a cancel lands or the lease
+    passed to another worker (started ``WATCH_AFTER_S`` into the job by ``Watching``: what
+    landed before is read when the watch starts)."""
     lease = running.lease
     wake = asyncio.Event()
     stop_sub: Callable[[], Awaitable[None]] | None = None
-    ttl = lease.log.config.lease_ttl_s
+    ttl = lease.log.rules.lease_ms / 1000
     try:
         while not running.stop.is_set():
             if stop_sub is None:
@@ -63,7 +66,6 @@ async def watch_lease(running: Running) -> None:
                         await wake.wait()
             wake.clear()
             try:
-                await lease.keepalive()
                 state = await lease.check()
             except LeaseLost:
                 running.why = "lost"

@@ -1,20 +1,19 @@
-"""The worker: pulls tickets for its queues, claims jobs with signed leases, runs them in
-hardened containers, and finishes them with fenced writes (DESIGN §2, §4).
+"""The worker: finds waiting jobs of its queues (``asman.peer.dispatch``), claims them with
+signed leases, runs them in hardened containers, and finishes them with fenced writes.
 
 Shutdown (``stop`` set, e.g. on SIGTERM), in order:
 
-1. stop fetching: no new ticket is pulled;
+1. stop dispatching: no new job is claimed;
 2. running jobs get ``drain_grace_s`` to finish normally;
 3. jobs still running are stopped (SIGTERM, grace, SIGKILL) and handed back with
-   ``released`` + ``nak`` so another worker takes them at once;
-4. final writes (finished events, acks) run under ``asyncio.shield``;
+   ``released`` (the index says they wait again) so another worker takes them at once;
+4. final writes (finished events) run under ``asyncio.shield``;
 5. heartbeats are removed; the caller closes the log (``drain()``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import logging
@@ -33,19 +32,28 @@ from asman.errors import (
     LeaseLost,
     LogError,
     LogUnavailable,
+    MessageTooLarge,
 )
 from asman.log import jobs, subjects
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
 from asman.log.definition import JobSpec
 from asman.log.events import JobState, now_ms
-from asman.log.leases import JobLease, Ticket, TicketSource, claim
+from asman.log.leases import (
+    Candidate,
+    JobLease,
+    by_process,
+    claim,
+    finish_lost,
+    holder_alive,
+)
 from asman.log.workers import WorkerInfo, beat, list_workers, remove
+from asman.peer.dispatch import Dispatcher
 from asman.peer.docker import ContainerSpec, RunOutcome
 from asman.peer.inputs import InputFetcher
 from asman.peer.jobdir import DataDirLock, JobDir, job_dir_at, prepare_job_dir, remove_job_dir
 from asman.peer.joblog import SPILL_BYTES, JobLog
-from asman.peer.outputs import OutputLimits, store_blob, store_outputs
+from asman.peer.outputs import OutputLimits, manifest_fields, store_blob, store_outputs
 from asman.peer.runtime import Runtime, docker_build, mounts_folders
 from asman.peer.watch import Running, Watching
 
@@ -55,14 +63,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: How soon a ticket whose claim failed on a log outage comes back.
+#: How soon a job whose claim failed on a log outage is tried again.
 CLAIM_RETRY_S = 1.0
-#: How long a GPU ticket handed back by a worker without enough GPUs stays away from it.
+#: How long a GPU job that a worker without enough GPUs left alone stays away from it.
 GPU_HANDBACK_S = 10.0
-#: While several ticket sources (queues, or CPU and GPU tickets) share the worker's slots, a
-#: fetch waits at most this long, so that one source never holds a slot another one needs
-#: for a whole long poll.
-SHARE_POLL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +82,7 @@ class WorkerConfig:
     drain_grace_s: float = 30.0
     kill_grace_s: float = 10.0
     heartbeat_s: float = 10.0
-    fetch_timeout_s: float = 5.0
+    scan_interval_s: float = 5.0
     sweep_interval_s: float = 120.0
     memory_limit_bytes: int | None = None
     cpus_limit: float | None = None
@@ -120,10 +124,13 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._running: dict[str, Running] = {}
         self._finishing = 0  # jobs past their container that gave their slot back
-        self._slot_sources = 1  # fetch loops that take slots (set when the worker runs)
-        self._slot_queue: collections.deque[object] = collections.deque()  # sources waiting
-        self._fetching = asyncio.Event()
         self._done_once = asyncio.Event()
+        self.dispatcher = Dispatcher(
+            log,
+            config.queues,
+            scan_interval_s=config.scan_interval_s,
+            sweep_interval_s=config.sweep_interval_s,
+        )
         self.jobs_done = 0
         self.inputs = InputFetcher(
             blobs,
@@ -147,10 +154,7 @@ class Worker:
         removed = await self.runtime.cleanup_orphans(self.instance)
         if removed:
             logger.info("removed %d orphaned container(s) of an earlier run", removed)
-        # every worker watches the GPU tickets too: one without (enough) GPUs hands them back
-        # while a worker that can run them exists, and refuses them with a reason otherwise
-        classes = ["cpu", "gpu"]
-        sources = [await TicketSource(self.log, q, c).open() for q in cfg.queues for c in classes]
+        await self.dispatcher.open()
         stop_fetching = asyncio.Event()
         logger.info(
             "worker=%s queues=%s slots=%d gpus=%d network=%s",
@@ -160,17 +164,11 @@ class Worker:
             len(cfg.gpus),
             cfg.network,
         )
-        self._slot_sources = sum(1 for s in sources if s.job_class == "cpu" or cfg.gpus)
         try:
             async with asyncio.TaskGroup() as tg:
                 drained = asyncio.Event()
                 beats = tg.create_task(self._heartbeats(stop_fetching, drained))
-                sweeper = tg.create_task(self._sweeper(stop_fetching))
-                for src in sources:
-                    if src.job_class == "gpu" and not cfg.gpus:
-                        tg.create_task(self._refusal_loop(src, stop_fetching))
-                    else:
-                        tg.create_task(self._fetch_loop(src, stop_fetching, tg))
+                dispatching = tg.create_task(self._dispatch_loop(stop_fetching, tg))
                 waiters = [asyncio.ensure_future(stop.wait())]
                 if cfg.once:
                     waiters.append(asyncio.ensure_future(self._done_once.wait()))
@@ -179,14 +177,13 @@ class Worker:
                     w.cancel()
                 # 1. stop fetching
                 stop_fetching.set()
+                await dispatching
                 # 2. let running jobs finish within the grace period
                 await self._drain(cfg.drain_grace_s)
                 drained.set()
-                sweeper.cancel()
                 beats.cancel()
         finally:
-            for src in sources:
-                await src.close()
+            await self.dispatcher.close()
             # 5. remove heartbeats
             for q in cfg.queues:
                 with contextlib.suppress(AsmanError):
@@ -245,143 +242,42 @@ class Worker:
                 async with asyncio.timeout(self.config.heartbeat_s):
                     await done.wait()
 
-    async def _sweeper(self, stopping: asyncio.Event) -> None:
-        """Repair (DESIGN §2.8): every unfinished job gets its ticket back if it lost it.
-        The per-subject limit makes this a no-op for jobs whose ticket is still there."""
-        while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.sweep_interval_s):
-                    await stopping.wait()
-            if stopping.is_set():
-                return
-            for q in self.config.queues:
-                try:
-                    for state in await jobs.list_jobs(self.log, q):
-                        if not state.finished and await jobs.ensure_ticket(
-                            self.log, q, state.job_class, state.job_id
-                        ):
-                            logger.info("job=%s queue=%s ticket repaired", state.job_id, q)
-                except LogError as exc:
-                    logger.warning("sweep of %s failed: %s", q, exc)
-
     async def _wait_free_slot(self, stopping: asyncio.Event) -> bool:
-        """Until a slot is free for this source (False once ``stopping``). First come, first
-        served: a source that had to wait goes before one that just gave a slot back after
-        an empty poll, so sources sharing the slots take turns."""
-        turn: object | None = None
-        try:
-            while not stopping.is_set():
-                if self._free > 0 and (not self._slot_queue or self._slot_queue[0] is turn):
-                    if turn is not None:
-                        self._slot_queue.popleft()
-                        turn = None
-                        if self._slot_queue:
-                            self._slot_freed.set()  # the next in line looks again
-                    return True
-                if turn is None:
-                    turn = object()
-                    self._slot_queue.append(turn)
-                self._slot_freed.clear()
-                waiters = [
-                    asyncio.ensure_future(self._slot_freed.wait()),
-                    asyncio.ensure_future(stopping.wait()),
-                ]
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for w in waiters:
-                    w.cancel()
-            return False
-        finally:
-            if turn is not None:
-                self._slot_queue.remove(turn)
-                self._slot_freed.set()
+        """Until a slot is free (False once ``stopping``)."""
+        while self._free <= 0 and not stopping.is_set():
+            self._slot_freed.clear()
+            waiters = [
+                asyncio.ensure_future(self._slot_freed.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            ]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+        return not stopping.is_set()
 
-    async def _fetch_loop(
-        self, source: TicketSource, stopping: asyncio.Event, tg: asyncio.TaskGroup
-    ) -> None:
+    def _can_take(self, cand: Candidate) -> bool:
+        """GPU jobs go to workers with GPUs; a worker without takes one only to refuse it
+        with the reason, when no worker on the queue has any GPU."""
+        if cand.job_class != "gpu" or self.config.gpus:
+            return True
+        index = self.dispatcher.indexes[cand.queue]
+        return not any(w.gpus > 0 for w in index.workers.values())
+
+    async def _dispatch_loop(self, stopping: asyncio.Event, tg: asyncio.TaskGroup) -> None:
+        """Take a slot, find a job for it, claim and run it; again, until ``stopping``."""
         cfg = self.config
-        idle = True  # the last fetch brought nothing
         while await self._wait_free_slot(stopping):
-            if cfg.once and (self.jobs_done or self._running):
+            if cfg.once and self.jobs_done:
                 return
-            # Sharing the slots with other sources, an idle one probes with one slot and a
-            # bounded poll; the others take the rest (a source with work takes all free).
-            shared = self._slot_sources > 1
-            one = cfg.once or source.job_class == "gpu" or (shared and idle)
-            want = 1 if one else self._free
-            timeout = min(cfg.fetch_timeout_s, SHARE_POLL_S) if shared else cfg.fetch_timeout_s
-            self._free -= want  # reserve before the fetch: never pull more than we can run
-            try:
-                tickets = await self._fetch_or_stop(source, want, stopping, timeout)
-            except BaseException:
-                self._free += want
-                raise
-            idle = not tickets
-            self._free += want - len(tickets)
-            if len(tickets) < want:
-                self._slot_freed.set()  # wake the other sources waiting for a slot
-                await asyncio.sleep(0)  # and let them take it before we reserve again
-            for ticket in tickets:
-                if stopping.is_set():
-                    with contextlib.suppress(AsmanError):
-                        await ticket.nak()
-                    self._release_slot()
-                    continue
-                tg.create_task(self._job(ticket), name=f"job-{ticket.job_id[:8]}")
-
-    async def _fetch_or_stop(
-        self,
-        source: TicketSource,
-        want: int,
-        stopping: asyncio.Event,
-        timeout: float | None = None,
-    ) -> list[Ticket]:
-        """Fetch up to ``want`` tickets within ``timeout`` (the configured long poll), giving
-        up at once when ``stopping`` is set (a long poll must never hold shutdown up;
-        nats-py's fetch can also stall past its timeout)."""
-        poll = self.config.fetch_timeout_s if timeout is None else timeout
-        fetch = asyncio.ensure_future(source.fetch(want, poll))
-        stopper = asyncio.ensure_future(stopping.wait())
-        try:
-            await asyncio.wait(
-                [fetch, stopper],
-                timeout=poll + 10,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            stopper.cancel()
-        if not fetch.done():
-            fetch.cancel()
-            with contextlib.suppress(BaseException):
-                await fetch
-            return []
-        try:
-            return fetch.result()
-        except LogError as exc:
-            logger.warning("fetch from %s failed: %s", source.durable, exc)
-            await asyncio.sleep(1.0)
-            return []
-
-    async def _refusal_loop(self, source: TicketSource, stopping: asyncio.Event) -> None:
-        """A worker without GPUs watches the queue's GPU tickets without using a slot: it
-        hands them back while some worker can run them and refuses them (``error``, with the
-        reason) when no worker on the queue has enough GPUs."""
-        while not stopping.is_set():
-            for ticket in await self._fetch_or_stop(source, 1, stopping):
-                try:
-                    if stopping.is_set():
-                        await ticket.nak()
-                    elif await self._gpu_ticket_is_ours(ticket):
-                        lease = await claim(self.log, ticket)
-                        if lease is None:
-                            continue
-                        try:
-                            wanted = JobSpec.from_definition(lease.state.definition).gpus
-                        except AsmanError as exc:
-                            await self._finish_error(lease, f"invalid definition: {exc}")
-                            continue
-                        await self._take_gpus(lease, wanted)
-                except AsmanError as exc:
-                    logger.warning("job=%s gpu ticket: %s", ticket.job_id, exc)
+            cand = await self.dispatcher.next(stopping, self._can_take)
+            if cand is None:
+                return
+            self._free -= 1
+            self.dispatcher.taken(cand)
+            if cfg.once:
+                await self._job(cand, stopping)  # one at a time: run one job, then exit
+            else:
+                tg.create_task(self._job(cand, stopping), name=f"job-{cand.job_id[:8]}")
 
     def _release_slot(self, gpus: tuple[str, ...] = ()) -> None:
         self._free += 1
@@ -390,12 +286,12 @@ class Worker:
 
     # -- one job -----------------------------------------------------------------------
 
-    async def _gpu_ticket_is_ours(self, ticket: Ticket) -> bool:
-        """Before claiming a GPU ticket: False (and the ticket handed back untouched, no
-        event written) when another worker should take it."""
-        state = await jobs.read_job(self.log, ticket.queue, ticket.job_id)
+    async def _gpu_job_is_ours(self, cand: Candidate) -> bool:
+        """Before claiming a GPU job: False (and the job left alone for a while, no event
+        written) when another worker should take it, or our GPUs are busy."""
+        state = await jobs.read_job(self.log, cand.queue, cand.job_id)
         if state is None or state.finished:
-            return True  # claim() terms it
+            return True  # claim() finds nothing to do
         try:
             wanted = JobSpec.from_definition(state.definition).gpus
         except AsmanError:
@@ -403,13 +299,13 @@ class Worker:
         if wanted <= len(self._free_gpus):
             return True
         if wanted <= len(self.config.gpus):
-            await ticket.nak(delay=1.0)  # ours, but our GPUs are busy now
+            self.dispatcher.done(cand, retry_after_s=1.0)  # ours, but our GPUs are busy now
             return False
         others = [
-            w for w in await list_workers(self.log, ticket.queue) if w.worker_id != self.worker_id
+            w for w in await list_workers(self.log, cand.queue) if w.worker_id != self.worker_id
         ]
         if any(w.gpus >= wanted for w in others):
-            await ticket.nak(delay=GPU_HANDBACK_S)
+            self.dispatcher.done(cand, retry_after_s=GPU_HANDBACK_S)
             return False
         return True  # nobody has enough GPUs: claim it and refuse it with the reason
 
@@ -423,23 +319,43 @@ class Worker:
             self._finishing += 1
             self._release_slot(running.gpus)
 
-    async def _job(self, ticket: Ticket) -> None:
+    async def _alive(self, state: JobState) -> bool:
+        index = self.dispatcher.indexes.get(state.queue)
+        if index is None or time.monotonic() - index.scanned_at > self.config.scan_interval_s:
+            workers = by_process(await list_workers(self.log, state.queue))
+        else:
+            workers = index.workers
+        return holder_alive(state, workers)
+
+    async def _job(self, cand: Candidate, stopping: asyncio.Event) -> None:
         gpus: tuple[str, ...] = ()
         running: Running | None = None
+        claimed = False
         try:
-            if ticket.job_class == "gpu" and not await self._gpu_ticket_is_ours(ticket):
+            if cand.job_class == "gpu" and not await self._gpu_job_is_ours(cand):
                 return
+            hint = cand.entry.seq if cand.waiting else 0
             try:
-                lease = await claim(self.log, ticket)
+                lease = await claim(
+                    self.log, cand.queue, cand.job_id, hint, alive=self._alive, stop=stopping
+                )
             except LogUnavailable as exc:
-                # a leader election or a reconnect: hand the ticket back now rather than
-                # letting it wait out the lease (a claim that did land is taken over by the
-                # next, later delivery)
-                logger.warning("job=%s claim failed, handing back: %s", ticket.job_id, exc)
-                with contextlib.suppress(AsmanError):
-                    await ticket.nak(delay=CLAIM_RETRY_S)
+                # a leader election or a reconnect: try again shortly (a claim that did
+                # land is ours, and the next try finds it)
+                logger.warning("job=%s claim failed, trying again: %s", cand.job_id, exc)
+                self.dispatcher.done(cand, retry_after_s=CLAIM_RETRY_S)
+                claimed = True  # done() was called
                 return
             if lease is None:
+                return
+            self.dispatcher.claimed(cand)
+            claimed = True
+            await lease.announce()
+            if lease.spent:
+                await asyncio.shield(finish_lost(lease))
+                return
+            if lease.state.cancel_requested:
+                await asyncio.shield(lease.finish({"reason": "cancelled", "message": "cancelled"}))
                 return
             try:
                 spec = JobSpec.from_definition(lease.state.definition)
@@ -461,10 +377,12 @@ class Worker:
                 if self.config.once:
                     self._done_once.set()
         except LeaseLost as exc:
-            logger.warning("job=%s lease lost: %s", ticket.job_id, exc)
+            logger.warning("job=%s lease lost: %s", cand.job_id, exc)
         except AsmanError as exc:
-            logger.error("job=%s failed in the worker: %s", ticket.job_id, exc)
+            logger.error("job=%s failed in the worker: %s", cand.job_id, exc)
         finally:
+            if not claimed:
+                self.dispatcher.done(cand)
             if running is None or running.holds_slot:
                 self._release_slot(gpus)
             else:
@@ -504,8 +422,6 @@ class Worker:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                with contextlib.suppress(AsmanError):
-                    await lease.keepalive()
 
     async def _start(self, running: Running) -> None:
         """Append ``started``; if it cannot be (the lease was lost, or the log stays out),
@@ -524,20 +440,28 @@ class Worker:
     async def _finish(self, lease: JobLease, result: dict[str, Any]) -> JobState:
         """``lease.finish`` that rides out a short log outage (a leader election): the append
         is a compare-and-set, so retrying is safe, and a retry that finds our own result
-        already accepted (the first reply was lost) only acks the ticket."""
-        deadline = time.monotonic() + max(10.0, self.log.config.lease_ttl_s)
+        already accepted (the first reply was lost) is done. A result the log refuses as too
+        large ends the job ``error`` with the reason (never ``worker_lost``)."""
+        deadline = time.monotonic() + max(10.0, self.log.rules.lease_ms / 1000)
         delay, retried = 0.25, False
         while True:
             try:
                 return await lease.finish(result)
+            except MessageTooLarge as exc:
+                if result.get("reason") == "error" and "outputs" not in result:
+                    raise
+                logger.warning("job=%s result too large to record: %s", lease.job_id, exc)
+                result = {
+                    "reason": "error",
+                    "message": f"the job's result could not be recorded: {exc}"[:4000],
+                    **({"log": result["log"]} if "log" in result else {}),
+                }
             except LogUnavailable:
                 if time.monotonic() > deadline:
                     raise
                 retried = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                with contextlib.suppress(AsmanError):
-                    await lease.keepalive()
             except LeaseLost:
                 if not retried:
                     raise
@@ -553,7 +477,7 @@ class Worker:
                 if not mine:
                     raise
                 assert state is not None
-                await lease.ticket.ack()
+                await lease.mark_done()
                 return state
 
     async def _finish_error(self, lease: JobLease, message: str) -> None:
@@ -628,9 +552,12 @@ class Worker:
                     await asyncio.shield(self._riding_out(lease, lease.release))
                     logger.info("job=%s handed back", lease.job_id)
                 except (LogUnavailable, LeaseLost) as exc:
-                    # the lease runs out instead, and the ticket is redelivered
+                    # our heartbeat stops listing the job: another worker challenges our
+                    # lease and takes the job over
                     logger.warning(
-                        "job=%s not handed back (%s); its lease will expire", lease.job_id, exc
+                        "job=%s not handed back (%s); another worker will take it over",
+                        lease.job_id,
+                        exc,
                     )
             else:
                 if running.why == "cancelled":
@@ -742,6 +669,7 @@ class Worker:
             inline_total=cfg.inline_outputs_total,
         )
         manifest = await store_outputs(self.blobs, outputs_dir, limits, joblog.system)
+        listed = await manifest_fields(self.blobs, manifest)
         if running.why == "cancelled":
             reason = "cancelled"
         elif outcome.timed_out:
@@ -755,7 +683,7 @@ class Worker:
             "exit_code": outcome.exit_code,
             "oom_killed": outcome.oom_killed,
             "duration_ms": outcome.duration_ms,
-            "outputs": manifest,
+            **listed,
             "message": "",
         }
 

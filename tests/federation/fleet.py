@@ -88,7 +88,6 @@ class Fleet:
             drain_grace_s=5.0,
             kill_grace_s=1.0,
             heartbeat_s=1.0,
-            fetch_timeout_s=1.0,
             sweep_interval_s=5.0,
         )
         worker = Worker(log, await self.blobs(log), runtime, cfg)

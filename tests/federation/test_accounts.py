@@ -14,14 +14,13 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.api import ConsumerConfig
 from topology import Node, Topology
 
 from asman.errors import ConfigError, LogError
 from asman.log import jobs, subjects
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
-from asman.log.leases import TicketSource, claim
+from asman.log.leases import WaitingIndex, claim
 from asman.log.logstream import append_logs, read_logs
 from asman.log.workers import WorkerInfo, beat, list_workers
 
@@ -33,18 +32,6 @@ PASSWORDS = {  # users of deploy/nats/accounts/nats.conf
     "client-alpha": "change-me-client-alpha",
     "uni-x": "change-me-uni-x",
 }
-
-
-class NamedTicketSource(TicketSource):
-    """The ticket consumer created through the subject that names its filter
-    (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``), which a confined user may use.
-    TicketSource does this itself once its ConsumerConfig carries ``name`` (see
-    docs/operations.md, "Confined credentials")."""
-
-    def consumer_config(self) -> ConsumerConfig:
-        config = super().consumer_config()
-        config.name = self.durable
-        return config
 
 
 @pytest.fixture
@@ -85,29 +72,29 @@ async def test_a_confined_worker_runs_its_queue(logs: dict[str, Log]) -> None:
     assert submitted.created
     assert [j.job_id for j in await jobs.list_jobs(worker, "alpha")] == [submitted.job_id]
 
-    source = await NamedTicketSource(worker, "alpha", "cpu").open()
-    try:
-        (ticket,) = await source.fetch(1, 5.0)
-        lease = await claim(worker, ticket)
-        assert lease is not None
-        await lease.start()
-        await lease.keepalive()
-        chunk = ("stdout", 0, b"alpha\n")
-        await append_logs(worker, "alpha", submitted.job_id, lease.attempt, [chunk])
-        me = WorkerInfo(worker_id=worker.peer_id, queue="alpha", slots=1, free_slots=0)
-        await beat(worker, me)
-        assert [w.worker_id for w in await list_workers(client, "alpha")] == [worker.peer_id]
-        final = await lease.finish({"reason": "success", "exit_code": 0})
-        assert final.reason == "success"
-        # the ack follows the accepted finish without being waited for: the ticket goes
-        # within a moment (a lost ack would cost one redelivery, which is termed)
-        for _ in range(500):
-            if await source.pending() == (0, 0):
-                break
-            await asyncio.sleep(0.01)
-        assert await source.pending() == (0, 0)
-    finally:
-        await source.close()
+    # the worker finds the job in the queue's waiting index (a filtered read: no consumer
+    # of its own, so nothing for an admin to create first) and claims it
+    index = WaitingIndex(worker, "alpha", asyncio.Event())
+    await index.scan()
+    (entry,) = index.entries.values()
+    assert entry.job_id == submitted.job_id and entry.waiting
+    lease = await claim(worker, "alpha", entry.job_id, entry.entry.seq)
+    assert lease is not None
+    await lease.start()
+    chunk = ("stdout", 0, b"alpha\n")
+    await append_logs(worker, "alpha", submitted.job_id, lease.attempt, [chunk])
+    me = WorkerInfo(worker_id=worker.peer_id, queue="alpha", slots=1, free_slots=0)
+    await beat(worker, me)
+    assert [w.worker_id for w in await list_workers(client, "alpha")] == [worker.peer_id]
+    final = await lease.finish({"reason": "success", "exit_code": 0})
+    assert final.reason == "success"
+    # the finished job leaves the index (its tombstone expires by itself)
+    for _ in range(300):
+        await index.scan()
+        if not index.entries:
+            break
+        await asyncio.sleep(0.02)
+    assert index.entries == {}
     state = await jobs.wait_finished(client, "alpha", submitted.job_id, timeout=10)
     assert state.result is not None and state.result.worker == worker.peer_id
     chunks, _ = await read_logs(client, state)
@@ -127,7 +114,7 @@ async def test_a_confined_worker_cannot_read_claim_or_list_another_queue(
     with pytest.raises(LogError):
         await jobs.list_jobs(worker, "beta")
     with pytest.raises(LogError):
-        await NamedTicketSource(worker, "beta", "cpu").open()
+        await WaitingIndex(worker, "beta", asyncio.Event()).scan()
     with pytest.raises(LogError):
         await worker.append(beta_subject, {"type": "claimed", "ts": 0}, expected_last_seq=1)
     assert (await jobs.read_job(admin, "beta", beta.job_id)) == beta.state  # untouched
@@ -147,10 +134,14 @@ async def test_the_server_refuses_every_listing_and_every_foreign_subject(
             f"{api}.STREAM.INFO.{subjects.JOBS_STREAM}": json.dumps(
                 {"subjects_filter": ">"}
             ).encode(),
-            f"{api}.CONSUMER.NAMES.{subjects.PENDING_STREAM}": b"",
-            f"{api}.CONSUMER.LIST.{subjects.PENDING_STREAM}": b"",
-            f"{api}.CONSUMER.INFO.{subjects.PENDING_STREAM}.asman_beta_cpu": b"",
-            f"{api}.CONSUMER.MSG.NEXT.{subjects.PENDING_STREAM}.asman_beta_cpu": b"",
+            f"{api}.STREAM.INFO.{subjects.WAITING_STREAM}": json.dumps(
+                {"subjects_filter": ">"}
+            ).encode(),
+            f"{api}.CONSUMER.NAMES.{subjects.WAITING_STREAM}": b"",
+            f"{api}.CONSUMER.LIST.{subjects.JOBS_STREAM}": b"",
+            f"{api}.DIRECT.GET.{subjects.WAITING_STREAM}": json.dumps(
+                {"multi_last": ["asman.waiting.>"], "batch": 100}
+            ).encode(),
             # the payload-filtered reads: they could name any subject, so they are closed
             f"{api}.DIRECT.GET.{subjects.JOBS_STREAM}": json.dumps(
                 {"seq": 1, "next_by_subj": "asman.job.>", "batch": 100}
@@ -162,18 +153,20 @@ async def test_the_server_refuses_every_listing_and_every_foreign_subject(
             f"{api}.CONSUMER.CREATE.{subjects.JOBS_STREAM}.x.asman.job.beta.*": b"{}",
             f"{api}.CONSUMER.CREATE.{subjects.JOBS_STREAM}.x.asman.job.>": b"{}",
             f"{api}.CONSUMER.CREATE.{subjects.JOBS_STREAM}": b"{}",
-            f"{api}.CONSUMER.DURABLE.CREATE.{subjects.PENDING_STREAM}.asman_alpha_cpu": b"{}",
+            f"{api}.CONSUMER.CREATE.{subjects.WAITING_STREAM}.x.asman.waiting.beta.*.*": b"{}",
+            f"{api}.CONSUMER.DURABLE.CREATE.{subjects.JOBS_STREAM}.asman_alpha_cpu": b"{}",
         }
         answers = await asyncio.gather(
             *(nc.request(s, p, timeout=1.0) for s, p in denied_requests.items()),
             return_exceptions=True,
         )
         assert all(isinstance(a, nats.errors.TimeoutError) for a in answers), answers
-        for subject in (">", "asman.>", "asman.job.beta.*", "_INBOX.>", "$JS.EVENT.>"):
+        denied_subs = (">", "asman.>", "asman.job.beta.*", "asman.waiting.beta.*.*", "_INBOX.>")
+        for subject in (*denied_subs, "$JS.EVENT.>"):
             await nc.subscribe(subject)
         await nc.flush()
         await asyncio.sleep(0.2)
-        for subject in [*denied_requests, ">", "asman.>", "asman.job.beta.*", "_INBOX.>"]:
+        for subject in [*denied_requests, *denied_subs]:
             # nats-py lower-cases the server's -ERR text
             assert any(f'"{subject.lower()}"' in v for v in violations), (subject, violations)
 

@@ -64,7 +64,7 @@ async def test_killing_the_stream_leader_loses_no_job_and_runs_none_twice(
     others = [n for n in NODES if n != leader]
     led = [
         s
-        for s in (subjects.PENDING_STREAM, subjects.LOGS_STREAM, f"KV_{subjects.WORKERS_BUCKET}")
+        for s in (subjects.WAITING_STREAM, subjects.LOGS_STREAM, f"KV_{subjects.WORKERS_BUCKET}")
         if cluster.stream_leader(s) == leader
     ]
     done_at_kill = fleet.jobs_done
@@ -145,7 +145,7 @@ async def test_whole_cluster_restarts_from_its_store_dirs(cluster: Topology, fle
     client = await fleet.log()
     await fleet.worker("now", slots=2)
     done_ids = await submit_all(client, "now", [echo_job(n, "now") for n in range(4)])
-    # a queue nobody serves yet: its jobs wait with their tickets through the restart
+    # a queue nobody serves yet: its jobs wait, with their index entries, through the restart
     later_ids = await submit_all(client, "later", [echo_job(n, "later") for n in range(3)])
     before: dict[str, JobState] = {}
 
@@ -157,8 +157,11 @@ async def test_whole_cluster_restarts_from_its_store_dirs(cluster: Topology, fle
     await fleet.close()
 
     assets = set(await asyncio.to_thread(cluster.leaders))
-    consumer = f"{subjects.PENDING_STREAM}/{subjects.consumer_name('now', 'cpu')}"
-    assert {subjects.JOBS_STREAM, subjects.PENDING_STREAM, consumer} <= assets
+    assert {subjects.JOBS_STREAM, subjects.WAITING_STREAM} <= assets
+    # no consumer per queue: a queue costs subjects, not Raft groups
+    assert not any(
+        a.startswith((f"{subjects.JOBS_STREAM}/", f"{subjects.WAITING_STREAM}/")) for a in assets
+    )
     await asyncio.to_thread(cluster.stop)
     assert not any(node.running for node in cluster.nodes.values())
     await asyncio.to_thread(cluster.start)
@@ -181,7 +184,7 @@ async def test_whole_cluster_restarts_from_its_store_dirs(cluster: Topology, fle
         waiting = await jobs.list_jobs(client2, "later")
         assert sorted(s.job_id for s in waiting) == sorted(later_ids)
         assert all(s.state == "queued" for s in waiting)
-        # the tickets survived too: a worker that joins now runs the waiting jobs
+        # the index survived too: a worker that joins now runs the waiting jobs
         await after_fleet.worker("later", slots=2)
         result: dict[str, JobState] = {}
 

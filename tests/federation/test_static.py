@@ -17,7 +17,7 @@ from aiohttp import web
 from topology import DEPLOY, NATS
 
 from asman.cli import main as cli
-from asman.gateway import api
+from asman.gateway import api, compat
 from asman.log import subjects
 
 COMPOSE = DEPLOY / "compose"
@@ -215,12 +215,18 @@ def test_k8s_manifests_reference_the_cli_the_queue_and_its_consumer() -> None:
     assert scaled["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
     (trigger,) = scaled["spec"]["triggers"]
     meta = trigger["metadata"]
-    assert trigger["type"] == "nats-jetstream"
-    assert meta["stream"] == subjects.PENDING_STREAM
-    assert meta["consumer"] == subjects.consumer_name(queue, "cpu")
-    assert meta["natsServerMonitoringEndpoint"].endswith(f":{MONITOR_PORT}")
-    assert (
-        urlparse(config["ASMAN_NATS_URL"]).hostname
-        == meta["natsServerMonitoringEndpoint"].rsplit(":", 1)[0]
-    )
-    assert scaled["spec"]["minReplicaCount"] >= 1  # the consumer exists once a worker ran
+    assert trigger["type"] == "metrics-api"
+    url = urlparse(meta["url"])
+    service = _k8s("Service", "asman-gateway")
+    assert url.hostname == f"asman-gateway.{service['metadata']['namespace']}.svc.cluster.local"
+    # the route is a real gateway route, for the worker's own queue, and has the value
+    compat_app = web.Application()
+    compat.add_routes(compat_app)
+    resolved = [
+        r
+        for r in compat_app.router.routes()
+        if r.resource and r.resource.canonical == "/q/{queue}/status"
+    ]
+    assert resolved and url.path == f"/q/{queue}/status"
+    assert meta["valueLocation"] == "queueInfo.jobCount"
+    assert int(meta["targetValue"]) > 0

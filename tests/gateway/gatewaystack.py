@@ -123,7 +123,6 @@ class Stack:
             drain_grace_s=5.0,
             kill_grace_s=1.0,
             heartbeat_s=1.0,
-            fetch_timeout_s=1.0,
             **overrides,
         )
         worker = Worker(log, blobs, runtime, config)

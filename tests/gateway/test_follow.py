@@ -19,7 +19,7 @@ from asman.log import jobs
 from asman.log.connection import Log, LogConfig
 from asman.log.events import JobState
 from asman.log.keys import PeerKey
-from asman.log.leases import JobLease, TicketSource, claim
+from asman.log.leases import JobLease, claim
 from asman.log.logstream import append_logs
 
 QUEUE = "follow"
@@ -52,13 +52,7 @@ class CountingReads:
 
 
 async def take_job(worker: Log, job_id: str) -> JobLease:
-    source = await TicketSource(worker, QUEUE, "cpu").open()
-    try:
-        (ticket,) = await source.fetch(1, 5.0)
-    finally:
-        await source.close()
-    assert ticket.job_id == job_id
-    lease = await claim(worker, ticket)
+    lease = await claim(worker, QUEUE, job_id)
     assert lease is not None
     return lease
 

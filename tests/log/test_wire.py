@@ -112,6 +112,7 @@ def test_all_lists_the_public_names() -> None:
         if not name.startswith("_") and getattr(value, "__module__", None) == wire.__name__
     }
     constants = {"ALG_ED25519", "ALG_EDDSA", "COSE_SIGN1_TAG", "DEFAULT_MAX_SIZE", "MAX_DEPTH"}
+    constants |= {"DONE_ENTRY"}
     assert set(wire.__all__) == public | constants | {"SCHEMA_VERSION"}
 
 
@@ -325,11 +326,13 @@ def test_decode_size_limit() -> None:
 
 def test_round_trip() -> None:
     opened = open_envelope(sample(), SUBJECT)
-    assert opened == Opened(signer=KEY.peer_id, event={**EVENT, "v": 1}, protected_sub=SUBJECT)
+    assert opened == Opened(
+        signer=KEY.peer_id, event={**EVENT, "v": wire.SCHEMA_VERSION}, protected_sub=SUBJECT
+    )
 
 
 def test_seal_matches_the_spec_byte_for_byte() -> None:
-    payload = encode({**EVENT, "v": 1})
+    payload = encode({**EVENT, "v": wire.SCHEMA_VERSION})
     assert sample() == signed(payload)  # Ed25519 signatures are deterministic
 
 
@@ -363,7 +366,10 @@ def test_seal_refuses_floats() -> None:
 
 def test_unknown_keys_are_kept() -> None:
     event = {"type": "started", "from_the_future": {"x": [1, 2]}}
-    assert open_envelope(seal(KEY, SUBJECT, event), SUBJECT).event == {**event, "v": 1}
+    assert open_envelope(seal(KEY, SUBJECT, event), SUBJECT).event == {
+        **event,
+        "v": wire.SCHEMA_VERSION,
+    }
 
 
 def test_unknown_protected_header_params_are_ignored() -> None:
@@ -572,7 +578,7 @@ events = st.dictionaries(st.text(max_size=10).filter(lambda k: k != "v"), values
 @given(events)
 def test_seal_open_round_trip(event: dict[str, Any]) -> None:
     data = seal(KEY, SUBJECT, event)
-    assert open_envelope(data, SUBJECT).event == {**event, "v": 1}
+    assert open_envelope(data, SUBJECT).event == {**event, "v": wire.SCHEMA_VERSION}
     assert seal(KEY, SUBJECT, dict(reversed(list(event.items())))) == data
 
 

@@ -9,125 +9,15 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
 from aiohttp import web
+from workerstack import IMAGE, Stack, containers_of, job_text, output_bytes, run_job
 
 from asman.log import jobs
-from asman.log.connection import Log, LogConfig
-from asman.log.events import JobState
-from asman.log.keys import PeerKey
-from asman.log.logstream import read_logs
-from asman.log.objstore import ObjectStoreBlobs
-from asman.peer.docker import DockerRuntime
-from asman.peer.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.docker]
-
-IMAGE = "asman/busybox:local"
-
-
-class Stack:
-    def __init__(self, nats_url: str, tmp: Path) -> None:
-        self.nats_url = nats_url
-        self.tmp = tmp
-        self.client: Log | None = None
-        self.tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
-        self.logs: list[Log] = []
-
-    async def log(self, **overrides: Any) -> Log:
-        cfg = LogConfig(servers=(self.nats_url,), **overrides)
-        log = Log(cfg, PeerKey.generate())
-        await log.connect()
-        self.logs.append(log)
-        return log
-
-    async def blobs(self, log: Log) -> ObjectStoreBlobs:
-        store = ObjectStoreBlobs(log.js)
-        await store.ensure()
-        return store
-
-    async def start_worker(self, queue: str, *, blobs: Any = None, **overrides: Any) -> Worker:
-        log = await self.log(lease_ttl_s=overrides.pop("lease_ttl_s", 30.0))
-        runtime = DockerRuntime()
-        await runtime.__aenter__()
-        cfg = WorkerConfig(
-            queues=overrides.pop("queues", (queue,)),
-            data_dir=self.tmp / f"worker{len(self.tasks)}",
-            drain_grace_s=overrides.pop("drain_grace_s", 5.0),
-            kill_grace_s=1.0,
-            heartbeat_s=1.0,
-            fetch_timeout_s=overrides.pop("fetch_timeout_s", 1.0),
-            **overrides,
-        )
-        worker = Worker(log, blobs or await self.blobs(log), runtime, cfg)
-        stop = asyncio.Event()
-
-        async def run() -> None:
-            try:
-                await worker.run(stop)
-            finally:
-                await runtime.__aexit__(None, None, None)
-
-        self.tasks.append((stop, asyncio.create_task(run())))
-        return worker
-
-    async def close(self) -> None:
-        for stop, _ in self.tasks:
-            stop.set()
-        for _, task in self.tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
-        for log in self.logs:
-            await log.close()
-
-
-@pytest.fixture
-async def stack(nats_url: str, tmp_path: Path, busybox_image: str) -> AsyncIterator[Stack]:
-    s = Stack(nats_url, tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-async def run_job(
-    client: Log, queue: str, definition: dict[str, Any], timeout: float = 60
-) -> JobState:
-    sub = await jobs.submit(client, queue, definition)
-    return await jobs.wait_finished(client, queue, sub.job_id, timeout)
-
-
-async def output_bytes(blobs: Any, state: JobState) -> dict[str, bytes]:
-    assert state.result is not None
-    out = {}
-    for f in state.result.outputs:
-        out[f.path] = (
-            f.blob.data
-            if f.blob.data is not None
-            else await blobs.get_bytes(f.blob.sha256, max_size=10**9)
-        )
-    return out
-
-
-async def job_text(client: Log, state: JobState) -> dict[str, str]:
-    chunks, _ = await read_logs(client, state)
-    text: dict[str, str] = {}
-    for c in chunks:
-        text[c.stream] = text.get(c.stream, "") + c.data.decode()
-    return text
-
-
-def containers_of(job_id: str) -> list[Any]:
-    client = docker.from_env()
-    try:
-        return client.containers.list(all=True, filters={"label": f"asman.job={job_id}"})
-    finally:
-        client.close()
 
 
 async def test_inputs_to_outputs_round_trip_byte_exact(stack: Stack) -> None:
@@ -184,11 +74,11 @@ async def test_max_duration_times_out_and_removes_the_container(stack: Stack) ->
 
 
 async def test_a_one_slot_worker_on_two_queues_serves_both_promptly(stack: Stack) -> None:
-    """The queues share the one slot: each polls for a bounded time (SHARE_POLL_S), so a
-    job on the second queue never waits out the first queue's long poll (here 30 s)."""
+    """The queues share the one slot: the worker follows both queues' waiting entries live,
+    so a job on either starts at once, whichever queue the last one came from (the idle
+    rescan is 30 s here: it is not what finds them)."""
     client = await stack.log()
-    await stack.start_worker("qa", queues=("qa", "qb"), slots=1, fetch_timeout_s=30.0)
-    await asyncio.sleep(1.5)  # both queues' sources are polling
+    await stack.start_worker("qa", queues=("qa", "qb"), slots=1, scan_interval_s=30.0)
     t = time.monotonic()
     for queue in ("qb", "qa", "qb"):
         definition = {"image": IMAGE, "command": ["true", queue, str(time.monotonic())]}
@@ -362,6 +252,7 @@ async def test_build_job_and_failing_build(stack: Stack) -> None:
 async def test_hostile_definitions_written_straight_to_the_log(stack: Stack) -> None:
     """A peer that skips validation cannot make a worker write outside the job folder."""
     from asman.log import subjects
+    from asman.log.definition import job_id
     from asman.log.events import now_ms
 
     client = await stack.log()
@@ -372,8 +263,8 @@ async def test_hostile_definitions_written_straight_to_the_log(stack: Stack) -> 
         {"image": IMAGE, "command": "true", "inputs": {"big": "x" * (100 * 1024)}},
     ]
     ids = []
-    for n, definition in enumerate(bad):
-        jid = f"{n:064x}"
+    for definition in bad:
+        jid = job_id(definition)
         await client.append(
             subjects.job_subject("raw", jid),
             {
@@ -384,7 +275,7 @@ async def test_hostile_definitions_written_straight_to_the_log(stack: Stack) -> 
             },
             expected_last_seq=0,
         )
-        await jobs.ensure_ticket(client, "raw", "cpu", jid)
+        await jobs.mark_waiting(client, "raw", "cpu", jid, 0)
         ids.append(jid)
     for jid in ids:
         state = await jobs.wait_finished(client, "raw", jid, 60)

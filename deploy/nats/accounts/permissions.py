@@ -66,31 +66,22 @@ def permissions(
     api = _api(domain)
     kv = f"KV_{subjects.WORKERS_BUCKET}"
     jobs = subjects.jobs_filter(queue)  # asman.job.<queue>.*
+    waiting = subjects.waiting_filter(queue)  # asman.waiting.<queue>.*.*
     logs = f"{subjects.PREFIX}.logs.{queue}.*"
     beats = f"$KV.{subjects.WORKERS_BUCKET}.{subjects.workers_filter(queue)}"
     pub = [
         jobs,  # signed events (JetStream publish; the PubAck comes back to the inbox)
-        f"{subjects.PREFIX}.pending.{queue}.*.*",  # dispatch tickets (submit, repair)
+        waiting,  # waiting-index entries (submit, claim, finish, repair)
         f"{api}.DIRECT.GET.{subjects.JOBS_STREAM}.{jobs}",  # last event of a job: subject form
         *_filtered_reads(api, subjects.JOBS_STREAM, jobs),
+        *_filtered_reads(api, subjects.WAITING_STREAM, waiting),
         *_filtered_reads(api, subjects.LOGS_STREAM, logs),
         *_filtered_reads(api, kv, beats),
     ]
     sub = [f"_INBOX.{user}.>", jobs]  # own replies; live job events (watch, cancel)
     if role == "worker":
         pub += [logs, beats]  # live log chunks, heartbeats
-        for job_class in subjects.JOB_CLASSES:
-            durable = subjects.consumer_name(queue, job_class)
-            flt = subjects.pending_filter(queue, job_class)
-            pub += [
-                # create/update the queue's ticket consumer: filter and name in the subject
-                f"{api}.CONSUMER.CREATE.{subjects.PENDING_STREAM}.{durable}.{flt}",
-                f"{api}.CONSUMER.INFO.{subjects.PENDING_STREAM}.{durable}",
-                f"{api}.CONSUMER.MSG.NEXT.{subjects.PENDING_STREAM}.{durable}",
-                # ack, in-progress, nak, term of its tickets
-                f"$JS.ACK.{subjects.PENDING_STREAM}.{durable}.>",
-                f"$JS.ACK.*.*.{subjects.PENDING_STREAM}.{durable}.>",
-            ]
+        sub.append(waiting)  # live waiting-index entries: no consumer per queue
     else:
         sub.append(logs)  # follow live logs
     return Permissions(user, tuple(pub), tuple(sub))
