@@ -107,7 +107,7 @@ async def run_dev(options: DevOptions) -> int:
         if upgrade.found_v1:
             click.echo(f"asman dev: the log in {data}: {upgrade.summary()}", err=True)
         async with (
-            Client.connect(settings, name="asman-dev") as client,
+            Client.connect(settings, name="asman-dev", echo=False) as client,
             contextlib.AsyncExitStack() as stack,
         ):
             runtime: DockerRuntime | None = None

@@ -1,7 +1,8 @@
 """``python -m bench`` (``make bench``): every benchmark of issue 7, each next to its baseline.
 
 Runs, in order: queue path, latency, container path, blobs (50 MiB x3, 500 MiB x1), scale,
-gateway. Each prints its table; each writes ``bench/results/<name>.json``; at the end
+many queues (100,000 on one server, 10,000 on an R3 cluster), gateway. Each prints its
+table; each writes ``bench/results/<name>.json``; at the end
 ``bench/results/latest.json`` holds the headline figures, the machine and every result, and
 ``bench/results/latest.md`` the tables (only a run of every benchmark replaces them). Sizes
 are chosen so the whole run takes under 10 minutes on a 2-core box; ``--quick`` shrinks them
@@ -22,10 +23,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-from bench import blobs, container, gateway, latency, queue_path, scale
+from bench import blobs, container, gateway, latency, queue_path, queues, scale
 from bench.common import RESULTS, log, machine
 
-NAMES = ("queue", "latency", "container", "blobs", "scale", "gateway")
+NAMES = ("queue", "latency", "container", "blobs", "scale", "queues", "gateway")
 
 FULL = {
     "queue": {"n": 2000, "repeat": 3},
@@ -33,6 +34,7 @@ FULL = {
     "container": {"n": 30},
     "blobs": {"small_mb": 50, "repeat": 3, "large_mb": 500},
     "scale": {"deep": 100_000, "contended": 2000, "workers": 16},
+    "queues": {"queues": 100_000, "cluster_queues": 10_000, "idle_s": 10.0, "probe": 200},
     "gateway": {"n_submit": 1000, "n_read": 2000, "watchers": 500},
 }
 QUICK = {
@@ -41,6 +43,7 @@ QUICK = {
     "container": {"n": 5},
     "blobs": {"small_mb": 8, "repeat": 1, "large_mb": 0},
     "scale": {"deep": 2000, "contended": 200, "workers": 4},
+    "queues": {"queues": 2000, "cluster_queues": 500, "idle_s": 2.0, "probe": 30},
     "gateway": {"n_submit": 100, "n_read": 200, "watchers": 50},
 }
 
@@ -100,6 +103,11 @@ def _runner(name: str, p: dict[str, Any]) -> tuple[Callable[[], Awaitable[Any]],
         return lambda: _blobs(p["small_mb"], p["repeat"], p["large_mb"]), lambda r: r.pop("_text")
     if name == "scale":
         return lambda: scale.run(p["deep"], p["contended"], p["workers"]), scale.render
+    if name == "queues":
+        return (
+            lambda: queues.run(p["queues"], p["cluster_queues"], p["idle_s"], p["probe"]),
+            queues.render,
+        )
     if name == "gateway":
         return lambda: gateway.run(p["n_submit"], p["n_read"], p["watchers"]), gateway.render
     raise ValueError(name)
@@ -151,6 +159,24 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             contention_claims_per_s=s["contention"]["claims_per_s"],
             contention_jobs_claimed_twice=s["contention"]["jobs_claimed_more_than_once"],
         )
+    mq = results.get("queues")
+    if mq:
+        single = mq["single"]
+        out.update(
+            many_queues=single["queues"],
+            many_queues_probe_latency_ratio=single["probe_latency_ratio"],
+            many_queues_memory_per_queue_bytes=single["memory_per_queue_bytes"],
+            many_queues_idle_cpu_empty_full=single["idle_cpu_full_vs_empty"],
+            many_queues_consumers=single["consumers"],
+        )
+        if "cluster" in mq:
+            r3 = mq["cluster"]
+            out.update(
+                many_queues_r3=r3["queues"],
+                many_queues_r3_probe_latency_ratio=r3["probe_latency_ratio"],
+                many_queues_r3_memory_per_queue_bytes=r3["memory_per_queue_bytes"],
+                many_queues_r3_jobs_waiting_after_restart=r3["jobs_waiting_after"],
+            )
     g = results.get("gateway")
     if g:
         out.update(

@@ -65,7 +65,7 @@ async def run(n: int = 30) -> dict[str, Any]:
         )
         async with (
             Log(LogConfig(servers=(server.url,)), PeerKey.generate()) as client,
-            Log(LogConfig(servers=(server.url,)), PeerKey.generate()) as wlog,
+            Log(LogConfig(servers=(server.url,), echo=False), PeerKey.generate()) as wlog,
             DockerRuntime() as runtime,
         ):
             blobs = ObjectStoreBlobs(wlog.js)

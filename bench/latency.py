@@ -37,10 +37,12 @@ from bench.noop import NoopRuntime
 QUEUE = "latency"
 
 
-async def asman_latency(url: str, n: int, data_dir: Any) -> tuple[list[float], list[float]]:
+async def asman_latency(
+    url: str, n: int, data_dir: Any, tag: str = ""
+) -> tuple[list[float], list[float]]:
     async with (
         Log(LogConfig(servers=(url,)), PeerKey.generate()) as client,
-        Log(LogConfig(servers=(url,)), PeerKey.generate()) as wlog,
+        Log(LogConfig(servers=(url,), echo=False), PeerKey.generate()) as wlog,
     ):
         blobs = ObjectStoreBlobs(wlog.js)
         await blobs.ensure()
@@ -70,7 +72,7 @@ async def asman_latency(url: str, n: int, data_dir: Any) -> tuple[list[float], l
         try:
             await asyncio.sleep(0.5)  # the worker is up and waiting in fetch
             for i in range(n + 5):  # the first 5 warm up
-                definition = {"image": "asman/busybox:local", "command": ["true", str(i)]}
+                definition = {"image": "asman/busybox:local", "command": ["true", tag, str(i)]}
                 t = time.perf_counter()
                 sub_result = await jobs.submit(client, QUEUE, definition)
                 subject = subjects.job_subject(QUEUE, sub_result.job_id)

@@ -64,7 +64,7 @@ async def enqueue_asman(client: Log, queue: str, n: int) -> float:
 
 
 async def drain_asman(url: str, queue: str, n: int, slots: int, data_dir: Path) -> float:
-    async with Log(LogConfig(servers=(url,)), PeerKey.generate()) as wlog:
+    async with Log(LogConfig(servers=(url,), echo=False), PeerKey.generate()) as wlog:
         blobs = ObjectStoreBlobs(wlog.js)
         await blobs.ensure()
         runtime = NoopRuntime()
@@ -102,7 +102,7 @@ async def drain_protocol(url: str, queue: str, n: int, inflight: int) -> float:
     watcher or runtime): ``inflight`` loops of take a waiting job, ``claim``, ``start``,
     ``finish``.
     What the log layer costs per job; the worker's own per-job work is the difference."""
-    async with Log(LogConfig(servers=(url,)), PeerKey.generate()) as wlog:
+    async with Log(LogConfig(servers=(url,), echo=False), PeerKey.generate()) as wlog:
         done = 0
         finished = asyncio.Event()
 

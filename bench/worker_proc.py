@@ -55,7 +55,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with Log(LogConfig(servers=(args.url,)), PeerKey.generate()) as log:
+    async with Log(LogConfig(servers=(args.url,), echo=False), PeerKey.generate()) as log:
         blobs = ObjectStoreBlobs(log.js)
         await blobs.ensure()
         runtime = NoopRuntime()

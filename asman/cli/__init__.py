@@ -576,7 +576,10 @@ async def worker(
         drain_grace_s=parse_duration_ms(drain_grace, "--drain-grace") / 1000,
     )
     stop = stop_on_signals()
-    async with Client.connect(settings, name="asman-worker") as client, DockerRuntime() as runtime:
+    async with (
+        Client.connect(settings, name="asman-worker", echo=False) as client,
+        DockerRuntime() as runtime,
+    ):
         await runtime.ping()
         click.echo(
             f"worker {client.peer_id[:12]} on {', '.join(queues)} "

@@ -27,12 +27,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
-    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.kv import KeyValue
 
 from asman.errors import (
     AsmanError,
@@ -59,6 +57,8 @@ ERR_MESSAGE_TOO_LARGE = 10054
 ERR_STREAM_CONFIG_CHANGED = 10058
 ERR_STREAM_NOT_FOUND = 10059
 READ_RETRIES = 4
+#: messages per batched direct get
+READ_BATCH = 256
 #: a read asks for at most this many bytes per batch (a subject full of large junk must not
 #: arrive in one burst)
 READ_BATCH_BYTES = 1024 * 1024
@@ -102,6 +102,9 @@ class LogConfig:
     # the user's own reply subjects (e.g. "_INBOX.alpha-worker"), so that a confined user may
     # subscribe to its replies only and never to anyone else's
     inbox_prefix: str | None = None
+    # receive this connection's own publishes on its subscriptions; a worker turns it off
+    # (it never needs its own waiting-index entries or job events back)
+    echo: bool = True
 
     def __post_init__(self) -> None:
         if self.reads not in ("direct", "consumer"):
@@ -227,7 +230,6 @@ class Log:
         self.key = key
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._workers_kv: KeyValue | None = None
         self._closed = False
         self._reconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._replies: _Replies | None = None
@@ -238,6 +240,8 @@ class Log:
         #: processes sharing one key (``asman worker --procs``) never take each other's jobs
         #: for their own
         self.session = secrets.token_hex(8)
+        #: how long a heartbeat lives: the workers stream's max age (its creator's setting)
+        self.heartbeat_ttl_ms = int(config.heartbeat_ttl_s * 1000)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -270,6 +274,7 @@ class Log:
             "max_reconnect_attempts": 2,
             "reconnect_time_wait": 0.5,
             "allow_reconnect": True,
+            "no_echo": not self.config.echo,
             "error_cb": self._on_error,
             "reconnected_cb": self._on_reconnected,
             "disconnected_cb": self._on_disconnected,
@@ -391,6 +396,20 @@ class Log:
                 metadata={subjects.META_WIRE: str(wire.SCHEMA_VERSION)},
             ),
             StreamConfig(
+                name=subjects.WORKERS_STREAM,
+                description="Asman worker heartbeats (signed), one subject per worker process",
+                subjects=["asman.workers.*.*.*"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=c.replicas,
+                max_age=float(c.heartbeat_ttl_s),
+                max_msgs_per_subject=1,
+                max_msg_size=64 * 1024,
+                allow_direct=True,
+                allow_msg_ttl=True,
+                duplicate_window=min(1.0, float(c.heartbeat_ttl_s)),
+            ),
+            StreamConfig(
                 name=subjects.LOGS_STREAM,
                 description="Asman live log chunks",
                 subjects=["asman.logs.*.*"],
@@ -409,7 +428,6 @@ class Log:
         take the protocol's numbers from the jobs stream (``rules``)."""
         for cfg in self.stream_configs():
             await self._ensure_stream(cfg)
-        await self._ensure_workers_bucket()
         await self.load_rules()
 
     async def load_rules(self) -> None:
@@ -431,6 +449,13 @@ class Log:
                 "Upgrading)"
             )
         self.rules = rules_from_metadata(metadata, self.config.rules())
+        with translate_errors(f"reading stream {subjects.WORKERS_STREAM}"):
+            try:
+                workers = await self.js.stream_info(subjects.WORKERS_STREAM)
+            except nats.js.errors.NotFoundError:
+                return
+        if workers.config.max_age:
+            self.heartbeat_ttl_ms = int(workers.config.max_age * 1000)
 
     async def _ensure_stream(self, cfg: StreamConfig) -> None:
         with translate_errors(f"creating stream {cfg.name}"):
@@ -455,44 +480,6 @@ class Log:
                 logger.info("updating stream %s to the configured settings", cfg.name)
                 await self.js.update_stream(cfg)
 
-    async def _ensure_workers_bucket(self) -> None:
-        cfg = KeyValueConfig(
-            bucket=subjects.WORKERS_BUCKET,
-            description="Asman worker heartbeats",
-            history=1,
-            ttl=float(self.config.heartbeat_ttl_s),
-            storage=StorageType.FILE,
-            replicas=self.config.replicas,
-            direct=True,
-        )
-        with translate_errors("creating the workers bucket"):
-            try:
-                self._workers_kv = await self.js.create_key_value(cfg)
-            except nats.js.errors.APIError as exc:
-                if exc.err_code != ERR_STREAM_CONFIG_CHANGED:
-                    raise
-                logger.warning(
-                    "bucket %s exists with other settings; using it as it is",
-                    subjects.WORKERS_BUCKET,
-                )
-                self._workers_kv = await self.js.key_value(subjects.WORKERS_BUCKET)
-
-    async def workers_kv(self) -> KeyValue:
-        if self._workers_kv is None and self.config.reads == "consumer":
-            # a confined user may not read stream info: bind to the bucket by name
-            self._workers_kv = KeyValue(
-                name=subjects.WORKERS_BUCKET,
-                stream=f"KV_{subjects.WORKERS_BUCKET}",
-                pre=f"$KV.{subjects.WORKERS_BUCKET}.",
-                js=self.js,
-                direct=True,
-            )
-        if self._workers_kv is None:
-            with translate_errors("opening the workers bucket"):
-                self._workers_kv = await self.js.key_value(subjects.WORKERS_BUCKET)
-        assert self._workers_kv is not None
-        return self._workers_kv
-
     # -- events ------------------------------------------------------------------------
 
     async def append(self, subject: str, event: dict[str, Any], *, expected_last_seq: int) -> int:
@@ -512,7 +499,7 @@ class Log:
         event: dict[str, Any],
         *,
         expected_last_seq: int,
-        sent: set[bytes] | None = None,
+        sent: dict[bytes, wire.Opened] | None = None,
     ) -> CheckedEvent:
         """``append``, returning the event as every reader will see it once verified (our
         own first-hand view: no need to verify our own signature; its server time is not
@@ -521,7 +508,7 @@ class Log:
         body = {**event, "prev": expected_last_seq}
         data, opened = wire.seal_opened(self.key, subject, body)
         if sent is not None:
-            sent.add(data)
+            sent[data] = opened
         seq = await self._publish_event(subject, body, data, expected_last_seq)
         return CheckedEvent(seq, opened, "", None, len(data))
 
@@ -557,7 +544,7 @@ class Log:
         server's timestamp. With ``max_bytes`` or ``max_messages``, stops after the batch
         that reaches it (so it may return a little more).
 
-        Uses batched direct get: one round trip per 256 messages (and at most
+        Uses batched direct get: one round trip per ``READ_BATCH`` messages (and at most
         ``READ_BATCH_BYTES``), served by any replica; or, with
         ``LogConfig(reads="consumer")``, a filtered consumer (``asman.log.filtered``).
         """
@@ -591,7 +578,7 @@ class Log:
         """Reads are idempotent: ride through a reconnect or a leader election."""
         for attempt in range(READ_RETRIES):
             try:
-                return await self._direct_batch(stream, subject, start_seq, 256)
+                return await self._direct_batch(stream, subject, start_seq, READ_BATCH)
             except LogUnavailable:
                 if attempt == READ_RETRIES - 1:
                     raise

@@ -416,7 +416,7 @@ class _Event:
         (``ts`` of the message), never this; display uses what every peer has, including
         the signer before it reads its own event back."""
         value = self.body.get("ts", 0)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        return value if type(value) is int else 0
 
 
 def _submitted(ev: _Event, queue: str, job: str, rules: Rules) -> tuple[JobState | None, str]:
@@ -505,7 +505,7 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
                     claims=attempt,
                     lease=new,
                     started_ms=None,
-                    holders=state.holders | {signer},
+                    holders=state.holders if signer in state.holders else state.holders | {signer},
                 ),
                 "",
             )

@@ -80,7 +80,16 @@ class JobHistory:
     folds them again from the mark.
     """
 
-    __slots__ = ("_fold", "_unknown_from", "job_id", "last_seq", "log", "queue", "subject")
+    __slots__ = (
+        "_fold",
+        "_unknown_from",
+        "job_id",
+        "last_seq",
+        "log",
+        "mine",
+        "queue",
+        "subject",
+    )
 
     def __init__(self, log: Log, queue: str, job: str) -> None:
         self.log = log
@@ -90,6 +99,9 @@ class JobHistory:
         self.last_seq = 0  # stream sequence of the last message known (0 if none)
         self._fold = JobFold(queue, job, self.subject, log.rules)
         self._unknown_from = 0  # first sequence known only first-hand (0: none)
+        #: our own envelopes on this subject (``Log.append_checked(sent=...)``): read back,
+        #: they need no verification
+        self.mine: dict[bytes, wire.Opened] = {}
 
     def state(self) -> JobState | None:
         """The fold of the events known so far."""
@@ -119,7 +131,11 @@ class JobHistory:
             self._unknown_from = 0
         for raw in new:
             if raw.seq > self.last_seq:
-                self._add(check_event(raw, self.subject))
+                opened = self.mine.get(raw.data)
+                if opened is not None:  # our own event, read back with its server time
+                    self._add(CheckedEvent(raw.seq, opened, "", raw.ts, len(raw.data)))
+                else:
+                    self._add(check_event(raw, self.subject))
         self._fold.log_rejections()
         return self.state()
 

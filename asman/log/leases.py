@@ -30,12 +30,12 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from asman.errors import Conflict, LeaseLost, LogError
 from asman.log import subjects, wire
-from asman.log.connection import DONE_TTL, Log
+from asman.log.connection import DONE_TTL, READ_BATCH, Log
 from asman.log.events import CheckedEvent, JobState, now_ms
 from asman.log.jobs import CAS_RETRIES, JobHistory, mark_waiting
 from asman.log.workers import WorkerInfo, list_workers
@@ -54,6 +54,14 @@ logger = logging.getLogger(__name__)
 
 #: How many waiting jobs of a queue a worker keeps in view (the oldest).
 WINDOW = 256
+#: A scan reads the index in batches of this many entries (one direct-get batch)...
+SCAN_BATCH = READ_BATCH
+#: ...and at most this many in all (running jobs' entries, older than the waiting ones, are
+#: read on the way)
+SCAN_LIMIT = 8192
+#: A claim this young is not challenged for want of a heartbeat (the holder may not have
+#: beaten yet): the heartbeats' max age, the longest a live worker goes unseen.
+HEARTBEAT_TTL_MS = 30_000
 #: A heartbeat written this long after a claim must list the job, or its writer does not
 #: run it (it lost it, or crashed its job task).
 HEARTBEAT_MARGIN_MS = 2000
@@ -72,10 +80,11 @@ class Candidate:
     entry: wire.Entry
     order: int  # index stream sequence when scanned, else the order it was heard in
     ts: int | None = None  # server time of the entry, when scanned
+    #: the entry says the job waits (set from ``entry``)
+    waiting: bool = field(init=False, default=False)
 
-    @property
-    def waiting(self) -> bool:
-        return self.entry.kind == wire.ENTRY_WAITING
+    def __post_init__(self) -> None:
+        self.waiting = self.entry.kind == wire.ENTRY_WAITING
 
 
 _heard = itertools.count(1 << 62)  # live entries sort after every scanned one
@@ -142,23 +151,28 @@ class WaitingIndex:
         self._waiting += cand.waiting
 
     async def scan(self) -> None:
-        """Read the queue's entries, oldest first, up to the window (one batched read for a
-        queue of a few hundred jobs), and the live heartbeats."""
+        """Read the queue's entries, oldest first, batch by batch until the window is full
+        (one round trip for a queue of a few hundred jobs), and the live heartbeats."""
         started = next(_heard)  # live entries heard from now on are newer than the scan
-        raw = await self.log.read_subject(
-            subjects.WAITING_STREAM,
-            subjects.waiting_filter(self.queue),
-            max_messages=4 * self.window,
-        )
         heard = {j: c for j, c in self.entries.items() if c.order > started}
         self.entries, self._waiting, self.more = {}, 0, False
-        for ev in raw:
-            key = subjects.waiting_key(ev.subject)
-            entry = wire.parse_entry(ev.data) if ev.data else None
-            if key is not None and entry is not None:
-                self._put(key[1], key[2], entry, ev.seq, ev.ts)
-        if len(raw) >= 4 * self.window:
-            self.more = True
+        seq, read = 1, 0
+        while True:
+            batch = await self.log.read_subject(
+                subjects.WAITING_STREAM, subjects.waiting_filter(self.queue), seq, max_messages=1
+            )
+            for ev in batch:
+                key = subjects.waiting_key(ev.subject)
+                entry = wire.parse_entry(ev.data) if ev.data else None
+                if key is not None and entry is not None:
+                    self._put(key[1], key[2], entry, ev.seq, ev.ts)
+            read += len(batch)
+            if len(batch) < SCAN_BATCH:
+                break  # the end of the index
+            if self._waiting >= self.window or read >= SCAN_LIMIT:
+                self.more = True
+                break
+            seq = batch[-1].seq + 1
         for job, cand in heard.items():  # newer than what the scan read
             self._put(cand.job_class, job, cand.entry, cand.order, cand.ts)
         self.workers = by_process(await list_workers(self.log, self.queue))
@@ -174,18 +188,25 @@ def by_process(workers: list[WorkerInfo]) -> dict[tuple[str, str], WorkerInfo]:
     return {(w.worker_id, w.proc): w for w in workers}
 
 
-def holder_alive(state: JobState, workers: dict[tuple[str, str], WorkerInfo]) -> bool:
+def holder_alive(
+    state: JobState,
+    workers: dict[tuple[str, str], WorkerInfo],
+    heartbeat_ttl_ms: int = HEARTBEAT_TTL_MS,
+) -> bool:
     """Whether the holder of ``state``'s lease looks alive: it has a live heartbeat, and a
-    heartbeat written well after the claim lists the job. A lease past its life counts as
-    not alive: it may be challenged whatever the heartbeat says."""
+    heartbeat written well after the claim lists the job. A holder without a heartbeat counts
+    as alive for one heartbeat TTL after its claim (a worker that just started may not have
+    beaten yet, or its first beat not reached us). A lease past its life counts as not
+    alive: it may be challenged whatever the heartbeat says."""
     lease = state.lease
     if lease is None:
         return False
-    if lease.expired(now_ms()):
+    now = now_ms()
+    if lease.expired(now):
         return False
     info = workers.get((lease.worker, lease.proc))
     if info is None:
-        return False
+        return lease.claimed_ms is None or now < lease.claimed_ms + heartbeat_ttl_ms
     if state.job_id in info.running:
         return True
     if lease.claimed_ms is None or info.seen_ms is None:
@@ -206,7 +227,6 @@ class JobLease:
         log: Log,
         state: JobState,
         history: JobHistory,
-        sent: set[bytes] | None = None,
     ) -> None:
         assert state.lease is not None
         self.log = log
@@ -220,7 +240,6 @@ class JobLease:
         self.history = history
         self.subject = history.subject
         self.done = False
-        self._sent = sent if sent is not None else set()  # envelopes of our own events
 
     @property
     def spent(self) -> bool:
@@ -246,7 +265,7 @@ class JobLease:
     def is_own(self, data: bytes) -> bool:
         """Whether ``data`` is an envelope this lease appended (the claim included): a
         watcher need not re-read the job for its own events."""
-        return data in self._sent
+        return data in self.history.mine
 
     async def announce(self) -> None:
         """Tell the waiting index the job runs (a hint, not waited for)."""
@@ -278,7 +297,7 @@ class JobLease:
         event ends our lease (``ending``), when the lease is no longer ours after it."""
         expected = self.last_seq
         own = await self.log.append_checked(
-            self.subject, event, expected_last_seq=expected, sent=self._sent
+            self.subject, event, expected_last_seq=expected, sent=self.history.mine
         )
         state = await self.history.appended(own, expected)
         entry = None
@@ -382,7 +401,7 @@ async def claim(
     it takes the lease over. ``stop`` cuts that wait short (None is returned).
     """
     history = JobHistory(log, queue, job)
-    sent: set[bytes] = set()  # our events, for JobLease.is_own
+    sent = history.mine  # our events: JobLease.is_own, and no verification when read back
     if hint_seq > 0:
         hinted = await _claim_on_hint(log, history, hint_seq, sent)
         if hinted is not None:
@@ -425,7 +444,7 @@ async def claim(
                 log.peer_id, log.session
             ):
                 logger.info("job=%s queue=%s claimed attempt=%d", job, queue, claimed.claims)
-                return JobLease(log, claimed, history, sent)
+                return JobLease(log, claimed, history)
             if challenged and claimed.lease.challenge is not None:
                 c = claimed.lease.challenge
                 if c.by == log.peer_id and c.proc == log.session and c.seq == own.seq:
@@ -436,11 +455,12 @@ async def claim(
 
 
 async def _alive(log: Log, state: JobState) -> bool:
-    return holder_alive(state, by_process(await list_workers(log, state.queue)))
+    workers = by_process(await list_workers(log, state.queue))
+    return holder_alive(state, workers, log.heartbeat_ttl_ms)
 
 
 async def _claim_on_hint(
-    log: Log, history: JobHistory, hint: int, sent: set[bytes]
+    log: Log, history: JobHistory, hint: int, sent: dict[bytes, wire.Opened]
 ) -> JobLease | None:
     """A waiting job whose last sequence the index names: claim by CAS on it while the
     history is read and verified, in one round trip instead of two.
@@ -471,13 +491,13 @@ async def _claim_on_hint(
     if not state.lease.held_by(log.peer_id, log.session):
         return None
     logger.info("job=%s queue=%s claimed attempt=%d", state.job_id, state.queue, state.claims)
-    return JobLease(log, state, history, sent)
+    return JobLease(log, state, history)
 
 
 async def _take_over(
     log: Log,
     history: JobHistory,
-    sent: set[bytes],
+    sent: dict[bytes, wire.Opened],
     stop: asyncio.Event | None,
     acked: float | None,
 ) -> JobLease | None:
@@ -497,7 +517,7 @@ async def _take_over(
                 return None
             lease = state.lease
             if lease.held_by(log.peer_id, log.session) and lease.challenge is None:
-                return JobLease(log, state, history, sent)
+                return JobLease(log, state, history)
             c = lease.challenge
             if c is None or c.by != log.peer_id or c.proc != log.session:
                 logger.info("job=%s the holder answered our challenge", state.job_id)
@@ -544,7 +564,7 @@ async def _take_over(
                     taken.queue,
                     taken.claims,
                 )
-                return JobLease(log, taken, history, sent)
+                return JobLease(log, taken, history)
             await asyncio.sleep(TAKEOVER_RETRY_S)  # too early by the server's clock
         return None
     finally:

@@ -1,10 +1,11 @@
 """Upgrading a log from wire v1 (Asman 0.1) to wire v2 (docs/architecture.md, "Upgrading").
 
-v1 kept job events in ``ASMAN_JOBS`` without a wire version in its metadata and dispatched
-through the ``ASMAN_PENDING`` work queue with a durable consumer per (queue, class). v2 refuses
-such streams. ``migrate`` carries every unfinished v1 job over: it reads the v1 events, deletes
-the v1 streams (their consumers go with them), creates the v2 ones and submits those jobs
-again, signed by the migrating key, which becomes their submitter. Finished v1 results are not
+v1 kept job events in ``ASMAN_JOBS`` without a wire version in its metadata, dispatched
+through the ``ASMAN_PENDING`` work queue with a durable consumer per (queue, class), and kept
+heartbeats in the KV bucket ``ASMAN_WORKERS``. v2 refuses such streams. ``migrate`` carries
+every unfinished v1 job over: it reads the v1 events, deletes the v1 streams (their consumers
+go with them), creates the v2 ones and submits those jobs again, signed by the migrating key,
+which becomes their submitter. Finished v1 results are not
 carried over (nobody can sign a v2 result for a worker), their outputs stay in the blob store,
 and a resubmission runs the job again.
 
@@ -30,6 +31,9 @@ from asman.log.connection import Log, translate_errors
 from asman.log.events import RawEvent
 
 __all__ = ["Migration", "is_v1", "migrate"]
+
+#: v1 kept heartbeats in a KV bucket; v2 in the plain stream ``ASMAN_WORKERS``
+V1_WORKERS_BUCKET = "KV_ASMAN_WORKERS"
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +149,7 @@ async def migrate(log: Log, *, dry_run: bool = False) -> Migration:
         report.carried = [(q, "") for q, _ in todo]
         return report
     with translate_errors("removing the wire-v1 streams"):
-        for name in (subjects.V1_PENDING_STREAM, subjects.JOBS_STREAM):
+        for name in (subjects.V1_PENDING_STREAM, subjects.JOBS_STREAM, V1_WORKERS_BUCKET):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await log.js.delete_stream(name)
     await log.ensure_streams()

@@ -21,7 +21,7 @@ __all__ = [
     "META_WIRE",
     "V1_PENDING_STREAM",
     "WAITING_STREAM",
-    "WORKERS_BUCKET",
+    "WORKERS_STREAM",
     "JobClass",
     "job_id_from_subject",
     "job_subject",
@@ -34,7 +34,7 @@ __all__ = [
     "waiting_filter",
     "waiting_key",
     "waiting_subject",
-    "worker_key",
+    "worker_subject",
     "workers_filter",
 ]
 
@@ -44,7 +44,7 @@ WAITING_STREAM = "ASMAN_WAITING"
 #: the work-queue stream of wire v1 (Asman 0.1), which ``asman migrate`` removes
 V1_PENDING_STREAM = "ASMAN_PENDING"
 LOGS_STREAM = "ASMAN_LOGS"
-WORKERS_BUCKET = "ASMAN_WORKERS"
+WORKERS_STREAM = "ASMAN_WORKERS"
 BLOBS_BUCKET = "ASMAN_BLOBS"
 
 HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -157,11 +157,14 @@ def validate_proc(proc: str) -> str:
     return proc
 
 
-def worker_key(queue: str, worker_id: str, proc: str) -> str:
-    """Key of a worker process's heartbeat in the ``ASMAN_WORKERS`` bucket: several processes
-    may share one key (``asman worker --procs``), each beats for itself."""
-    return f"{validate_queue(queue)}.{validate_peer_id(worker_id)}.{validate_proc(proc)}"
+def worker_subject(queue: str, worker_id: str, proc: str) -> str:
+    """Subject of a worker process's heartbeat in ``ASMAN_WORKERS``: several processes may
+    share one key (``asman worker --procs``), each beats for itself."""
+    return (
+        f"{PREFIX}.workers.{validate_queue(queue)}.{validate_peer_id(worker_id)}."
+        f"{validate_proc(proc)}"
+    )
 
 
 def workers_filter(queue: str) -> str:
-    return f"{validate_queue(queue)}.*.*"
+    return f"{PREFIX}.workers.{validate_queue(queue)}.*.*"

@@ -1,8 +1,11 @@
-"""Worker heartbeats in the ``ASMAN_WORKERS`` bucket (one key per queue and worker).
+"""Worker heartbeats in the ``ASMAN_WORKERS`` stream (one subject per queue and worker
+process, the last message kept).
 
-The bucket's TTL removes a worker that stopped beating; a draining worker deletes its keys.
-Each value is a signed envelope whose subject is the key, so nobody can announce a worker
-under another worker's id.
+The stream's ``max_age`` removes a worker that stopped beating; a draining worker replaces its
+heartbeats with empty messages that expire at once. Each heartbeat is a signed envelope whose
+subject names the worker, so nobody can announce a worker under another worker's id. A plain
+stream, not a KV bucket: its subjects cross a leaf node like every other Asman subject (KV
+puts from a leaf do not reach the hub), so the hub sees the leaf's workers.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 from asman.errors import EnvelopeError
 from asman.log import subjects, wire
-from asman.log.connection import Log, translate_errors
+from asman.log.connection import DONE_TTL, Log
 from asman.log.events import now_ms
 
 __all__ = ["WorkerInfo", "beat", "list_workers", "remove"]
@@ -85,32 +88,23 @@ class WorkerInfo:
         )
 
 
-def _kv_subject(key: str) -> str:
-    return f"$KV.{subjects.WORKERS_BUCKET}.{key}"
-
-
 async def beat(log: Log, info: WorkerInfo) -> None:
     """Write (or refresh) this worker process's heartbeat for ``info.queue``."""
-    key = subjects.worker_key(info.queue, log.peer_id, log.session)
+    subject = subjects.worker_subject(info.queue, log.peer_id, log.session)
     body = {"type": "worker", **info.to_wire(), "proc": log.session, "ts": now_ms()}
-    data = wire.seal(log.key, _kv_subject(key), body)
-    kv = await log.workers_kv()
-    with translate_errors(f"writing heartbeat {key}"):
-        await kv.put(key, data)
+    await log.publish_entry(subject, wire.seal(log.key, subject, body))
 
 
 async def remove(log: Log, queue: str) -> None:
-    """Delete this worker process's heartbeat for ``queue`` (on a clean stop)."""
-    key = subjects.worker_key(queue, log.peer_id, log.session)
-    kv = await log.workers_kv()
-    with translate_errors(f"removing heartbeat {key}"):
-        await kv.delete(key)
+    """Remove this worker process's heartbeat for ``queue`` (on a clean stop): an empty
+    message replaces it and expires at once."""
+    subject = subjects.worker_subject(queue, log.peer_id, log.session)
+    await log.publish_entry(subject, b"", ttl=DONE_TTL)
 
 
 async def list_workers(log: Log, queue: str) -> list[WorkerInfo]:
     """Workers whose heartbeat for ``queue`` is live, verified, sorted by id."""
-    stream = f"KV_{subjects.WORKERS_BUCKET}"
-    raw = await log.read_subject(stream, _kv_subject(subjects.workers_filter(queue)))
+    raw = await log.read_subject(subjects.WORKERS_STREAM, subjects.workers_filter(queue))
     latest = {ev.subject: ev for ev in raw}
     out = []
     for subject, ev in latest.items():

@@ -112,8 +112,9 @@ async def migrate_log(settings: ClientSettings, *, dry_run: bool = False) -> Mig
         await log.close()
 
 
-def log_config(settings: ClientSettings, *, name: str = "asman") -> LogConfig:
+def log_config(settings: ClientSettings, *, name: str = "asman", echo: bool = True) -> LogConfig:
     return LogConfig(
+        echo=echo,
         servers=settings.servers,
         domain=settings.domain,
         creds=settings.creds,
@@ -139,10 +140,11 @@ class Client:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(
-        cls, settings: ClientSettings, *, name: str = "asman-client"
+        cls, settings: ClientSettings, *, name: str = "asman-client", echo: bool = True
     ) -> AsyncIterator[Client]:
+        """``echo=False`` for a worker: its subscriptions never get its own publishes."""
         key = PeerKey.load_or_create(settings.key_file)
-        async with Log(log_config(settings, name=name), key) as log:
+        async with Log(log_config(settings, name=name, echo=echo), key) as log:
             yield cls(log, await open_blobs(settings, log))
 
     @property

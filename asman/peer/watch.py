@@ -2,7 +2,8 @@
 container when it must.
 
 A healthy holder writes nothing to keep its lease (its heartbeat says it lives). While a job
-runs, its subject is watched: a challenge (another worker's claim on top of ours) is answered
+runs, the waiting index says so (``r``, written when the watcher starts), and its subject is
+watched: a challenge (another worker's claim on top of ours) is answered
 at once with ``renewed``; a cancel request, or a lease that passed to another worker, stops
 the container. The subject is also read every third of the lease grace, in case a message
 was missed (a reconnect). The watcher starts ``WATCH_AFTER_S`` into the job (``Watching``): a
@@ -51,6 +52,9 @@ async def watch_lease(running: Running) -> None:
     wake = asyncio.Event()
     stop_sub: Callable[[], Awaitable[None]] | None = None
     ttl = lease.log.rules.lease_ms / 1000
+    # the waiting index says the job runs (a job that ends sooner never needs saying so:
+    # its index entry goes from waiting to done)
+    await lease.announce()
     try:
         while not running.stop.is_set():
             if stop_sub is None:

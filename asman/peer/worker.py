@@ -320,12 +320,10 @@ class Worker:
             self._release_slot(running.gpus)
 
     async def _alive(self, state: JobState) -> bool:
-        index = self.dispatcher.indexes.get(state.queue)
-        if index is None or time.monotonic() - index.scanned_at > self.config.scan_interval_s:
-            workers = by_process(await list_workers(self.log, state.queue))
-        else:
-            workers = index.workers
-        return holder_alive(state, workers)
+        """Before a challenge: the holder's heartbeat, read now (the dispatcher's view may
+        be a scan old)."""
+        workers = by_process(await list_workers(self.log, state.queue))
+        return holder_alive(state, workers, self.log.heartbeat_ttl_ms)
 
     async def _job(self, cand: Candidate, stopping: asyncio.Event) -> None:
         gpus: tuple[str, ...] = ()
@@ -350,7 +348,6 @@ class Worker:
                 return
             self.dispatcher.claimed(cand)
             claimed = True
-            await lease.announce()
             if lease.spent:
                 await asyncio.shield(finish_lost(lease))
                 return

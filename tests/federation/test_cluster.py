@@ -64,7 +64,7 @@ async def test_killing_the_stream_leader_loses_no_job_and_runs_none_twice(
     others = [n for n in NODES if n != leader]
     led = [
         s
-        for s in (subjects.WAITING_STREAM, subjects.LOGS_STREAM, f"KV_{subjects.WORKERS_BUCKET}")
+        for s in (subjects.WAITING_STREAM, subjects.LOGS_STREAM, subjects.WORKERS_STREAM)
         if cluster.stream_leader(s) == leader
     ]
     done_at_kill = fleet.jobs_done

@@ -29,6 +29,7 @@ from topology import Topology, http_json
 from asman.log import jobs, subjects
 from asman.log.connection import LogConfig
 from asman.log.events import JobState
+from asman.log.workers import list_workers
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,10 @@ async def test_leaf_worker_runs_hub_jobs_through_a_leaf_outage(
         return sum(1 for s in states if s.started_ms is not None and not s.finished) >= 2
 
     await wait_until(some_running, 60, "the leaf worker to start jobs")
+    # the hub sees the leaf worker: its heartbeat reached the hub's bucket (else hub workers
+    # would take it for gone and challenge its jobs)
+    seen = await list_workers(client, "public")
+    assert [(w.worker_id, w.proc) for w in seen] == [(worker.log.peer_id, worker.log.session)]
     done_before = worker.jobs_done
     # cut the institution off for longer than a lease: its tickets are redelivered
     running = [s.job_id for s in await jobs.list_jobs(client, "public") if s.state == "running"]

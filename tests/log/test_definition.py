@@ -9,6 +9,7 @@ import random
 from typing import Any
 
 import pytest
+import rfc8785
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -785,3 +786,53 @@ def test_definition_text_is_json() -> None:
     # the validated definition round-trips through JSON unchanged
     d = validate_definition({**HELLO, "inputs": {"j": {"type": "json", "value": {"a": [1, 2.5]}}}})
     assert json.loads(json.dumps(d)) == d
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_json_values)
+def test_the_fast_canonical_json_is_rfc8785(value: Any) -> None:
+    """The job id's canonical JSON takes the C encoder when it gives RFC 8785's bytes:
+    whatever the value (floats, huge integers, non-ASCII keys, lone surrogates), the bytes
+    are the rfc8785 library's, or both refuse."""
+    from asman.log.definition import _jcs
+
+    try:
+        expected: bytes | None = rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError):
+        expected = None
+    try:
+        got: bytes | None = _jcs(value)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError):
+        got = None
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"a": "\ud800"}, {"\udfff": 1}, {"b": 2**53}, {"é": 1, "e": 2}, {"😀": 1, "\uffff": 2}, 1.5],
+)
+def test_the_fast_canonical_json_leaves_the_hard_cases_to_rfc8785(value: Any) -> None:
+    from asman.log.definition import _jcs
+
+    try:
+        expected: bytes | None = rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError):
+        expected = None
+    try:
+        got: bytes | None = _jcs(value)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError):
+        got = None
+    assert got == expected

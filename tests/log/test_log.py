@@ -410,17 +410,10 @@ async def test_heartbeats_are_listed_and_verified(make_log: MakeLog) -> None:
     worker, reader = await make_log(), await make_log()
     await beat(worker, WorkerInfo(worker.peer_id, "hb", slots=4, free_slots=3, gpus=1))
     await beat(worker, WorkerInfo(worker.peer_id, "other", slots=1, free_slots=1))
-    # a heartbeat forged under the worker's key name by another peer is ignored
-    kv = await reader.workers_kv()
-    fake_key = subjects.worker_key("hb", "ab" * 32, "00")
-    await kv.put(
-        fake_key,
-        wire.seal(
-            reader.key,
-            f"$KV.ASMAN_WORKERS.{fake_key}",
-            {"type": "worker", "queue": "hb", "slots": 99},
-        ),
-    )
+    # a heartbeat forged under another key's name is ignored
+    fake = subjects.worker_subject("hb", "ab" * 32, "00")
+    body = {"type": "worker", "queue": "hb", "slots": 99, "proc": "00"}
+    await reader.publish_entry(fake, wire.seal(reader.key, fake, body))
     listed = await list_workers(reader, "hb")
     assert [(w.worker_id, w.slots, w.free_slots, w.gpus) for w in listed] == [
         (worker.peer_id, 4, 3, 1)

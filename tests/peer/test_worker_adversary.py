@@ -99,8 +99,9 @@ async def test_a_job_held_by_a_silent_claimant_is_taken_over_and_run(
 ) -> None:
     """Attack 2: a claim declaring ``delivered`` 2^63-1 on a queued job, never finished.
     A worker that starts later finds the claimant has no heartbeat, challenges it, and runs
-    the job one grace later."""
-    client = await stack.log(lease_ttl_s=1.0)
+    the job one grace later (and once the claim is older than a heartbeat's life: 3 s here,
+    so that a worker that just claimed is never taken for gone)."""
+    client = await stack.log(lease_ttl_s=1.0, heartbeat_ttl_s=3.0)
     sub = await jobs.submit(client, "stall", {"image": IMAGE, "command": "echo ran"})
     subject = subjects.job_subject("stall", sub.job_id)
     await attacker.sign_on_top(subject, {"type": "claimed", "delivered": 2**63 - 1})

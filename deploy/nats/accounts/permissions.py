@@ -64,11 +64,10 @@ def permissions(
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     user = user or f"{role}-{queue}"
     api = _api(domain)
-    kv = f"KV_{subjects.WORKERS_BUCKET}"
     jobs = subjects.jobs_filter(queue)  # asman.job.<queue>.*
     waiting = subjects.waiting_filter(queue)  # asman.waiting.<queue>.*.*
     logs = f"{subjects.PREFIX}.logs.{queue}.*"
-    beats = f"$KV.{subjects.WORKERS_BUCKET}.{subjects.workers_filter(queue)}"
+    beats = subjects.workers_filter(queue)  # asman.workers.<queue>.*.*
     pub = [
         jobs,  # signed events (JetStream publish; the PubAck comes back to the inbox)
         waiting,  # waiting-index entries (submit, claim, finish, repair)
@@ -76,7 +75,7 @@ def permissions(
         *_filtered_reads(api, subjects.JOBS_STREAM, jobs),
         *_filtered_reads(api, subjects.WAITING_STREAM, waiting),
         *_filtered_reads(api, subjects.LOGS_STREAM, logs),
-        *_filtered_reads(api, kv, beats),
+        *_filtered_reads(api, subjects.WORKERS_STREAM, beats),
     ]
     sub = [f"_INBOX.{user}.>", jobs]  # own replies; live job events (watch, cancel)
     if role == "worker":
