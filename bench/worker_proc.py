@@ -38,16 +38,20 @@ def _status(field: str) -> int:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     claim_ms: list[float] = []
     claimed_at: list[float] = []
+    missed = 0  # claims that found the job taken (by another worker, first)
     real_claim = leases.claim
 
     async def timed_claim(
         log: Log, queue: str, job: str, *args: Any, **kwargs: Any
     ) -> JobLease | None:
+        nonlocal missed
         t = time.perf_counter()
         lease = await real_claim(log, queue, job, *args, **kwargs)
         if lease is not None:
             claimed_at.append(time.perf_counter())
             claim_ms.append((claimed_at[-1] - t) * 1000)
+        else:
+            missed += 1
         return lease
 
     # benchmark instrumentation of this process only: time each claim
@@ -97,6 +101,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "jobs_done": worker.jobs_done,
             "elapsed_s": elapsed,
             "claim_ms": claim_ms,
+            "claims_missed": missed,
             "rss_kb": _status("VmRSS"),
             "hwm_kb": _status("VmHWM"),
         }

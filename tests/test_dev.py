@@ -107,3 +107,42 @@ def test_dev_runs_a_job_stops_cleanly_and_keeps_it(tmp_path: Path, busybox_image
         assert len(jobs) == 1 and jobs[0]["reason"] == "success"
     finally:
         assert stop_dev(proc) == 0
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_dev_upgrades_a_wire_v1_data_dir(tmp_path: Path, busybox_image: str) -> None:
+    """A data dir an Asman 0.1 `asman dev` left behind: the new one migrates its log at start,
+    says so in one line, and the unfinished jobs wait on the v2 log."""
+    import asyncio
+
+    from v1log import QUEUE, write_v1_log
+
+    from asman.log.server import NatsServer
+
+    data = tmp_path / "dev"
+    data.mkdir()
+    old = NatsServer(data / "nats", name="asman-dev")
+    old.start()
+    try:
+        asyncio.run(write_v1_log(old.url))
+    finally:
+        old.stop()
+    nats_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+        "ASMAN_NATS_URL": f"nats://127.0.0.1:{nats_port}",
+    }
+    proc = start_dev(data, nats_port, http_port, env)
+    try:
+        banner = "\n".join(p.read_text() for p in tmp_path.glob("dev-*.log"))
+        assert "migrated from wire v1: 2 unfinished job(s) submitted again" in banner
+        listed = subprocess.run(
+            [ASMAN, "jobs", "ls", QUEUE, "--json"], env=env, capture_output=True, timeout=60
+        )
+        assert listed.returncode == 0, listed.stderr.decode()
+        assert sorted(j["state"] for j in json.loads(listed.stdout)) == ["queued", "queued"]
+    finally:
+        assert stop_dev(proc) == 0

@@ -18,7 +18,7 @@ from typing import Any
 
 from asman.errors import Conflict, HistoryFull, JobNotFound, LogError, UnauthorizedSigner
 from asman.log import subjects, wire
-from asman.log.connection import Log
+from asman.log.connection import DONE_TTL, Log
 from asman.log.definition import image_class, job_id, validate_definition
 from asman.log.events import (
     CheckedEvent,
@@ -35,6 +35,7 @@ __all__ = [
     "Submitted",
     "cancel",
     "list_jobs",
+    "mark_done",
     "mark_waiting",
     "read_job",
     "requeue",
@@ -174,6 +175,13 @@ async def mark_waiting(log: Log, queue: str, job_class: str, job: str, last_seq:
     claim without reading first (``wire.waiting_entry``)."""
     await log.publish_entry(
         subjects.waiting_subject(queue, job_class, job), wire.waiting_entry(last_seq)
+    )
+
+
+async def mark_done(log: Log, queue: str, job_class: str, job: str) -> None:
+    """The job's waiting-index entry says it is finished (and goes away a second later)."""
+    await log.publish_entry(
+        subjects.waiting_subject(queue, job_class, job), wire.DONE_ENTRY, ttl=DONE_TTL
     )
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from asman.errors import Conflict, LeaseLost, LogError
 from asman.log import subjects, wire
 from asman.log.connection import DONE_TTL, READ_BATCH, Log
-from asman.log.events import CheckedEvent, JobState, now_ms
+from asman.log.events import CheckedEvent, JobState, Lease, now_ms
 from asman.log.jobs import CAS_RETRIES, JobHistory, mark_waiting
 from asman.log.workers import WorkerInfo, list_workers
 
@@ -48,6 +48,7 @@ __all__ = [
     "claim",
     "finish_lost",
     "holder_alive",
+    "young",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,12 @@ class Candidate:
     ts: int | None = None  # server time of the entry, when scanned
     #: the entry says the job waits (set from ``entry``)
     waiting: bool = field(init=False, default=False)
+    #: when this worker first saw the entry (monotonic)
+    seen: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.waiting = self.entry.kind == wire.ENTRY_WAITING
+        self.seen = time.monotonic()
 
 
 _heard = itertools.count(1 << 62)  # live entries sort after every scanned one
@@ -112,6 +116,7 @@ class WaitingIndex:
         self.workers: dict[tuple[str, str], WorkerInfo] = {}  # by (key, process)
         self._stop: Callable[[], Awaitable[None]] | None = None
         self.scanned_at = 0.0  # monotonic time of the last scan
+        self.workers_at = 0.0  # monotonic time of the last read of the heartbeats
 
     async def open(self) -> WaitingIndex:
         self._stop = await self.log.on_message(subjects.waiting_filter(self.queue), self._on_entry)
@@ -175,8 +180,13 @@ class WaitingIndex:
             seq = batch[-1].seq + 1
         for job, cand in heard.items():  # newer than what the scan read
             self._put(cand.job_class, job, cand.entry, cand.order, cand.ts)
-        self.workers = by_process(await list_workers(self.log, self.queue))
+        await self.refresh_workers()
         self.scanned_at = time.monotonic()
+
+    async def refresh_workers(self) -> None:
+        """Read the queue's live heartbeats (``workers``) again."""
+        self.workers = by_process(await list_workers(self.log, self.queue))
+        self.workers_at = time.monotonic()
 
     def forget(self, job: str) -> None:
         old = self.entries.pop(job, None)
@@ -240,6 +250,7 @@ class JobLease:
         self.history = history
         self.subject = history.subject
         self.done = False
+        self.announced = False
 
     @property
     def spent(self) -> bool:
@@ -268,7 +279,10 @@ class JobLease:
         return data in self.history.mine
 
     async def announce(self) -> None:
-        """Tell the waiting index the job runs (a hint, not waited for)."""
+        """Tell the waiting index the job runs (a hint, not waited for; once)."""
+        if self.announced:
+            return
+        self.announced = True
         subject = subjects.waiting_subject(self.queue, self.job_class, self.job_id)
         with contextlib.suppress(LogError):
             await self.log.publish_entry(
@@ -410,9 +424,7 @@ async def claim(
     for _ in range(CAS_RETRIES):
         state = history.state() or await history.read()
         if state is None or state.finished:
-            if state is not None:
-                await _mark_done(log, state)
-            return None
+            return None  # (a stale entry of a finished job: the sweep marks it done)
         lease = state.lease
         if lease is not None and lease.held_by(log.peer_id, log.session):
             return None  # ours already: another task of this worker runs it
@@ -454,7 +466,19 @@ async def claim(
     raise Conflict(f"could not claim job {job}: too many concurrent writers")
 
 
+def young(log: Log, lease: Lease) -> bool:
+    """A claim younger than a heartbeat's life, not past its life: its holder counts as alive
+    whatever the heartbeats say (``holder_alive``), so a worker that lost the race to it
+    needs to read nothing more."""
+    now = now_ms()
+    return not lease.expired(now) and (
+        lease.claimed_ms is None or now < lease.claimed_ms + log.heartbeat_ttl_ms
+    )
+
+
 async def _alive(log: Log, state: JobState) -> bool:
+    if state.lease is not None and young(log, state.lease):
+        return True
     workers = by_process(await list_workers(log, state.queue))
     return holder_alive(state, workers, log.heartbeat_ttl_ms)
 
@@ -569,13 +593,6 @@ async def _take_over(
         return None
     finally:
         await stop_sub()
-
-
-async def _mark_done(log: Log, state: JobState) -> None:
-    """Repair: a finished job's index entry goes away."""
-    subject = subjects.waiting_subject(state.queue, state.job_class, state.job_id)
-    with contextlib.suppress(LogError):
-        await log.publish_entry(subject, wire.DONE_ENTRY, ttl=DONE_TTL, wait=False)
 
 
 async def finish_lost(lease: JobLease) -> JobState:

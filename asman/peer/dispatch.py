@@ -5,8 +5,13 @@ subscription) and hands the worker one candidate at a time:
 
 * **Fair between queues**: queues take turns (round robin over those with something to do).
 * **Roughly first come, first served in a queue**: the oldest entries go first; a worker picks
-  at random among the few oldest, so that workers woken by the same entry rarely collide on
-  the same job (a collision costs one refused compare-and-set).
+  at random among the few oldest, so that workers rarely collide on one job (a collision
+  costs one refused compare-and-set).
+* **No herd**: when several workers serve a queue, each new job has an order of preference
+  among them (rendezvous hashing of the job id and each worker's key and process): the first
+  takes it at once, the k-th only ``k * HERD_STEP_S`` after it saw the job, by when the
+  job is usually taken (the taker says so in the index at once). Every worker sees every
+  job, but only one of them usually tries it.
 * **No job starved**: a job whose claim found nothing to do is skipped only until its entry
   changes (or for a short while); a rescan of each queue every ``scan_interval_s`` while idle
   (and of every queue after a reconnect) finds what a lost live message missed, and what a
@@ -21,6 +26,8 @@ subscription) and hands the worker one candidate at a time:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -36,13 +43,21 @@ __all__ = ["Dispatcher"]
 
 logger = logging.getLogger(__name__)
 
-#: a worker picks at random among this many of a queue's oldest waiting jobs
+#: a worker picks at random among this many of a queue's oldest waiting jobs, or four per
+#: slot of the queue's live workers, up to MAX_PICK_WINDOW
 PICK_WINDOW = 8
+MAX_PICK_WINDOW = 128
 #: an idle worker scans at most this many queues a second (one on 2,000 queues goes round
 #: them in 100 s rather than reading 400 queues a second)
 MAX_SCANS_PER_S = 20
 #: queues scanned at once
 SCAN_CONCURRENCY = 16
+#: a queue's heartbeats are read again when older than this at a pick
+WORKERS_REFRESH_S = 5.0
+#: how much later each next worker in a job's order of preference may take it
+HERD_STEP_S = 0.025
+#: a job is never deferred longer than this (after it, every worker may take it)
+HERD_MAX_S = 0.5
 #: a job whose claim found nothing to do is left alone this long if its entry stays the same
 #: (a running job's entry changes from ``w`` to ``r`` a quarter second into it; one that
 #: stays ``w`` is held by a worker that never said so: looked at again, it may be gone)
@@ -74,6 +89,9 @@ class Dispatcher:
         self._sweep_turn = 0
         self._random = random.Random()
         self._rescan_due: set[str] = set()  # queues whose window drained
+        # job id → (the heartbeats view it was ranked with, its deferral)
+        self._ranks: dict[str, tuple[object, float]] = {}
+        self._deferred = float("inf")  # the earliest time a deferred job becomes ours
         self._unregister: Callable[[], None] = lambda: None
 
     async def open(self) -> Dispatcher:
@@ -134,19 +152,30 @@ class Dispatcher:
 
     async def sweep(self, queue: str) -> None:
         """Repair the index of ``queue``: every unfinished job gets an entry if it has none
-        (the claim path then decides what it needs). Reads every job of the queue, so each
-        queue is swept once per ``sweep_interval_s`` at most."""
+        (the claim path then decides what it needs), and a finished job's stale entry is
+        marked done. Reads every job of the queue, so each queue is swept once per
+        ``sweep_interval_s`` at most."""
         index = self.indexes[queue]
         try:
             for state in await jobs.list_jobs(self.log, queue):
-                if state.finished or state.job_id in index.entries:
-                    continue
-                await jobs.mark_waiting(
-                    self.log, queue, state.job_class, state.job_id, state.last_seq
-                )
-                logger.info("job=%s queue=%s index entry repaired", state.job_id, queue)
+                listed = state.job_id in index.entries
+                if state.finished and listed:
+                    await jobs.mark_done(self.log, queue, state.job_class, state.job_id)
+                    index.forget(state.job_id)
+                    logger.info("job=%s queue=%s stale index entry removed", state.job_id, queue)
+                elif not state.finished and not listed:
+                    await jobs.mark_waiting(
+                        self.log, queue, state.job_class, state.job_id, state.last_seq
+                    )
+                    logger.info("job=%s queue=%s index entry repaired", state.job_id, queue)
         except LogError as exc:
             logger.warning("sweep of %s failed: %s", queue, exc)
+
+    def shared(self, queue: str) -> bool:
+        """Whether other worker processes take from ``queue`` (their heartbeats, at the
+        last scan)."""
+        me = (self.log.peer_id, self.log.session)
+        return any(key != me for key in self.indexes[queue].workers)
 
     def taken(self, cand: Candidate) -> None:
         """The worker is claiming ``cand`` now."""
@@ -178,7 +207,7 @@ class Dispatcher:
                 return False
             del self._tried[cand.job_id]
         if cand.waiting:
-            return True
+            return now >= cand.seen + self._deferral(cand, index)
         # running: a candidate only when its holder has no live heartbeat (gone), and the
         # entry is older than a heartbeat's life (a worker that just claimed may not have
         # beaten yet); the claim path looks again before it challenges anyone
@@ -188,8 +217,37 @@ class Dispatcher:
             return False
         return now_ms() > cand.ts + self.log.heartbeat_ttl_ms
 
+    def _deferral(self, cand: Candidate, index: WaitingIndex) -> float:
+        """How long after seeing ``cand`` this worker leaves it to the workers that come
+        before it in the job's order of preference (0 when alone on the queue)."""
+        me = (self.log.peer_id, self.log.session)
+        others = [key for key in index.workers if key != me]
+        if not others:
+            return 0.0
+        cached = self._ranks.get(cand.job_id)
+        if cached is not None and cached[0] is index.workers:
+            return cached[1]
+        mine = _rendezvous(cand.job_id, me)
+        rank = sum(1 for key in others if _rendezvous(cand.job_id, key) > mine)
+        delay = min(rank * HERD_STEP_S, HERD_MAX_S)
+        if len(self._ranks) > 4096:
+            self._ranks.clear()
+        self._ranks[cand.job_id] = (index.workers, delay)
+        if delay:
+            self._deferred = min(self._deferred, cand.seen + delay)
+        return delay
+
+    @staticmethod
+    def _window(index: WaitingIndex) -> int:
+        """How many of a queue's oldest waiting jobs a pick chooses among: more when more
+        workers take from the queue, so that workers woken by the same entries rarely pick
+        the same one (each picks at random; a collision costs a refused compare-and-set)."""
+        slots = sum(w.slots for w in index.workers.values())
+        return max(PICK_WINDOW, min(4 * slots, MAX_PICK_WINDOW))
+
     def _pick(self, can_take: Callable[[Candidate], bool]) -> Candidate | None:
         now = time.monotonic()
+        self._deferred = float("inf")
         n = len(self.queues)
         in_flight, tried = self._in_flight, self._tried
         for i in range(n):
@@ -198,6 +256,7 @@ class Dispatcher:
             # entries are kept oldest first (a changed entry moves to the end), so the first
             # eligible ones are the oldest: no sort
             eligible: list[Candidate] = []
+            window = self._window(index)
             for c in index.entries.values():
                 if c.job_id in in_flight:
                     continue
@@ -205,7 +264,7 @@ class Dispatcher:
                     continue
                 if can_take(c):
                     eligible.append(c)
-                    if len(eligible) == PICK_WINDOW:
+                    if len(eligible) == window:
                         break
             if eligible:
                 self._turn = (self._turn + i + 1) % n
@@ -223,6 +282,13 @@ class Dispatcher:
             self.wake.clear()
             cand = self._pick(can_take)
             if cand is not None:
+                index = self.indexes[cand.queue]
+                if time.monotonic() - index.workers_at > WORKERS_REFRESH_S:
+                    # who else takes from this queue sets the pick's window: a view older
+                    # than a few seconds (workers that started with us had not beaten yet)
+                    # is read again, at most this often
+                    with contextlib.suppress(LogError):
+                        await index.refresh_workers()
                 return cand
             if self._rescan_due:
                 due, self._rescan_due = self._rescan_due, set()
@@ -244,9 +310,13 @@ class Dispatcher:
         return None
 
     def _next_timer(self) -> float:
-        """Until the next scan or sweep, or the next held job that may be tried again."""
+        """Until the next scan or sweep, the next held job that may be tried again, or the
+        next job another worker was preferred for."""
         now = time.monotonic()
         due = [t for _, t in self._tried.values() if t > now]
+        if self._deferred > now and self._deferred != float("inf"):
+            due.append(self._deferred)
+        self._deferred = float("inf")
         scanned = min((i.scanned_at for i in self.indexes.values()), default=now)
         wait = max(0.05, scanned + self.scan_every_s - now)
         sweep_every = max(self.sweep_interval_s, len(self.queues) / MAX_SCANS_PER_S)
@@ -254,3 +324,10 @@ class Dispatcher:
         if due:
             wait = min(wait, max(0.05, min(due) - now))
         return wait
+
+
+def _rendezvous(job: str, worker: tuple[str, str]) -> int:
+    """The weight of ``worker`` for ``job`` in rendezvous hashing: every worker computes the
+    same order of preference for a job from the same heartbeats."""
+    digest = hashlib.blake2b(f"{job}/{worker[0]}/{worker[1]}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")

@@ -46,6 +46,7 @@ from asman.log.leases import (
     claim,
     finish_lost,
     holder_alive,
+    young,
 )
 from asman.log.workers import WorkerInfo, beat, list_workers, remove
 from asman.peer.dispatch import Dispatcher
@@ -125,6 +126,7 @@ class Worker:
         self._running: dict[str, Running] = {}
         self._finishing = 0  # jobs past their container that gave their slot back
         self._done_once = asyncio.Event()
+        self._hostname = socket.gethostname()
         self.dispatcher = Dispatcher(
             log,
             config.queues,
@@ -154,6 +156,7 @@ class Worker:
         removed = await self.runtime.cleanup_orphans(self.instance)
         if removed:
             logger.info("removed %d orphaned container(s) of an earlier run", removed)
+        await self._beat_all(draining=False)  # seen by the others before our first claim
         await self.dispatcher.open()
         stop_fetching = asyncio.Event()
         logger.info(
@@ -211,33 +214,41 @@ class Worker:
 
     # -- loops -------------------------------------------------------------------------
 
-    async def _heartbeats(self, stopping: asyncio.Event, done: asyncio.Event) -> None:
-        """Beat every ``heartbeat_s`` until ``done`` (after the drain; while draining the
-        beats say so). Ends on ``done`` rather than only on cancellation: a cancel that lands
-        inside the NATS client can be swallowed there."""
-        hostname = socket.gethostname()
-        while not done.is_set():
-            for q in self.config.queues:
-                info = WorkerInfo(
-                    worker_id=self.worker_id,
-                    queue=q,
-                    slots=self.config.slots,
-                    free_slots=self._free,
-                    gpus=len(self.config.gpus),
-                    free_gpus=len(self._free_gpus),
-                    memory_bytes=self.config.memory_limit_bytes or 0,
-                    max_job_duration_ms=int(self.config.max_job_duration_s * 1000),
-                    labels=self.config.labels,
-                    running=tuple(self._running),
-                    version=__version__,
-                    hostname=hostname,
-                    network=self.config.network,
-                    draining=stopping.is_set(),
-                )
+    async def _beat_all(self, *, draining: bool) -> None:
+        """One heartbeat for each of our queues (a few at a time)."""
+        limit = asyncio.Semaphore(32)
+
+        async def one(q: str) -> None:
+            info = WorkerInfo(
+                worker_id=self.worker_id,
+                queue=q,
+                slots=self.config.slots,
+                free_slots=self._free,
+                gpus=len(self.config.gpus),
+                free_gpus=len(self._free_gpus),
+                memory_bytes=self.config.memory_limit_bytes or 0,
+                max_job_duration_ms=int(self.config.max_job_duration_s * 1000),
+                labels=self.config.labels,
+                running=tuple(self._running),
+                version=__version__,
+                hostname=self._hostname,
+                network=self.config.network,
+                draining=draining,
+            )
+            async with limit:
                 try:
                     await beat(self.log, info)
                 except LogError as exc:  # a reconnect in progress: try again next beat
                     logger.warning("heartbeat failed: %s", exc)
+
+        await asyncio.gather(*(one(q) for q in self.config.queues))
+
+    async def _heartbeats(self, stopping: asyncio.Event, done: asyncio.Event) -> None:
+        """Beat every ``heartbeat_s`` until ``done`` (after the drain; while draining the
+        beats say so). Ends on ``done`` rather than only on cancellation: a cancel that lands
+        inside the NATS client can be swallowed there."""
+        while not done.is_set():
+            await self._beat_all(draining=stopping.is_set())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.heartbeat_s):
                     await done.wait()
@@ -321,7 +332,9 @@ class Worker:
 
     async def _alive(self, state: JobState) -> bool:
         """Before a challenge: the holder's heartbeat, read now (the dispatcher's view may
-        be a scan old)."""
+        be a scan old); a claim younger than a heartbeat's life needs no read."""
+        if state.lease is not None and young(self.log, state.lease):
+            return True
         workers = by_process(await list_workers(self.log, state.queue))
         return holder_alive(state, workers, self.log.heartbeat_ttl_ms)
 
@@ -348,6 +361,11 @@ class Worker:
                 return
             self.dispatcher.claimed(cand)
             claimed = True
+            if self.dispatcher.shared(cand.queue):
+                # other workers take from this queue: tell them at once that the job is
+                # taken (else they find out by a refused compare-and-set); alone on the
+                # queue, the watcher says so a quarter second in, if the job lasts
+                await lease.announce()
             if lease.spent:
                 await asyncio.shield(finish_lost(lease))
                 return

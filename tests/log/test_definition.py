@@ -166,7 +166,8 @@ def test_canonical_form_whitelist() -> None:
 names = st.text(
     st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=8
 )
-plain_names = names.filter(lambda k: not k.startswith(("mp-", "mp_")) and k not in ("channel",))
+# env keys an embedding page injects are not job data (definition.is_injected_env)
+plain_names = names.filter(lambda k: not definition_module.is_injected_env(k))
 short_text = st.text(max_size=12)
 refs = st.fixed_dictionaries(
     {"value": short_text}, optional={"type": st.sampled_from(["utf8", "base64", "key", "json"])}

@@ -1,9 +1,6 @@
 """Upgrading from wire v1 (Asman 0.1) against a real nats-server: a v2 peer refuses a v1 log
-with one line, and ``asman migrate`` carries the unfinished jobs over.
-
-The v1 log is written here as Asman 0.1 wrote it: ``ASMAN_JOBS`` without a wire version in
-its metadata, v1 envelopes (``v: 1``, no ``prev``), and the ``ASMAN_PENDING`` work queue with
-a durable consumer per (queue, class)."""
+with one line, and ``asman migrate`` carries the unfinished jobs over (the v1 log is written
+by ``tests/v1log.py`` as Asman 0.1 wrote it)."""
 
 from __future__ import annotations
 
@@ -13,16 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nats
 import pytest
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
+from v1log import RUNNING, WAITING, write_v1_log
 
 from asman.errors import WireVersionMismatch
 from asman.log import jobs, subjects, wire
@@ -31,57 +20,6 @@ from asman.log.definition import job_id
 from asman.log.keys import PeerKey
 from asman.log.leases import WaitingIndex
 from asman.log.migrate import migrate
-
-WAITING = {"image": "asman/busybox:local", "command": "echo waiting"}
-RUNNING = {"image": "asman/busybox:local", "command": "echo running"}
-DONE = {"image": "asman/busybox:local", "command": "echo done"}
-
-
-async def write_v1_log(url: str) -> None:
-    submitter, worker = PeerKey.generate(), PeerKey.generate()
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    await js.add_stream(
-        StreamConfig(
-            name=subjects.JOBS_STREAM,
-            subjects=["asman.job.*.*"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            allow_direct=True,
-        )
-    )
-    await js.add_stream(
-        StreamConfig(
-            name=subjects.V1_PENDING_STREAM,
-            subjects=["asman.pending.*.*.*"],
-            retention=RetentionPolicy.WORK_QUEUE,
-            max_msgs_per_subject=1,
-            discard=DiscardPolicy.NEW,
-            discard_new_per_subject=True,
-        )
-    )
-    await js.add_consumer(
-        subjects.V1_PENDING_STREAM,
-        ConsumerConfig(
-            durable_name="asman_old_cpu",
-            filter_subject="asman.pending.old.cpu.*",
-            ack_policy=AckPolicy.EXPLICIT,
-        ),
-    )
-
-    async def v1(key: PeerKey, definition: dict[str, str], event: dict[str, object]) -> None:
-        subject = subjects.job_subject("old", job_id(definition))
-        await js.publish(subject, wire.seal(key, subject, {"v": 1, "ts": 1, **event}))
-
-    for definition in (WAITING, RUNNING, DONE):
-        submitted = {"type": "submitted", "definition": json.dumps(definition), "class": "cpu"}
-        await v1(submitter, definition, submitted)
-    await js.publish(f"asman.pending.old.cpu.{job_id(WAITING)}", job_id(WAITING).encode())
-    claim = {"type": "claimed", "lease_ms": 30000, "ticket_seq": 1, "delivered": 1}
-    await v1(worker, RUNNING, claim)
-    await v1(worker, DONE, claim)
-    await v1(worker, DONE, {"type": "finished", "reason": "success", "attempt": 1})
-    await nc.close()
 
 
 async def test_a_v1_log_is_refused_with_one_line_then_migrated(nats_url: str) -> None:
