@@ -18,7 +18,7 @@ from asman.log.events import JobState, Result
 from asman.log.keys import PeerKey
 from asman.peer.client import Client, FileInput, collect_files
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AsmanError",

@@ -52,6 +52,8 @@ __all__ = ["Log", "LogConfig", "translate_errors"]
 logger = logging.getLogger(__name__)
 
 ERR_WRONG_LAST_SEQUENCE = 10071
+#: the same refusal as the stream's leader words it in a cluster ("wrong last sequence")
+ERR_WRONG_LAST_SEQUENCE_CONSTANT = 10164
 ERR_MAX_MSGS_PER_SUBJECT = 10077
 ERR_MESSAGE_TOO_LARGE = 10054
 ERR_STREAM_CONFIG_CHANGED = 10058
@@ -183,7 +185,7 @@ class _Translate:
         if exc is None or isinstance(exc, AsmanError):
             return
         if isinstance(exc, nats.js.errors.APIError):
-            if exc.err_code == ERR_WRONG_LAST_SEQUENCE:
+            if exc.err_code in (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_CONSTANT):
                 raise Conflict(
                     f"{self.what}: someone else wrote first ({exc.description})"
                 ) from exc
