@@ -229,6 +229,9 @@ async def validate(request: web.Request) -> web.Response:
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
     if not isinstance(body, dict) or "definition" not in body:
         raise InvalidInput('the body must be {"definition": {...}}')
+    unknown = set(body) - {"definition"}
+    if unknown:
+        raise InvalidInput(f"unknown body fields: {', '.join(sorted(unknown))}")
     definition = body["definition"]
     if not isinstance(definition, Mapping):
         raise InvalidDefinition("", "a job definition must be a JSON object")

@@ -73,8 +73,11 @@ _LEGACY_INJECTED_ENV = frozenset(
     {"channel", "CHANNEL", "readonly", "edit", "parent-metapage-id", "fs-path"}
 )
 _S3_TEST_ORIGIN = "https://metaframe-asman-test.s3.us-west-1.amazonaws.com"
-# absolute configFiles may not land on these (the first path segment)
-_RESERVED_ROOTS = frozenset({"inputs", "outputs", "proc", "sys", "dev"})
+# absolute configFiles may not land on these (the first path segment): the worker's folders,
+# the kernel's, and the container's /tmp (a tmpfs the runtime mounts)
+_RESERVED_ROOTS = frozenset({"inputs", "outputs", "proc", "sys", "dev", "tmp"})
+#: files the container runtime itself puts in every container (its init, its name files)
+RESERVED_FILES = frozenset({"/sbin/docker-init", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf"})
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _KIB = 1024
 
@@ -98,6 +101,9 @@ class DefinitionLimits:
     max_files: int = 1000
     max_env: int = 256
     max_duration_ms: int = 30 * 24 * 3600 * 1000
+    max_size_bytes: int = 16 * 1024**4  # memory and shmSize: 16 TiB
+    max_cpus: int = 1024
+    max_gpus: int = 64
 
 
 DEFAULT_LIMITS = DefinitionLimits()
@@ -191,6 +197,9 @@ def _uri_decode(text: str) -> str:
 # durations and sizes
 
 _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+#: a number in a duration or a size has at most this many digits (a longer one is refused
+#: before it becomes an integer too long to print)
+_MAX_DIGITS = 18
 _DURATION_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(i?)b?|b)?\s*", re.IGNORECASE)
 _SIZE_POWER = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
@@ -199,7 +208,9 @@ _SIZE_POWER = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 def parse_duration_ms(value: str | int, field: str) -> int:
     """A duration in milliseconds: ``"10s"``, ``"20m"``, ``"1h30m"``, ``"500ms"``, ``"2d"``, or
     a whole number of seconds. Units: ms, s, m, h, d; parts may carry decimals (``"1.5h"``)."""
-    if _is_int(value):
+    if _is_int(value) and not isinstance(value, str):
+        if abs(value) >= 10**_MAX_DIGITS:
+            raise InvalidDefinition(field, "is far too long: give at most 30 days")
         seconds = int(value)
         if seconds < 0:
             raise InvalidDefinition(field, f"must be a duration ≥ 0, got {_show(value)}")
@@ -214,6 +225,8 @@ def parse_duration_ms(value: str | int, field: str) -> int:
         match = _DURATION_PART.match(text, pos)
         if match is None:
             break
+        if len(match.group(1)) > _MAX_DIGITS:
+            raise InvalidDefinition(field, "is far too long: give at most 30 days")
         total += Decimal(match.group(1)) * _DURATION_UNIT_MS[match.group(2)]
         pos = match.end()
     if not text or pos != len(text):
@@ -229,7 +242,9 @@ def parse_size_bytes(value: str | int, field: str) -> int:
     """A size in bytes: a whole number, or ``"64k"``, ``"512m"``, ``"2g"``, ``"2GiB"``,
     ``"512mb"``, ``"1t"``. Units are powers of 1024 whatever the spelling, as Docker reads
     them; case does not matter."""
-    if _is_int(value):
+    if _is_int(value) and not isinstance(value, str):
+        if abs(value) >= 10**_MAX_DIGITS:
+            raise InvalidDefinition(field, "is far too large: give at most 16 TiB")
         size = int(value)
         if size < 0:
             raise InvalidDefinition(field, f"must be a size ≥ 0, got {_show(value)}")
@@ -245,6 +260,8 @@ def parse_size_bytes(value: str | int, field: str) -> int:
             f'must be a size such as "64k", "512m", "2g" or "2GiB" (units k, m, g, t, '
             f"p, powers of 1024), got {_show(value)}",
         )
+    if len(match.group(1)) > _MAX_DIGITS:
+        raise InvalidDefinition(field, "is far too large: give at most 16 TiB")
     unit = (match.group(2) or "").lower()
     return int(Decimal(match.group(1)) * 1024 ** _SIZE_POWER.get(unit, 0))
 
@@ -309,7 +326,11 @@ def _validate_config_name(name: str, field: str) -> str:
         raise InvalidPath(
             name,
             f"is under /{root}, which the worker owns: absolute config files may not be under "
-            f"/inputs, /outputs, /proc, /sys or /dev (in {field})",
+            f"/inputs, /outputs, /tmp, /proc, /sys or /dev (in {field})",
+        )
+    if name in RESERVED_FILES:
+        raise InvalidPath(
+            name, f"is a file the container runtime writes itself: choose another path (in {field})"
         )
     return name
 
@@ -510,19 +531,32 @@ def _validate_build(value: Any) -> dict[str, Any]:
 
 def _validate_requirements(value: Any, limits: DefinitionLimits) -> dict[str, Any]:
     req = _without_nulls(_mapping(value, "requirements"))
-    if "cpus" in req and not (_is_number(req["cpus"]) and req["cpus"] > 0):
+    if "cpus" in req and not (_is_number(req["cpus"]) and 0 < req["cpus"] <= limits.max_cpus):
         raise InvalidDefinition(
-            "requirements.cpus", f"must be a number > 0, got {_show(req['cpus'])}"
+            "requirements.cpus",
+            f"must be a number > 0 and at most {limits.max_cpus}, got {_show(req['cpus'])}",
         )
-    if "gpus" in req and not (_is_int(req["gpus"]) and req["gpus"] >= 0):
+    if "gpus" in req and not (_is_int(req["gpus"]) and 0 <= req["gpus"] <= limits.max_gpus):
         raise InvalidDefinition(
-            "requirements.gpus", f"must be a whole number ≥ 0, got {_show(req['gpus'])}"
+            "requirements.gpus",
+            f"must be a whole number from 0 to {limits.max_gpus}, got {_show(req['gpus'])}",
         )
-    if "memory" in req and parse_size_bytes(req["memory"], "requirements.memory") <= 0:
-        raise InvalidDefinition("requirements.memory", 'must be a size > 0, such as "512m"')
+    if "memory" in req:
+        _check_size(req["memory"], "requirements.memory", limits)
     if "maxDuration" in req:
         _check_duration(req["maxDuration"], "requirements.maxDuration", limits)
     return req
+
+
+def _check_size(value: Any, field: str, limits: DefinitionLimits) -> int:
+    size = parse_size_bytes(value, field)
+    if size <= 0:
+        raise InvalidDefinition(field, 'must be a size > 0, such as "512m"')
+    if size > limits.max_size_bytes:
+        raise InvalidDefinition(
+            field, f"is {size} bytes, over the limit of {limits.max_size_bytes // 1024**4} TiB"
+        )
+    return size
 
 
 def _check_duration(value: Any, field: str, limits: DefinitionLimits) -> int:
@@ -612,7 +646,7 @@ def validate_definition(
         if not workdir.startswith("/"):
             raise InvalidDefinition("workdir", f"must be an absolute path, got {_show(workdir)}")
     if "shmSize" in out:
-        parse_size_bytes(out["shmSize"], "shmSize")
+        _check_size(out["shmSize"], "shmSize", limits)
     if "maxDuration" in out:
         _check_duration(out["maxDuration"], "maxDuration", limits)
     if "tags" in out:

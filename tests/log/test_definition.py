@@ -403,10 +403,18 @@ BAD_DEFINITIONS: list[tuple[dict[str, Any], str, str]] = [
     ({**HELLO, "tags": "gpu"}, "tags", "list of strings"),
     ({**HELLO, "tags": [1]}, "tags[0]", "must be a string"),
     ({**HELLO, "requirements": []}, "requirements", "must be an object"),
-    ({**HELLO, "requirements": {"cpus": 0}}, "requirements.cpus", "number > 0, got 0"),
+    ({**HELLO, "requirements": {"cpus": 0}}, "requirements.cpus", "at most 1024, got 0"),
+    ({**HELLO, "requirements": {"cpus": 1025}}, "requirements.cpus", "at most 1024, got 1025"),
+    ({**HELLO, "requirements": {"gpus": 65}}, "requirements.gpus", "from 0 to 64, got 65"),
+    ({**HELLO, "requirements": {"memory": "17t"}}, "requirements.memory", "limit of 16 TiB"),
+    ({**HELLO, "requirements": {"memory": "9" * 5000}}, "requirements.memory", "far too large"),
+    ({**HELLO, "shmSize": "9" * 4400}, "shmSize", "far too large"),
+    ({**HELLO, "shmSize": 10**40}, "shmSize", "far too large"),
+    ({**HELLO, "maxDuration": "9" * 100_000 + "d"}, "maxDuration", "far too long"),
+    ({**HELLO, "maxDuration": 10**30}, "maxDuration", "far too long"),
     ({**HELLO, "requirements": {"cpus": "2"}}, "requirements.cpus", 'got "2"'),
     ({**HELLO, "requirements": {"cpus": True}}, "requirements.cpus", "number > 0"),
-    ({**HELLO, "requirements": {"gpus": 1.5}}, "requirements.gpus", "whole number ≥ 0"),
+    ({**HELLO, "requirements": {"gpus": 1.5}}, "requirements.gpus", "whole number from 0 to 64"),
     ({**HELLO, "requirements": {"memory": "lots"}}, "requirements.memory", "size"),
     ({**HELLO, "requirements": {"memory": "0"}}, "requirements.memory", "> 0"),
     ({**HELLO, "requirements": {"maxDuration": "x"}}, "requirements.maxDuration", "duration"),
@@ -468,7 +476,7 @@ def test_gpus_message_exactly() -> None:
     with pytest.raises(InvalidDefinition) as err:
         validate_definition({**HELLO, "requirements": {"gpus": -1}})
     assert str(err.value) == (
-        "definition field 'requirements.gpus': must be a whole number ≥ 0, got -1"
+        "definition field 'requirements.gpus': must be a whole number from 0 to 64, got -1"
     )
 
 
@@ -507,6 +515,10 @@ def test_null_equals_absent() -> None:
         ("configFiles", "/sys/x", "/sys"),
         ("configFiles", "/dev/null", "/dev"),
         ("configFiles", "/etc/../inputs/x", "'..'"),
+        ("configFiles", "/tmp/x", "/tmp"),
+        ("configFiles", "/sbin/docker-init", "the container runtime writes itself"),
+        ("configFiles", "/etc/hosts", "the container runtime writes itself"),
+        ("configFiles", "/etc/resolv.conf", "the container runtime writes itself"),
     ],
 )
 def test_invalid_file_names(field: str, name: str, words: str) -> None:
