@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from asman.errors import AsmanError, DockerUnavailable, LogUnavailable
 from asman.log.server import NatsServer
 from asman.log.subjects import validate_queue
 
-__all__ = ["DevOptions", "gateway_config", "run_dev", "serve_gateway"]
+__all__ = ["DevOptions", "gateway_config", "own_services", "run_dev", "serve_gateway"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,18 +128,27 @@ async def run_dev(options: DevOptions) -> int:
                 tg.create_task(
                     serve_gateway(gateway_config(settings, "127.0.0.1", options.http_port), stop)
                 )
+                ports = (options.nats_port, options.http_port)
                 if runtime is not None:
                     config = WorkerConfig(
                         queues=(queue,),
                         data_dir=data / "worker",
                         slots=options.slots,
                         drain_grace_s=10.0,
+                        allow_urls=own_services(ports),
                     )
                     tg.create_task(Worker(client.log, client.blobs, runtime, config).run(stop))
+                urls = (
+                    f"  urls:    jobs may fetch from 127.0.0.1:{ports[0]} and :{ports[1]} (this "
+                    "machine's own services); other loopback and private addresses are refused\n"
+                    if runtime is not None
+                    else ""
+                )
                 sample = {"image": "asman/busybox:local", "command": "echo hello from asman"}
                 click.echo(
                     f"asman dev is up (data in {data})\n"
                     f"  nats:    {server.url}\n"
+                    f"{urls}"
                     f"  queue:   {queue}\n"
                     f"  browser: {job_link(base, sample, queue=queue)}\n"
                     f"  submit:  asman submit --nats {server.url} {queue} asman/busybox:local "
@@ -152,6 +161,13 @@ async def run_dev(options: DevOptions) -> int:
     finally:
         await asyncio.to_thread(server.stop)
     return 0
+
+
+def own_services(ports: Iterable[int]) -> tuple[str, ...]:
+    """The ``--allow-url`` entries of ``asman dev``'s worker: the stack's own services on
+    loopback (nats-server and the gateway, whose ``/f/<sha256>`` URLs jobs use as inputs),
+    by address and as ``localhost``. Every other local port stays refused."""
+    return tuple(f"{host}:{port}" for port in ports for host in ("127.0.0.1", "localhost"))
 
 
 def _local_image() -> None:

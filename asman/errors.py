@@ -8,6 +8,8 @@ subject, field name) so callers can act on them without parsing text.
     │   ├── InvalidDefinition         a job definition field is wrong (.field)
     │   ├── InvalidQueueName          not a NATS subject token (.queue)
     │   ├── InvalidPath               a file name escapes its folder or is not allowed (.path)
+    │   ├── UrlRefused                a job's URL or image registry is on a non-public address
+    │   │                             the worker may not reach (.host, .address)
     │   └── ConfigError               a flag, variable or config file value is wrong
     ├── EnvelopeError                 a message on the log was rejected (.subject)
     │   ├── MalformedEnvelope         not a COSE_Sign1 envelope of ours, or truncated
@@ -28,7 +30,8 @@ subject, field name) so callers can act on them without parsing text.
     │   ├── BlobNotFound
     │   ├── BlobCorrupt               bytes do not match their sha256
     │   ├── BlobTooLarge              over a size limit
-    │   └── BlobUnavailable           the store did not answer (transient: try again)
+    │   ├── BlobUnavailable           the store did not answer (transient: try again)
+    │   └── BlobFull                  the store's size limit is reached
     └── RuntimeFailure                the container runtime failed (pull, build, run) (exit 4)
         ├── ImageError                pull or build failed (.log holds the tail of the output)
         └── DockerUnavailable         no Docker engine reachable
@@ -41,6 +44,7 @@ __all__ = [
     "BadSignature",
     "BlobCorrupt",
     "BlobError",
+    "BlobFull",
     "BlobNotFound",
     "BlobTooLarge",
     "BlobUnavailable",
@@ -64,6 +68,7 @@ __all__ = [
     "MessageTooLarge",
     "RuntimeFailure",
     "UnauthorizedSigner",
+    "UrlRefused",
     "WireVersionMismatch",
     "WrongSubject",
 ]
@@ -98,6 +103,16 @@ class InvalidPath(InvalidInput):
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         super().__init__(f"file name {path!r}: {message}")
+
+
+class UrlRefused(InvalidInput):
+    """Refused before any request was sent: the destination is this machine or a private
+    network (server-side request forgery), or the URL cannot be checked."""
+
+    def __init__(self, message: str, host: str = "", address: str = "") -> None:
+        self.host = host
+        self.address = address
+        super().__init__(message)
 
 
 class ConfigError(InvalidInput):
@@ -197,6 +212,10 @@ class BlobTooLarge(BlobError):
 
 class BlobUnavailable(BlobError):
     pass
+
+
+class BlobFull(BlobError):
+    """The store refused new bytes: its size limit is reached."""
 
 
 class RuntimeFailure(AsmanError):
