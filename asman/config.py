@@ -69,6 +69,7 @@ class ClientSettings:
     blobs: BlobSettings
     replicas: int = 1
     retention_s: int = 7 * 24 * 3600
+    blob_max_bytes: int | None = None  # None: 10 GiB on creation, an existing bucket unchanged
     lease_ttl_s: float = 30.0
     max_attempts: int = 3
     manage_streams: bool = True

@@ -38,7 +38,7 @@ import nats.js.errors
 from nats.js import api
 from nats.nuid import NUID
 
-from asman.errors import BlobCorrupt, BlobError, BlobNotFound, BlobUnavailable
+from asman.errors import BlobCorrupt, BlobError, BlobFull, BlobNotFound, BlobUnavailable
 from asman.log.blobs import (
     BlobInfo,
     BytesSink,
@@ -60,6 +60,10 @@ DEFAULT_CHUNK_SIZE = 128 * 1024  # the object store's default; must stay under m
 _STREAM_NOT_FOUND = 10059  # JetStream err_code
 _STREAM_NAME_IN_USE = 10058
 _WRONG_LAST_SEQUENCE = 10071
+_STORE_FAILED = 10077  # "maximum bytes exceeded" when the bucket is full (discard new)
+_INSUFFICIENT_STORAGE = 10047  # the server cannot reserve a stream's max_bytes
+DEFAULT_MAX_BYTES = 10 * 1024**3  # a new bucket's size limit unless one is given
+_MIN_DEFAULT_BYTES = 64 * 1024**2
 _ROLLUP = {api.Header.ROLLUP.value: "sub"}
 _DIGEST_PREFIX = "SHA-256="
 
@@ -74,11 +78,11 @@ T = TypeVar("T")
 class ObjectStoreBlobs:
     """``BlobStore`` on a JetStream object store bucket.
 
-    ``js`` is a connected ``JetStreamContext`` (its domain/prefix is honoured). ``replicas`` and
-    ``max_age_s`` configure the bucket when ``ensure()`` creates it (default: 1 replica, no age
-    limit; ``max_age_s=0`` removes one); on an existing bucket ``ensure()`` changes only the ones
-    given, so a peer with default settings never shrinks a bucket an operator made with 3
-    replicas. ``timeout`` bounds every single wait on the server (one request, one batch, one
+    ``js`` is a connected ``JetStreamContext`` (its domain/prefix is honoured). ``replicas``,
+    ``max_age_s`` and ``max_bytes`` configure the bucket when ``ensure()`` creates it (default: 1
+    replica, no age limit, 10 GiB; 0 removes a limit); on an existing bucket ``ensure()`` changes
+    only the ones given, so a peer with default settings never shrinks a bucket an operator made
+    with 3 replicas. ``timeout`` bounds every single wait on the server (one request, one batch, one
     publish window), not a whole transfer. The object store cannot presign: ``presigned_get``
     and ``presigned_put`` return None.
     """
@@ -90,6 +94,7 @@ class ObjectStoreBlobs:
         bucket: str = DEFAULT_BUCKET,
         replicas: int | None = None,
         max_age_s: int | None = None,
+        max_bytes: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         timeout: float = 30.0,
     ) -> None:
@@ -100,6 +105,7 @@ class ObjectStoreBlobs:
         self.stream = f"OBJ_{bucket}"
         self.replicas = replicas
         self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
         self.chunk_size = chunk_size
         self.timeout = timeout
         self._nuid = NUID()
@@ -118,7 +124,7 @@ class ObjectStoreBlobs:
             name=self.stream,
             subjects=[f"$O.{self.bucket}.C.>", f"$O.{self.bucket}.M.>"],
             max_age=float(self.max_age_s) if self.max_age_s else None,
-            max_bytes=-1,
+            max_bytes=_limit(self.max_bytes, DEFAULT_MAX_BYTES),
             storage=api.StorageType.FILE,
             num_replicas=self.replicas or 1,
             discard=api.DiscardPolicy.NEW,
@@ -130,13 +136,19 @@ class ObjectStoreBlobs:
 
     async def ensure(self) -> None:
         """Create the bucket, or bring an existing one in line: direct get on, and the age
-        limit and replicas if they were given. Safe to call from many peers at once."""
+        limit, size limit and replicas if they were given. Safe to call from many peers at
+        once.
+
+        A bucket created with the default size limit on a server with less storage to reserve
+        gets the largest limit the server grants (halving down to 64 MiB), so blobs can never
+        fill the storage the log itself needs; an explicit ``max_bytes`` the server cannot
+        reserve is an error that says so."""
         async with self._translate(""):
             try:
                 info = await self._js.stream_info(self.stream)
             except nats.js.errors.NotFoundError:
                 try:
-                    await self._js.add_stream(self._stream_config())
+                    await self._create()
                     return
                 except nats.js.errors.BadRequestError as exc:
                     if exc.err_code != _STREAM_NAME_IN_USE:
@@ -148,11 +160,47 @@ class ObjectStoreBlobs:
             if self.max_age_s is not None and float(cfg.max_age or 0) != float(self.max_age_s):
                 cfg.max_age = float(self.max_age_s) or None
                 changed = True
+            if self.max_bytes is not None and (cfg.max_bytes or -1) != _limit(self.max_bytes, 0):
+                cfg.max_bytes = _limit(self.max_bytes, 0)
+                changed = True
             if self.replicas is not None and (cfg.num_replicas or 1) != self.replicas:
                 cfg.num_replicas = self.replicas
                 changed = True
             if changed:
-                await self._js.update_stream(cfg)
+                try:
+                    await self._js.update_stream(cfg)
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code == _INSUFFICIENT_STORAGE:
+                        raise self._cannot_reserve(cfg.max_bytes) from exc
+                    raise
+
+    async def _create(self) -> None:
+        cfg = self._stream_config()
+        limit = cfg.max_bytes or -1
+        while True:
+            try:
+                await self._js.add_stream(cfg)
+                return
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != _INSUFFICIENT_STORAGE:
+                    raise
+                if self.max_bytes is not None or limit // 2 < _MIN_DEFAULT_BYTES:
+                    raise self._cannot_reserve(limit) from exc
+                limit //= 2
+                cfg.max_bytes = limit
+                log.warning(
+                    "the NATS server cannot reserve the default size for object store bucket "
+                    "%s; trying max_bytes=%d (set --blob-max-bytes to choose)",
+                    self.bucket,
+                    cfg.max_bytes,
+                )
+
+    def _cannot_reserve(self, max_bytes: int | None) -> BlobError:
+        return BlobError(
+            f"object store bucket {self.bucket}: the NATS server cannot reserve max_bytes="
+            f"{max_bytes} of storage: give a smaller --blob-max-bytes, or raise the server's "
+            "jetstream max_file_store"
+        )
 
     # -- BlobStore ---------------------------------------------------------------------------
 
@@ -256,10 +304,10 @@ class ObjectStoreBlobs:
         block = self.chunk_size * _FILE_BLOCK
         h = _Hasher()
         chunks = 0
-        pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         published = False
+        acks = _Acks(self._nc, self.timeout, _PUBLISH_WINDOW)
         try:
-            async with self._translate(key):
+            async with self._translate(key), acks:
                 while True:
                     if in_thread:  # read and hash in one trip to the thread
                         data = await run_to_completion(h.read_from, f, block)
@@ -270,16 +318,9 @@ class ObjectStoreBlobs:
                         break
                     view = memoryview(data)
                     for start in range(0, len(data), self.chunk_size):
-                        pending.append(
-                            await self._js.publish_async(
-                                subject, bytes(view[start : start + self.chunk_size])
-                            )
-                        )
+                        await acks.publish(subject, bytes(view[start : start + self.chunk_size]))
                         chunks += 1
-                        while len(pending) > _PUBLISH_WINDOW:
-                            await self._wait_ack(pending.popleft())
-                while pending:
-                    await self._wait_ack(pending.popleft())
+                await acks.wait_all()
             digest = h.digest()
             if digest.hex() != sha256:
                 raise BlobCorrupt(
@@ -320,14 +361,8 @@ class ObjectStoreBlobs:
             log.debug("blob stored key=%s size=%d chunks=%d", key, h.size, chunks)
             return BlobInfo(key, sha256, h.size)
         finally:
-            for fut in pending:
-                fut.cancel()
             if not published:
                 await asyncio.shield(self._purge(subject))
-
-    async def _wait_ack(self, fut: asyncio.Future[Any]) -> None:
-        async with asyncio.timeout(self.timeout):
-            await fut
 
     async def _purge(self, subject: str) -> None:
         """Remove the chunks of an upload that did not complete (best effort)."""
@@ -431,6 +466,13 @@ class ObjectStoreBlobs:
         except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
             raise self._no_bucket(key) from exc
         except nats.js.errors.APIError as exc:
+            if exc.err_code == _STORE_FAILED and "maximum bytes" in (exc.description or ""):
+                raise BlobFull(
+                    f"object store bucket {self.bucket} is full (its max_bytes is reached); "
+                    "nothing was stored: the operator can raise the limit (--blob-max-bytes "
+                    "with --update-streams), shorten --retention, or use an S3 store",
+                    key=key,
+                ) from exc
             raise BlobError(
                 f"object store bucket {self.bucket}: JetStream refused the request "
                 f"(code {exc.code}, err_code {exc.err_code}): {exc.description}",
@@ -451,6 +493,107 @@ class ObjectStoreBlobs:
             ) from exc
         except nats.errors.Error as exc:
             raise BlobError(f"object store bucket {self.bucket}: {exc}", key=key) from exc
+
+
+class _Acks:
+    """JetStream publishes with a window of unacknowledged ones, acks read on our own inbox.
+
+    nats-py's ``publish_async`` leaves its future pending for good when the server answers
+    with an error (``APIError.from_error`` raises inside the reply handler,
+    nats-io/nats.py#985), so a full bucket looked like a timeout. Each publish here carries
+    the reply subject ``<inbox>.<n>``; an error answer fails that publish with the server's
+    error, and ``publish``/``wait_all`` raise it.
+    """
+
+    def __init__(self, nc: Any, timeout: float, window: int) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._window = window
+        self._inbox = ""
+        self._sub: Any = None
+        self._sent = 0
+        self._pending: collections.OrderedDict[int, asyncio.Future[None]] = (
+            collections.OrderedDict()
+        )
+
+    async def __aenter__(self) -> _Acks:
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and not issubclass(kind, asyncio.CancelledError):
+            # A stream stores a publish some time after the server read it: wait for the
+            # answers still due, so a purge that follows comes after every chunk we sent.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._timeout):
+                    await asyncio.gather(*self._pending.values(), return_exceptions=True)
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        with contextlib.suppress(nats.errors.Error):
+            await self._sub.unsubscribe()
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        while len(self._pending) >= self._window:
+            await self._wait_oldest()
+        n = self._sent
+        self._sent += 1
+        self._pending[n] = asyncio.get_running_loop().create_future()
+        await self._nc.publish(subject, data, reply=f"{self._inbox}.{n}")
+
+    async def wait_all(self) -> None:
+        while self._pending:
+            await self._wait_oldest()
+
+    async def _wait_oldest(self) -> None:
+        n, fut = next(iter(self._pending.items()))
+        try:
+            async with asyncio.timeout(self._timeout):
+                await fut
+        finally:
+            self._pending.pop(n, None)
+
+    async def _on_ack(self, msg: Any) -> None:
+        try:
+            fut = self._pending.get(int(msg.subject.rsplit(".", 1)[1]))
+        except ValueError:
+            return
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get(api.Header.STATUS) == "503":
+            fut.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            resp = json.loads(msg.data)
+        except ValueError:
+            fut.set_exception(BlobError(f"an unreadable publish ack: {msg.data[:200]!r}"))
+            return
+        err = resp.get("error") if isinstance(resp, dict) else None
+        if err:
+            fut.set_exception(_api_error(err))
+        else:
+            fut.set_result(None)
+
+
+def _api_error(err: dict[str, Any]) -> nats.js.errors.APIError:
+    """The nats-py error class for a JetStream error answer, made rather than raised."""
+    kind = {
+        503: nats.js.errors.ServiceUnavailableError,
+        500: nats.js.errors.ServerError,
+        404: nats.js.errors.NotFoundError,
+        400: nats.js.errors.BadRequestError,
+    }.get(err.get("code", 0), nats.js.errors.APIError)
+    return kind(
+        code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
+    )
+
+
+def _limit(value: int | None, default: int) -> int:
+    """A byte limit as JetStream spells it: ``None`` → ``default``, 0 → -1 (no limit)."""
+    if value is None:
+        value = default
+    return value if value > 0 else -1
 
 
 class _DirectGet:

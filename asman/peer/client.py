@@ -86,7 +86,9 @@ def collect_files(specs: Iterable[str]) -> list[FileInput]:
 async def open_blobs(settings: ClientSettings, log: Log) -> BlobStore:
     """The blob store the settings name: the object store unless an S3 URL is given."""
     if settings.blobs.url is None:
-        store = ObjectStoreBlobs(log.js, replicas=settings.replicas)
+        store = ObjectStoreBlobs(
+            log.js, replicas=settings.replicas, max_bytes=settings.blob_max_bytes
+        )
         await store.ensure()
         return store
     from asman.peer.s3 import S3Blobs

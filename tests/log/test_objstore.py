@@ -14,7 +14,7 @@ from typing import Any
 import nats
 import pytest
 
-from asman.errors import BlobCorrupt, BlobError, BlobNotFound, BlobTooLarge
+from asman.errors import BlobCorrupt, BlobError, BlobFull, BlobNotFound, BlobTooLarge
 from asman.log.blobs import BlobInfo, BlobStore, FileSink, sha256_file
 from asman.log.objstore import ObjectStoreBlobs
 from asman.log.server import NatsServer, free_port
@@ -319,3 +319,56 @@ async def test_50mb_round_trip(store: ObjectStoreBlobs, tmp_path: Path) -> None:
     dest = tmp_path / "copy"
     assert await store.get_to_file(hexdigest, dest) == info
     assert await asyncio.to_thread(sha256_file, dest) == (hexdigest, size)
+
+
+async def test_a_full_bucket_refuses_clearly_and_keeps_nothing_of_the_blob(
+    js: Any, tmp_path: Path
+) -> None:
+    """Issue 13: the bucket had no size limit, so one job's outputs could fill the storage the
+    log needs. A bucket at its limit refuses the blob with a reason, and the chunks sent
+    before the refusal are purged."""
+    store = ObjectStoreBlobs(js, bucket="SMALL", max_bytes=1024 * 1024)
+    await store.ensure()
+    assert (await js.stream_info("OBJ_SMALL")).config.max_bytes == 1024 * 1024
+    big = tmp_path / "big"
+    write_random(big, 3)
+    with pytest.raises(BlobFull, match="is full") as caught:
+        await store.put_file(big)
+    assert "--blob-max-bytes" in str(caught.value)
+    assert await stream_msgs(js, store) == 0  # the partial upload is gone
+    assert await store.exists(sha256_file(big)[0]) is None
+    small = await store.put_bytes(b"still room for this")
+    assert await store.get_bytes(small.sha256, max_size=100) == b"still room for this"
+
+
+async def test_a_new_bucket_has_a_size_limit_and_an_operator_may_change_it(js: Any) -> None:
+    await ObjectStoreBlobs(js, bucket="B3").ensure()
+    assert (await js.stream_info("OBJ_B3")).config.max_bytes == 10 * 1024**3
+    await ObjectStoreBlobs(js, bucket="B3", max_bytes=2 * 1024**3).ensure()
+    assert (await js.stream_info("OBJ_B3")).config.max_bytes == 2 * 1024**3
+    await ObjectStoreBlobs(js, bucket="B3").ensure()  # defaults leave the operator's limit
+    assert (await js.stream_info("OBJ_B3")).config.max_bytes == 2 * 1024**3
+    await ObjectStoreBlobs(js, bucket="B3", max_bytes=0).ensure()  # 0 removes it
+    assert (await js.stream_info("OBJ_B3")).config.max_bytes == -1
+
+
+async def test_a_small_server_gets_the_largest_limit_it_can_reserve(tmp_path: Path) -> None:
+    """A laptop's nats-server may have less than 10 GiB to reserve: the default bucket then
+    takes what the server grants instead of failing; an explicit limit it cannot reserve is
+    an error that names the fix."""
+    conf = tmp_path / "small.conf"
+    conf.write_text(f'jetstream {{ store_dir: "{tmp_path / "js"}", max_file_store: 1GB }}\n')
+    server = NatsServer(tmp_path, config=conf).start()
+    try:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await ObjectStoreBlobs(js).ensure()
+            granted = (await js.stream_info("OBJ_ASMAN_BLOBS")).config.max_bytes
+            assert 64 * 1024**2 <= granted <= 1024**3
+            with pytest.raises(BlobError, match=r"cannot reserve.*max_file_store"):
+                await ObjectStoreBlobs(js, bucket="BIG", max_bytes=5 * 1024**3).ensure()
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
