@@ -1,8 +1,8 @@
 """``python -m bench`` (``make bench``): every benchmark of issue 7, each next to its baseline.
 
-Runs, in order: queue path, latency, container path, blobs (50 MiB x3, 500 MiB x1), scale,
-many queues (100,000 on one server, 10,000 on an R3 cluster), gateway. Each prints its
-table; each writes ``bench/results/<name>.json``; at the end
+Runs, in order: queue path, ``--procs 2`` next to one process, latency, container path,
+blobs (50 MiB x3, 500 MiB x1), scale, many queues (100,000 on one server, 10,000 on an R3
+cluster), gateway. Each prints its table; each writes ``bench/results/<name>.json``; at the end
 ``bench/results/latest.json`` holds the headline figures, the machine and every result, and
 ``bench/results/latest.md`` the tables (only a run of every benchmark replaces them). Sizes
 are chosen so the whole run takes under 10 minutes on a 2-core box; ``--quick`` shrinks them
@@ -23,13 +23,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-from bench import blobs, container, gateway, latency, queue_path, queues, scale
+from bench import blobs, container, gateway, latency, procs, queue_path, queues, scale
 from bench.common import RESULTS, log, machine
 
-NAMES = ("queue", "latency", "container", "blobs", "scale", "queues", "gateway")
+NAMES = ("queue", "procs", "latency", "container", "blobs", "scale", "queues", "gateway")
 
 FULL = {
     "queue": {"n": 2000, "repeat": 3},
+    "procs": {"n": 4000, "repeat": 3},
     "latency": {"n": 300},
     "container": {"n": 30},
     "blobs": {"small_mb": 50, "repeat": 3, "large_mb": 500},
@@ -39,6 +40,7 @@ FULL = {
 }
 QUICK = {
     "queue": {"n": 300, "repeat": 1},
+    "procs": {"n": 500, "repeat": 1},
     "latency": {"n": 50},
     "container": {"n": 5},
     "blobs": {"small_mb": 8, "repeat": 1, "large_mb": 0},
@@ -95,6 +97,8 @@ def _fenced(text: str) -> str:
 def _runner(name: str, p: dict[str, Any]) -> tuple[Callable[[], Awaitable[Any]], Any]:
     if name == "queue":
         return lambda: queue_path.run(p["n"], p["repeat"]), queue_path.render
+    if name == "procs":
+        return lambda: procs.run(p["n"], p["repeat"]), procs.render
     if name == "latency":
         return lambda: latency.run(p["n"]), latency.render
     if name == "container":
@@ -126,6 +130,13 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             queue_drain_vs_raw_fetch1=q["drain_vs_raw_fetch1"],
             enqueue_jobs_per_s=q["enqueue_jobs_per_s"],
             raw_enqueue_jobs_per_s=q["raw_enqueue_jobs_per_s"],
+        )
+    pr = results.get("procs")
+    if pr:
+        out.update(
+            drain_1proc_jobs_per_s=pr["drain_1proc_jobs_per_s"],
+            drain_2procs_jobs_per_s=pr["drain_2procs_jobs_per_s"],
+            drain_procs2_vs_1_ratio=pr["procs2_vs_1_ratio"],
         )
     lat = results.get("latency")
     if lat:

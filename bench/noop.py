@@ -28,6 +28,15 @@ class NoopRuntime:
     def __init__(self) -> None:
         self.runs = 0
 
+    async def __aenter__(self) -> NoopRuntime:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
     async def ensure_image(self, image: str, on_log: Callable[[str], Awaitable[None]]) -> None:
         return None
 
@@ -38,6 +47,9 @@ class NoopRuntime:
         work_dir: Path,
         fetch_context: Callable[[str, Path], Awaitable[Path]] | None,
         on_log: Callable[[str], Awaitable[None]],
+        network: str = "none",
+        memory_bytes: int | None = None,
+        cpus: float | None = None,
     ) -> str:
         return "noop"
 
@@ -62,5 +74,7 @@ class NoopRuntime:
             duration_ms=0,
         )
 
-    async def cleanup_orphans(self, worker_id: str | None = None) -> int:
+    async def cleanup_orphans(
+        self, worker_id: str | None = None, *, abandoned: Callable[[str], bool] | None = None
+    ) -> int:
         return 0

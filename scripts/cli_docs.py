@@ -62,7 +62,8 @@ def render() -> str:
                 continue
             names = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
             env = f"`{p.envvar}`" if p.envvar else ""
-            default = "" if p.default is None or p.is_flag else f"`{p.default}`"
+            unset = p.default is None or p.is_flag or p.multiple or "UNSET" in str(p.default)
+            default = "" if unset else f"`{p.default}`"
             help_text = (p.help or "").replace("|", "\\|").replace("\n", " ")
             rows.append(f"| {names} | {env} | {default} | {help_text} |")
         if rows:

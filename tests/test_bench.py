@@ -29,3 +29,12 @@ async def test_queue_path_drains_every_job_once(nats_url: str, tmp_path: Path) -
         assert {s.reason for s in await jobs.list_jobs(client, "bench-p")} == {"success"}
     # the no-op runtime mounts nothing: no job folder was made for it
     assert list((data_dir / "jobs").iterdir()) == []
+
+
+async def test_the_procs_drain_runs_every_job_once_in_each_mode() -> None:
+    """bench/procs.py at a toy size: a supervisor of 1 and of 2 worker processes each drains
+    its queue (the run checks every job finished once with success)."""
+    from bench.procs import run
+
+    result = await run(40, 1)
+    assert result["drain_1proc_jobs_per_s"] > 0 and result["drain_2procs_jobs_per_s"] > 0

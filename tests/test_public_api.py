@@ -20,6 +20,8 @@ def test_all_is_exactly_the_public_names() -> None:
         "cli",
         "render",
         "dev",
+        "escape",
+        "logsetup",
     }
     assert set(asman.__all__) - {"__version__"} == public
     assert asman.job_id({"image": "alpine:3.19.1", "command": 'echo "hello world"'}) == (

@@ -20,7 +20,6 @@ import click
 from asman import __version__
 from asman.cli.options import (
     AsmanGroup,
-    JsonFormatter,
     asyncmain,
     build_definition,
     config_default_map,
@@ -38,6 +37,8 @@ from asman.config import (
 )
 from asman.errors import AsmanError, InvalidInput
 from asman.log.definition import parse_duration_ms, parse_size_bytes
+from asman.logsetup import configure_logging
+from asman.peer.caps import DEFAULT_OUTPUT_FILES, DEFAULT_PIDS
 
 EXIT_BY_REASON = {"timed_out": 124, "error": 125, "cancelled": 130, "worker_lost": 75}
 
@@ -64,17 +65,7 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
 
     Put a Docker job on a queue; any worker that joined the queue runs it.
     """
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    if verbose < 2:
-        logging.getLogger("nats").setLevel(logging.CRITICAL)
+    configure_logging(verbose, log_format)
 
 
 # -- submit ------------------------------------------------------------------------------
@@ -542,9 +533,78 @@ def parse_gpus(value: str | None) -> tuple[str, ...]:
     show_default=True,
     help="On SIGTERM: time running jobs get before they are handed back.",
 )
+@click.option(
+    "--allow-url",
+    "allow_urls",
+    envvar="ASMAN_ALLOW_URL",
+    multiple=True,
+    metavar="HOST",
+    help="Let jobs' URLs and images reach HOST although it is loopback or private: a name, "
+    "an address or a network (10.0.0.0/8), each with an optional :PORT; repeatable. "
+    "[default: public addresses only]",
+)
+@click.option(
+    "--procs",
+    envvar="ASMAN_PROCS",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Worker processes, each with --slots slots, under one supervisor that restarts "
+    "one that dies (one per core drains a busy queue fastest).",
+)
+@click.option(
+    "--cpus-per-job",
+    envvar="ASMAN_CPUS_PER_JOB",
+    default=None,
+    type=click.FloatRange(0.01, 4096),
+    help="Ceiling for every job's CPUs. [default: the host's CPUs]",
+)
+@click.option(
+    "--pids",
+    envvar="ASMAN_PIDS",
+    default=DEFAULT_PIDS,
+    show_default=True,
+    type=click.IntRange(16, 1_000_000),
+    help="Ceiling for the processes of one job.",
+)
+@click.option(
+    "--shm",
+    envvar="ASMAN_SHM",
+    default="64m",
+    show_default=True,
+    help="Ceiling for a job's /dev/shm (never above its memory).",
+)
+@click.option(
+    "--tmp-size",
+    envvar="ASMAN_TMP_SIZE",
+    default="256m",
+    show_default=True,
+    help="Size of a job's /tmp (a tmpfs, counted in its memory).",
+)
+@click.option(
+    "--max-output-bytes",
+    envvar="ASMAN_MAX_OUTPUT_BYTES",
+    default="10g",
+    show_default=True,
+    help="Ceiling for the bytes of one job's outputs.",
+)
+@click.option(
+    "--max-outputs",
+    envvar="ASMAN_MAX_OUTPUTS",
+    default=DEFAULT_OUTPUT_FILES,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Ceiling for the number of one job's output files.",
+)
+@click.option(
+    "--max-log-bytes",
+    envvar="ASMAN_MAX_LOG_BYTES",
+    default="64m",
+    show_default=True,
+    help="Ceiling for the log kept of one job (the rest is counted, not kept).",
+)
 @log_options
-@asyncmain
-async def worker(
+def worker(
     queues: tuple[str, ...],
     slots: int,
     gpus: str | None,
@@ -555,12 +615,20 @@ async def worker(
     network: str,
     once: bool,
     drain_grace: str,
+    allow_urls: tuple[str, ...],
+    procs: int,
+    cpus_per_job: float | None,
+    pids: int,
+    shm: str,
+    tmp_size: str,
+    max_output_bytes: str,
+    max_outputs: int,
+    max_log_bytes: str,
     **kwargs: Any,
 ) -> None:
     """Join QUEUES and run their jobs in hardened containers."""
-    from asman.peer.client import Client
-    from asman.peer.docker import DockerRuntime
-    from asman.peer.worker import Worker, WorkerConfig
+    from asman.peer.supervisor import Supervisor, serve_worker
+    from asman.peer.worker import WorkerConfig
 
     settings = settings_from(kwargs)
     config = WorkerConfig(
@@ -570,23 +638,47 @@ async def worker(
         gpus=parse_gpus(gpus),
         max_job_duration_s=parse_duration_ms(max_job_duration, "--max-job-duration") / 1000,
         memory_limit_bytes=parse_size_bytes(memory, "--memory") if memory else None,
+        cpus_limit=cpus_per_job,
+        pids_limit=pids,
+        shm_limit_bytes=parse_size_bytes(shm, "--shm"),
+        tmp_limit_bytes=parse_size_bytes(tmp_size, "--tmp-size"),
+        max_output_bytes=parse_size_bytes(max_output_bytes, "--max-output-bytes"),
+        max_outputs=max_outputs,
+        total_log_limit=parse_size_bytes(max_log_bytes, "--max-log-bytes"),
         labels=tuple(x.strip() for x in labels.split(",") if x.strip()),
         network=network,
         once=once,
         drain_grace_s=parse_duration_ms(drain_grace, "--drain-grace") / 1000,
+        allow_urls=allow_urls,
+        procs=procs,
     )
-    stop = stop_on_signals()
-    async with (
-        Client.connect(settings, name="asman-worker", echo=False) as client,
-        DockerRuntime() as runtime,
-    ):
-        await runtime.ping()
-        click.echo(
-            f"worker {client.peer_id[:12]} on {', '.join(queues)} "
-            f"({slots} slot(s), network {network})",
-            err=True,
+    if procs > 1:
+        root = click.get_current_context().find_root().params
+        supervisor = Supervisor(
+            settings,
+            config,
+            procs,
+            verbose=root.get("verbose", 0),
+            log_format=root.get("log_format", "text"),
         )
-        await Worker(client.log, client.blobs, runtime, config).run(stop)
+
+        async def supervise() -> int:
+            stop = stop_on_signals()
+            click.echo(
+                f"worker on {', '.join(queues)}: {procs} processes of {slots} slot(s), "
+                f"network {network}",
+                err=True,
+            )
+            return await supervisor.run(stop)
+
+        raise SystemExit(run_async(supervise()))
+
+    async def serve() -> None:
+        await serve_worker(
+            settings, config, stop_on_signals(), announce=lambda line: click.echo(line, err=True)
+        )
+
+    run_async(serve())
 
 
 @main.command()

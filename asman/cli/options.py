@@ -25,7 +25,7 @@ from asman.config import (
     load_config_file,
 )
 from asman.errors import AsmanError, ConfigError, InvalidInput
-from asman.log.definition import parse_duration_ms
+from asman.log.definition import parse_duration_ms, parse_size_bytes
 
 T = TypeVar("T")
 
@@ -185,6 +185,14 @@ def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="How long jobs, logs and results are kept.",
         ),
         click.option(
+            "--blob-max-bytes",
+            envvar="ASMAN_BLOB_MAX_BYTES",
+            default=None,
+            help="Size limit of the object store bucket, e.g. 50GiB; 0 for none [default: "
+            "10GiB when this peer creates the bucket; an existing one changes only when "
+            "this is given].",
+        ),
+        click.option(
             "--lease-ttl",
             envvar="ASMAN_LEASE_TTL",
             default="30s",
@@ -243,6 +251,7 @@ def settings_from(kwargs: dict[str, Any]) -> ClientSettings:
     key_file = kwargs.pop("key_file")
     retention_ms = parse_duration_ms(kwargs.pop("retention"), "--retention")
     lease_ms = parse_duration_ms(kwargs.pop("lease_ttl"), "--lease-ttl")
+    blob_max = kwargs.pop("blob_max_bytes")
     return ClientSettings(
         servers=servers,
         domain=kwargs.pop("domain"),
@@ -255,6 +264,7 @@ def settings_from(kwargs: dict[str, Any]) -> ClientSettings:
         ),
         replicas=kwargs.pop("replicas"),
         retention_s=max(1, retention_ms // 1000),
+        blob_max_bytes=parse_size_bytes(blob_max, "--blob-max-bytes") if blob_max else None,
         lease_ttl_s=lease_ms / 1000,
         max_attempts=kwargs.pop("max_attempts"),
         manage_streams=kwargs.pop("manage_streams"),
@@ -274,18 +284,6 @@ def asyncmain(f: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
 
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "ts": record.created,
-                "level": record.levelname,
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        )
 
 
 def build_definition(

@@ -256,19 +256,28 @@ class Dispatcher:
             # entries are kept oldest first (a changed entry moves to the end), so the first
             # eligible ones are the oldest: no sort
             eligible: list[Candidate] = []
+            preferred: list[Candidate] = []  # the jobs this worker comes first for
             window = self._window(index)
+            shared = len(index.workers) > 1
             for c in index.entries.values():
                 if c.job_id in in_flight:
                     continue
-                if (c.job_id in tried or not c.waiting) and not self._eligible(c, index, now):
+                if (shared or c.job_id in tried or not c.waiting) and not self._eligible(
+                    c, index, now
+                ):
                     continue
                 if can_take(c):
                     eligible.append(c)
+                    if shared and c.waiting and self._ranks.get(c.job_id, (None, 1.0))[1] == 0:
+                        preferred.append(c)
                     if len(eligible) == window:
                         break
             if eligible:
                 self._turn = (self._turn + i + 1) % n
-                return self._random.choice(eligible)
+                # on a shared queue, a job another worker comes first for is taken only
+                # when none of ours is in the window: with a backlog, each worker drains
+                # its own share and two rarely claim the same job
+                return self._random.choice(preferred or eligible)
             if index.more and q not in self._rescan_due:
                 self._rescan_due.add(q)  # the window drained: bring in the next jobs
                 self.wake.set()

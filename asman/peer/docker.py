@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Self, TypeVar
 
+import aiohttp
 import docker
 import docker.errors
 import docker.types
@@ -50,7 +51,9 @@ from asman.errors import (
     InvalidPath,
     RuntimeFailure,
 )
+from asman.log.definition import RESERVED_FILES
 from asman.peer.archive import unpack_archive
+from asman.peer.dockerbuild import BuildEndpoint, build_events
 from asman.peer.jobdir import fresh_dir
 
 __all__ = [
@@ -89,6 +92,8 @@ OUTPUTS = "/outputs"
 LABEL = "asman"
 LABEL_JOB, LABEL_QUEUE = "asman.job", "asman.queue"
 LABEL_WORKER, LABEL_ATTEMPT = "asman.worker", "asman.attempt"
+#: the data dir of the worker that made a container (its lock tells whether that worker lives)
+LABEL_DATA_DIR = "asman.datadir"
 BUILD_REPOSITORY = "asman-build"
 
 _DEFAULT_HOST = "unix:///var/run/docker.sock"
@@ -123,6 +128,7 @@ class ContainerSpec:
     tmpfs_size: str = "256m"
     user: str = "65534:65534"
     nofile: int = 4096
+    data_dir: str = ""  # the worker's, absolute (a label: see cleanup_orphans)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,15 +303,25 @@ class DockerRuntime:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise self._unavailable(exc) from exc
 
-    async def cleanup_orphans(self, worker_id: str | None = None) -> int:
-        """Remove containers labelled ``asman=1`` (only ``worker_id``'s when given)."""
+    async def cleanup_orphans(
+        self, worker_id: str | None = None, *, abandoned: Callable[[str], bool] | None = None
+    ) -> int:
+        """Remove containers labelled ``asman=1``: only ``worker_id``'s when given; with
+        ``abandoned``, only those whose worker's data dir it says was abandoned (called
+        with each data dir found on a container)."""
         api = self._api()
         labels = [f"{LABEL}=1"]
         if worker_id is not None:
             labels.append(f"{LABEL_WORKER}={worker_id}")
+        if abandoned is not None:
+            labels.append(LABEL_DATA_DIR)
         found = await self._call(
             "list leftover containers", api.containers, all=True, filters={"label": labels}
         )
+        if abandoned is not None:
+            dirs = {c["Labels"].get(LABEL_DATA_DIR, "") for c in found}
+            dead = {d for d in dirs if d and await asyncio.to_thread(abandoned, d)}
+            found = [c for c in found if c["Labels"].get(LABEL_DATA_DIR) in dead]
         removed = 0
         for container in found:
             if await self._call("remove a leftover container", _remove, api, container["Id"]):
@@ -357,11 +373,13 @@ class DockerRuntime:
         on_log: LogCallback | None = None,
         network: str = "none",
         memory_bytes: int | None = None,
+        cpus: float | None = None,
     ) -> str:
         """Build ``build`` with the legacy builder and return its tag (cached by spec hash).
 
-        ``work_dir`` is an empty folder this call may fill. ``network`` ("none" or "bridge")
-        and ``memory_bytes`` apply to the build's RUN steps.
+        ``work_dir`` is an empty folder this call may fill. ``network`` ("none" or "bridge"),
+        ``memory_bytes`` and ``cpus`` apply to the build's RUN steps. Cancelling the call
+        cancels the build in the engine (``asman.peer.dockerbuild``).
         """
         api = self._api()
         tag = build_tag(build)
@@ -371,43 +389,72 @@ class DockerRuntime:
             return tag
         network_mode = _network_mode(network)
         path, dockerfile = await self._build_context(build, work_dir, fetch_context)
-        limits = {"memory": memory_bytes, "memswap": memory_bytes} if memory_bytes else {}
+        limits: dict[str, int] = {}
+        if memory_bytes:
+            limits.update(memory=memory_bytes, memswap=memory_bytes)
+        if cpus:
+            limits.update(cpuperiod=100_000, cpuquota=max(1000, int(cpus * 100_000)))
         await _emit(on_log, tail, f"building {tag}")
+        endpoint = BuildEndpoint.of(self._base_url, str(api.api_version))
         error: str | None = None
-        events = self._iterate(
-            "build the image",
-            lambda: api.build(
-                path=str(path),
-                dockerfile=dockerfile,
-                tag=tag,
-                buildargs=dict(build.build_args) or None,
-                target=build.target,
-                platform=build.platform,
-                network_mode=network_mode,
-                container_limits=limits,
-                rm=True,
-                forcerm=True,
-                decode=True,
-                pull=False,
-                use_config_proxy=False,
-            ),
-        )
+        if endpoint is not None:
+            params: dict[str, Any] = {
+                "t": tag,
+                "dockerfile": dockerfile,
+                "buildargs": dict(build.build_args) or None,
+                "target": build.target,
+                "platform": build.platform,
+                "networkmode": network_mode,
+                "rm": True,
+                "forcerm": True,
+                "pull": False,
+                **limits,
+            }
+            events: AsyncIterator[Any] = build_events(endpoint, path, params)
+        else:  # an engine we can only reach through docker-py: not cancellable
+            events = self._iterate(
+                "build the image",
+                lambda: api.build(
+                    path=str(path),
+                    dockerfile=dockerfile,
+                    tag=tag,
+                    buildargs=dict(build.build_args) or None,
+                    target=build.target,
+                    platform=build.platform,
+                    network_mode=network_mode,
+                    container_limits=limits,
+                    rm=True,
+                    forcerm=True,
+                    decode=True,
+                    pull=False,
+                    use_config_proxy=False,
+                ),
+            )
         try:
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if not isinstance(event, dict):
-                        continue
-                    if event.get("error") or event.get("errorDetail"):
-                        error = event.get("error") or event["errorDetail"].get("message", "")
-                        await _emit(on_log, tail, str(error).rstrip())
-                    elif isinstance(event.get("stream"), str):
-                        for line in event["stream"].splitlines():
+            async for event in events:
+                if not isinstance(event, dict):
+                    continue
+                if event.get("error") or event.get("errorDetail"):
+                    detail = event.get("errorDetail")
+                    error = event.get("error") or (
+                        detail.get("message", "") if isinstance(detail, dict) else ""
+                    )
+                    await _emit(on_log, tail, str(error).rstrip())
+                elif isinstance(event.get("stream"), str):
+                    for line in event["stream"].splitlines():
+                        if line.strip():
                             await _emit(on_log, tail, line)
         except DockerUnavailable:
             raise
         except RuntimeFailure as exc:
             message = _explain(exc.__cause__ or exc)
             raise ImageError(f"image build failed: {message}", log="\n".join(tail)) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ImageError(
+                f"image build failed: lost the engine: {exc}", log="\n".join(tail)
+            ) from exc
+        finally:
+            await _aclose(events)
         if error is not None:
             raise ImageError(f"image build failed: {str(error).strip()}", log="\n".join(tail))
         if not await self._call(f"inspect image {tag}", _image_present, api, tag):
@@ -673,6 +720,7 @@ def _container_args(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]
             LABEL_QUEUE: spec.queue,
             LABEL_WORKER: spec.worker_id,
             LABEL_ATTEMPT: str(spec.attempt),
+            **({LABEL_DATA_DIR: spec.data_dir} if spec.data_dir else {}),
         },
         "use_config_proxy": False,
     }
@@ -707,6 +755,8 @@ def _container_path(target: str) -> str:
     for reserved in (INPUTS, OUTPUTS, "/proc", "/sys", "/dev", "/tmp"):
         if norm == reserved or norm.startswith(reserved + "/"):
             raise InvalidPath(target, f"cannot mount over {reserved}")
+    if norm in RESERVED_FILES:
+        raise InvalidPath(target, "is a file the container runtime writes itself")
     return norm
 
 
@@ -855,6 +905,12 @@ class _Channel(Generic[_T]):
         while (box := await self._queue.get()) is not None:
             self._pending -= self._size(box[0])
             yield box[0]
+
+
+async def _aclose(events: AsyncIterator[Any]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def _emit(on_log: LogCallback | None, tail: deque[str], line: str) -> None:

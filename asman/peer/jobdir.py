@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,13 @@ from typing import Any
 
 from asman.errors import InvalidInput, InvalidPath
 
+#: tries of a held data-dir lock, 50 ms apart, before it is taken as a live worker's
+LOCK_TRIES = 10
+
 __all__ = [
     "DataDirLock",
     "JobDir",
+    "abandoned",
     "fresh_dir",
     "job_dir_at",
     "prepare_job_dir",
@@ -98,17 +103,20 @@ class DataDirLock:
         self._fd: int | None = None
 
     def __enter__(self) -> DataDirLock:
-        import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_soon(fd)
         except OSError:
             os.close(fd)
+            holder = _pid_in(self.path)
             raise InvalidInput(
-                f"another worker uses the data dir {self.path.parent}: give this one its own "
-                "--data-dir"
+                f"another worker{f' (pid {holder})' if holder else ''} uses the data dir "
+                f"{self.path.parent}: give this one its own --data-dir"
             ) from None
+        # the holder's pid, for the operator (the lock, not the pid, says who holds it)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
 
@@ -116,3 +124,49 @@ class DataDirLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _lock_soon(fd: int) -> None:
+    """Lock ``fd``, waiting a moment if it is held: a sibling looking for orphans holds a
+    free lock for an instant (``abandoned``); a live worker holds it for good."""
+    import fcntl
+
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if attempt == LOCK_TRIES - 1:
+                raise
+            time.sleep(0.05)
+
+
+def _pid_in(lock: Path) -> int | None:
+    try:
+        text = lock.read_text()[:32].strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def abandoned(data_dir: str) -> bool:
+    """Whether the worker that used ``data_dir`` on this host is gone: its lock file is
+    there and nobody holds the lock (the kernel drops it when its process dies). False for a
+    data dir this host cannot see (another machine's, another mount namespace's) and for one
+    a live worker holds, this process's own included."""
+    import fcntl
+
+    path = Path(data_dir) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from asman.errors import AsmanError
+from asman.escape import one_line
 from asman.log.connection import Log
 from asman.log.events import now_ms
 from asman.log.logstream import append_logs
@@ -161,8 +162,11 @@ class JobLog:
         self.write(stream, data)
 
     def system(self, text: str) -> None:
-        """A line from Asman itself (pulling, timed out, …), shown with the job's output."""
-        self.write("system", f"[asman] {text}\n".encode())
+        """A line from Asman itself (pulling, timed out, …), shown with the job's output.
+        What a job controls in it (a file name, an error's text) is escaped: control
+        characters and undecodable bytes become ``\\n``, ``\\x1b``, ``\\udcff``, so one
+        line stays one line."""
+        self.write("system", f"[asman] {one_line(text)}\n".encode())
 
     async def flush(self) -> None:
         if not self._pending:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from asman.errors import InvalidInput
+from asman.escape import one_line
 from asman.log import wire
 from asman.log.blobs import BlobStore
 from asman.log.definition import validate_relative_path
@@ -51,37 +52,75 @@ class OutputLimits:
     inline_total: int  # up to this much inline per job
 
 
+#: at most this many skipped outputs are named in the job's log; the rest are counted
+MAX_SKIPPED_NAMED = 100
+
+
 @dataclass(slots=True)
 class Outputs:
     files: list[tuple[str, Path, int]] = field(default_factory=list)  # (rel, path, size)
     skipped: list[str] = field(default_factory=list)
+    skipped_more: int = 0  # skipped beyond MAX_SKIPPED_NAMED
+
+    def skip(self, rel: str, why: str) -> None:
+        if len(self.skipped) < MAX_SKIPPED_NAMED:
+            self.skipped.append(f"{one_line(rel)} ({why})")
+        else:
+            self.skipped_more += 1
+
+
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def list_outputs(root: Path, limit: int) -> Outputs:
-    """Regular files under ``root``, recursively, never following a symlink out."""
+    """Regular files under ``root``, never following a symlink. The walk keeps its own stack
+    (a job's tree may be deeper than Python's recursion), and a folder it cannot read (a
+    path past the system's length limit, no permission) is skipped and said so."""
     out = Outputs()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        base = Path(dirpath)
-        for d in list(dirnames):
-            if (base / d).is_symlink():
-                dirnames.remove(d)
-                out.skipped.append(f"{(base / d).relative_to(root)}/ (a symlink)")
-        for name in sorted(filenames):
-            path = base / name
-            rel = path.relative_to(root).as_posix()
-            st = path.lstat()
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        try:
+            with os.scandir(root / rel_dir if rel_dir else root) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            out.skip(f"{rel_dir}/", f"cannot be read: {exc.strerror or exc}")
+            continue
+        subdirs = []
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                out.skip(rel, f"cannot be read: {exc.strerror or exc}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(rel)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                out.skip(rel, "a symlink")
+                continue
             if not stat.S_ISREG(st.st_mode):
-                out.skipped.append(f"{rel} (not a regular file)")
+                out.skip(rel, "not a regular file")
+                continue
+            if _not_utf8(rel):
+                out.skip(rel, "its name is not UTF-8")
                 continue
             try:
                 validate_relative_path(rel, "outputs")
             except InvalidInput as exc:
-                out.skipped.append(f"{rel} ({exc})")
+                out.skip(rel, str(exc))
                 continue
             if len(out.files) >= limit:
-                out.skipped.append(f"{rel} (more than {limit} output files)")
+                out.skip(rel, f"more than {limit} output files")
                 continue
-            out.files.append((rel, path, st.st_size))
+            out.files.append((rel, Path(entry.path), st.st_size))
+        pending.extend(reversed(subdirs))
     out.files.sort()
     return out
 
@@ -114,6 +153,8 @@ async def store_outputs(
         files = await asyncio.to_thread(list_outputs, outputs_dir, limits.max_files)
     for skipped in files.skipped:
         note(f"output {skipped} skipped")
+    if files.skipped_more:
+        note(f"{files.skipped_more} more outputs skipped")
     manifest = []
     inline_total = 0
     total = 0

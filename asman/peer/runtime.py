@@ -40,6 +40,9 @@ class Runtime(Protocol):
         work_dir: Path,
         fetch_context: Callable[[str, Path], Awaitable[Path]] | None,
         on_log: OnLog,
+        network: str = "none",
+        memory_bytes: int | None = None,
+        cpus: float | None = None,
     ) -> str: ...
 
     async def run(
@@ -52,7 +55,9 @@ class Runtime(Protocol):
         grace_s: float = 10.0,
     ) -> RunOutcome: ...
 
-    async def cleanup_orphans(self, worker_id: str | None = None) -> int: ...
+    async def cleanup_orphans(
+        self, worker_id: str | None = None, *, abandoned: Callable[[str], bool] | None = None
+    ) -> int: ...
 
 
 def mounts_folders(runtime: Runtime) -> bool:

@@ -34,6 +34,7 @@ from asman.errors import (
     LogUnavailable,
     MessageTooLarge,
 )
+from asman.escape import one_line
 from asman.log import jobs, subjects
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
@@ -49,11 +50,28 @@ from asman.log.leases import (
     young,
 )
 from asman.log.workers import WorkerInfo, beat, list_workers, remove
+from asman.peer.caps import (
+    DEFAULT_LOG_BYTES,
+    DEFAULT_OUTPUT_BYTES,
+    DEFAULT_OUTPUT_FILES,
+    DEFAULT_PIDS,
+    DEFAULT_SHM,
+    DEFAULT_TMP,
+    Caps,
+)
 from asman.peer.dispatch import Dispatcher
 from asman.peer.docker import ContainerSpec, RunOutcome
 from asman.peer.inputs import InputFetcher
-from asman.peer.jobdir import DataDirLock, JobDir, job_dir_at, prepare_job_dir, remove_job_dir
+from asman.peer.jobdir import (
+    DataDirLock,
+    JobDir,
+    abandoned,
+    job_dir_at,
+    prepare_job_dir,
+    remove_job_dir,
+)
 from asman.peer.joblog import SPILL_BYTES, JobLog
+from asman.peer.netguard import UrlPolicy, check_image_reference
 from asman.peer.outputs import OutputLimits, manifest_fields, store_blob, store_outputs
 from asman.peer.runtime import Runtime, docker_build, mounts_folders
 from asman.peer.watch import Running, Watching
@@ -85,16 +103,27 @@ class WorkerConfig:
     heartbeat_s: float = 10.0
     scan_interval_s: float = 5.0
     sweep_interval_s: float = 120.0
+    # ceilings for every job (asman.peer.caps; None: the default of its table)
     memory_limit_bytes: int | None = None
     cpus_limit: float | None = None
+    pids_limit: int = DEFAULT_PIDS
+    shm_limit_bytes: int = DEFAULT_SHM
+    tmp_limit_bytes: int = DEFAULT_TMP
     inline_output_limit: int = 4096
     inline_outputs_total: int = 256 * 1024
-    max_outputs: int = 10_000
-    max_output_bytes: int = 50 * 1024**3
+    max_outputs: int = DEFAULT_OUTPUT_FILES
+    max_output_bytes: int = DEFAULT_OUTPUT_BYTES
     url_input_limit: int = 2 * 1024**3
     url_timeout_s: float = 600.0
     live_log_limit: int = 4 * 1024 * 1024
-    total_log_limit: int = 64 * 1024 * 1024
+    total_log_limit: int = DEFAULT_LOG_BYTES
+    allow_urls: tuple[str, ...] = ()
+    #: the input cache (default ``<data_dir>/cache``; the processes of one supervisor share one)
+    cache_dir: Path | None = None
+    #: how many worker processes share this host's share of memory (``--procs``)
+    procs: int = 1
+    #: how often containers left by a dead worker on this engine are looked for
+    orphan_sweep_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.queues:
@@ -107,6 +136,22 @@ class WorkerConfig:
             raise InvalidInput(f"--network must be 'none' or 'bridge', got {self.network!r}")
         if len(set(self.gpus)) != len(self.gpus):
             raise InvalidInput("--gpus lists a device twice")
+        self.caps()  # checks the ceilings
+        UrlPolicy.parse(self.allow_urls)
+
+    def caps(self) -> Caps:
+        """The ceilings every job of this worker runs under."""
+        return Caps.defaults(
+            self.slots * self.procs,
+            memory_bytes=self.memory_limit_bytes,
+            cpus=self.cpus_limit,
+            pids=self.pids_limit,
+            shm_bytes=self.shm_limit_bytes,
+            tmp_bytes=self.tmp_limit_bytes,
+            output_bytes=self.max_output_bytes,
+            output_files=self.max_outputs,
+            log_bytes=self.total_log_limit,
+        )
 
 
 class Worker:
@@ -118,8 +163,10 @@ class Worker:
         self.runtime = runtime
         self.config = config
         self.worker_id = log.peer_id
+        self.caps = config.caps()
         digest = hashlib.sha256(str(config.data_dir.resolve()).encode()).hexdigest()
         self.instance = f"{log.peer_id[:16]}-{digest[:16]}"
+        self.data_dir_label = str(config.data_dir.resolve())
         self._free = config.slots
         self._free_gpus = list(config.gpus)
         self._slot_freed = asyncio.Event()
@@ -134,11 +181,14 @@ class Worker:
             sweep_interval_s=config.sweep_interval_s,
         )
         self.jobs_done = 0
+        #: set after each round of heartbeats (a test or a supervisor may wait on it)
+        self.beaten = asyncio.Event()
         self.inputs = InputFetcher(
             blobs,
-            cache_dir=config.data_dir / "cache",
+            cache_dir=config.cache_dir or config.data_dir / "cache",
             url_limit=config.url_input_limit,
             url_timeout_s=config.url_timeout_s,
+            policy=UrlPolicy.parse(config.allow_urls),
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -156,6 +206,7 @@ class Worker:
         removed = await self.runtime.cleanup_orphans(self.instance)
         if removed:
             logger.info("removed %d orphaned container(s) of an earlier run", removed)
+        await self._remove_orphans()
         await self._beat_all(draining=False)  # seen by the others before our first claim
         await self.dispatcher.open()
         stop_fetching = asyncio.Event()
@@ -171,6 +222,7 @@ class Worker:
             async with asyncio.TaskGroup() as tg:
                 drained = asyncio.Event()
                 beats = tg.create_task(self._heartbeats(stop_fetching, drained))
+                sweeps = tg.create_task(self._orphan_sweeps(drained))
                 dispatching = tg.create_task(self._dispatch_loop(stop_fetching, tg))
                 waiters = [asyncio.ensure_future(stop.wait())]
                 if cfg.once:
@@ -185,6 +237,7 @@ class Worker:
                 await self._drain(cfg.drain_grace_s)
                 drained.set()
                 beats.cancel()
+                sweeps.cancel()
         finally:
             await self.dispatcher.close()
             # 5. remove heartbeats
@@ -226,7 +279,7 @@ class Worker:
                 free_slots=self._free,
                 gpus=len(self.config.gpus),
                 free_gpus=len(self._free_gpus),
-                memory_bytes=self.config.memory_limit_bytes or 0,
+                memory_bytes=self.caps.memory_bytes,
                 max_job_duration_ms=int(self.config.max_job_duration_s * 1000),
                 labels=self.config.labels,
                 running=tuple(self._running),
@@ -242,6 +295,7 @@ class Worker:
                     logger.warning("heartbeat failed: %s", exc)
 
         await asyncio.gather(*(one(q) for q in self.config.queues))
+        self.beaten.set()
 
     async def _heartbeats(self, stopping: asyncio.Event, done: asyncio.Event) -> None:
         """Beat every ``heartbeat_s`` until ``done`` (after the drain; while draining the
@@ -252,6 +306,31 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.heartbeat_s):
                     await done.wait()
+
+    async def _remove_orphans(self) -> None:
+        """Remove the containers that dead workers on this Docker engine left: a sibling
+        killed with ``-9``, a process of ``--procs`` that died (their data dirs' locks are
+        free). Never a live worker's; a failure is logged and tried again next sweep."""
+        own = self.data_dir_label
+
+        def gone(data_dir: str) -> bool:
+            return data_dir != own and abandoned(data_dir)
+
+        try:
+            removed = await self.runtime.cleanup_orphans(abandoned=gone)
+        except AsmanError as exc:
+            logger.warning("could not look for orphaned containers: %s", exc)
+            return
+        if removed:
+            logger.warning("removed %d container(s) left by a worker that died", removed)
+
+    async def _orphan_sweeps(self, done: asyncio.Event) -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.orphan_sweep_s):
+                    await done.wait()
+            if not done.is_set():
+                await self._remove_orphans()
 
     async def _wait_free_slot(self, stopping: asyncio.Event) -> bool:
         """Until a slot is free (False once ``stopping``)."""
@@ -341,6 +420,7 @@ class Worker:
     async def _job(self, cand: Candidate, stopping: asyncio.Event) -> None:
         gpus: tuple[str, ...] = ()
         running: Running | None = None
+        lease: JobLease | None = None
         claimed = False
         try:
             if cand.job_class == "gpu" and not await self._gpu_job_is_ours(cand):
@@ -395,6 +475,13 @@ class Worker:
             logger.warning("job=%s lease lost: %s", cand.job_id, exc)
         except AsmanError as exc:
             logger.error("job=%s failed in the worker: %s", cand.job_id, exc)
+        except Exception as exc:
+            # the last wall: a fault anywhere on the job's path ends the job (when we hold
+            # it and it is not over yet), never the worker's task group
+            logger.exception("job=%s failed in the worker", cand.job_id)
+            if lease is not None and not lease.done:
+                with contextlib.suppress(AsmanError):
+                    await self._finish_error(lease, job_fault(exc))
         finally:
             if not claimed:
                 self.dispatcher.done(cand)
@@ -544,7 +631,14 @@ class Worker:
                         result = {}
                     except (AsmanError, OSError) as exc:
                         joblog.system(f"error: {exc}")
-                        result = {"reason": "error", "message": str(exc)[:4000]}
+                        result = {"reason": "error", "message": one_line(str(exc))[:4000]}
+                    except Exception as exc:
+                        # the boundary: whatever a job's content makes us raise ends that
+                        # job, never the worker (the trace goes to the operator's log)
+                        logger.exception("job=%s failed in the worker", lease.job_id)
+                        message = job_fault(exc)
+                        joblog.system(f"error: {message}")
+                        result = {"reason": "error", "message": message}
                 # the logs are complete once the JobLog is closed
                 if running.why not in ("lost", "handback"):
                     try:
@@ -598,35 +692,62 @@ class Worker:
         self, running: Running, spec: JobSpec, job_dir: JobDir, joblog: JobLog
     ) -> RunOutcome:
         lease, cfg = running.lease, self.config
+        limits = self.caps.for_job(spec)
+        limit_s = cfg.max_job_duration_s
+        if spec.max_duration_ms is not None:
+            limit_s = min(limit_s, spec.max_duration_ms / 1000)
+        # the job's time runs from here: its inputs, its image and its container share it
+        began = time.monotonic()
+        deadline = began + limit_s
 
         async def on_build_log(line: str) -> None:
             joblog.write("build", line.encode() if line.endswith("\n") else (line + "\n").encode())
 
-        # inputs
-        mounts: list[tuple[Path, str]] = []
-        if mounts_folders(self.runtime):
-            mounts = await self.inputs.materialize(spec, job_dir.inputs, job_dir.root / "config")
-        # image
-        if spec.build is not None:
-            image = await self.runtime.build(
-                docker_build(spec.build),
-                work_dir=job_dir.root / "build",
-                fetch_context=self.inputs.fetch_context,
-                on_log=on_build_log,
+        async def prepare() -> tuple[list[tuple[Path, str]], str]:
+            mounts: list[tuple[Path, str]] = []
+            if mounts_folders(self.runtime):
+                mounts = await self.inputs.materialize(
+                    spec, job_dir.inputs, job_dir.root / "config"
+                )
+            if spec.build is not None:
+                image = await self.runtime.build(
+                    docker_build(spec.build),
+                    work_dir=job_dir.root / "build",
+                    fetch_context=self.inputs.fetch_context,
+                    on_log=on_build_log,
+                    network=cfg.network,
+                    memory_bytes=limits.memory_bytes,
+                    cpus=limits.cpus,
+                )
+            else:
+                assert spec.image is not None
+                await check_image_reference(spec.image, self.inputs.policy)
+                await self.runtime.ensure_image(spec.image, on_build_log)
+                image = spec.image
+            return mounts, image
+
+        try:
+            mounts, image = await _until_stopped(running, prepare(), deadline)
+        except _Interrupted as stopped:
+            # cancelled, lost, handed back, or out of time before the container ran: the
+            # download or the build was stopped at once (the engine cancels a build whose
+            # request is closed)
+            if stopped.timed_out:
+                joblog.system(
+                    f"timed out after {limit_s:g}s while fetching inputs or preparing the "
+                    "image: stopped"
+                )
+            self._exited(running)
+            now = now_ms()
+            return RunOutcome(
+                exit_code=None,
+                oom_killed=False,
+                timed_out=stopped.timed_out,
+                stopped=True,
+                started_ms=now,
+                ended_ms=now,
+                duration_ms=int((time.monotonic() - began) * 1000),
             )
-        else:
-            assert spec.image is not None
-            await self.runtime.ensure_image(spec.image, on_build_log)
-            image = spec.image
-        limit_s = cfg.max_job_duration_s
-        if spec.max_duration_ms is not None:
-            limit_s = min(limit_s, spec.max_duration_ms / 1000)
-        memory = spec.memory
-        if cfg.memory_limit_bytes is not None:
-            memory = min(memory or cfg.memory_limit_bytes, cfg.memory_limit_bytes)
-        cpus = spec.cpus
-        if cfg.cpus_limit is not None:
-            cpus = min(cpus or cfg.cpus_limit, cfg.cpus_limit)
         container = ContainerSpec(
             job_id=lease.job_id,
             queue=lease.queue,
@@ -640,11 +761,14 @@ class Worker:
             inputs_dir=job_dir.inputs,
             outputs_dir=job_dir.outputs,
             extra_mounts=tuple(mounts),
-            cpus=cpus,
-            memory_bytes=memory,
-            shm_size_bytes=spec.shm_size,
+            cpus=limits.cpus,
+            memory_bytes=limits.memory_bytes,
+            shm_size_bytes=limits.shm_bytes,
             gpu_devices=running.gpus,
             network=cfg.network,
+            pids_limit=limits.pids,
+            tmpfs_size=f"{limits.tmp_bytes // 1024}k",
+            data_dir=self.data_dir_label,
         )
         # ``started`` goes out while the runtime starts the container: a round trip off the
         # path to the job running. The result is written only on top of it (awaited below),
@@ -655,7 +779,7 @@ class Worker:
                 container,
                 on_output=joblog.on_output,
                 stop=running.stop,
-                timeout_s=limit_s,
+                timeout_s=max(0.001, deadline - time.monotonic()),
                 grace_s=cfg.kill_grace_s,
             )
         except BaseException:
@@ -707,6 +831,40 @@ class Worker:
         JobLog spills only past the inline limit, so a file is always uploaded)."""
         inline = isinstance(content, bytes) and len(content) <= self.config.inline_output_limit
         return (await store_blob(self.blobs, content, inline=inline)).to_wire()
+
+
+class _Interrupted(Exception):
+    """A job's preparation was stopped: by its stop event, or by its deadline."""
+
+    def __init__(self, timed_out: bool) -> None:
+        self.timed_out = timed_out
+        super().__init__("timed out" if timed_out else "stopped")
+
+
+async def _until_stopped(running: Running, work: Awaitable[T], deadline: float) -> T:
+    """``work``, unless the job is stopped (a cancel, a lost lease, a hand-back) or its
+    deadline passes first: then ``work`` is cancelled, and waited for until it is, before
+    ``_Interrupted`` is raised."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(running.stop.wait())
+    try:
+        await asyncio.wait(
+            [task, stopper],
+            timeout=max(0.0, deadline - time.monotonic()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait([task])  # until it is over (a cancel of ours still ends us)
+    raise _Interrupted(timed_out=not running.stop.is_set())
+
+
+def job_fault(exc: BaseException) -> str:
+    """The one-line reason a job gets for a fault of the worker's own code on its path."""
+    return one_line(f"the worker could not handle this job: {type(exc).__name__}: {exc}")[:4000]
 
 
 def _log_failed_start(task: asyncio.Task[None]) -> None:

@@ -123,6 +123,10 @@ class Stack:
             drain_grace_s=5.0,
             kill_grace_s=1.0,
             heartbeat_s=1.0,
+            # the gateway and the S3 server of these tests are on loopback, as under
+            # ``asman dev``: allowed, as its banner says (tests/peer/test_netguard.py has
+            # the refusals)
+            allow_urls=overrides.pop("allow_urls", ("127.0.0.1",)),
             **overrides,
         )
         worker = Worker(log, blobs, runtime, config)

@@ -459,6 +459,48 @@ async def test_build_failure_carries_log(
 
 
 @pytest.mark.docker
+async def test_a_cancelled_build_stops_in_the_engine(
+    docker_runtime: DockerRuntime, busybox_image: str, tmp_path: Path, docker_client: Any
+) -> None:
+    """Cancelling a build cancels it in the engine: its step's container goes away, no image
+    is made, and nothing keeps building behind the job's back (docker-py's blocking build
+    went on for as long as the Dockerfile said)."""
+    marker = uuid.uuid4().hex
+    spec = BuildSpec(
+        dockerfile=f"FROM {busybox_image}\nRUN echo step {marker} && sleep 60 && echo done\n"
+    )
+    log = Lines()
+    started = asyncio.Event()
+
+    async def on_log(line: str) -> None:
+        await log(line)
+        if line.strip() == f"step {marker}":  # the step's own output, not the builder's header
+            started.set()
+
+    def step_containers() -> list[Any]:
+        return [
+            c
+            for c in docker_client.containers.list(all=True)
+            if marker in " ".join(c.attrs["Config"].get("Cmd") or [])
+        ]
+
+    task = asyncio.create_task(docker_runtime.build(spec, work_dir=tmp_path, on_log=on_log))
+    await asyncio.wait_for(started.wait(), 60)  # the RUN step runs
+    t = time.monotonic()
+    task.cancel()
+    assert step_containers(), "the step's container runs (what this test watches)"
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    deadline = time.monotonic() + 20
+    while step_containers():
+        assert time.monotonic() < deadline, "the build's step still runs in the engine"
+        await asyncio.sleep(0.2)
+    assert time.monotonic() - t < 20
+    assert not docker_client.images.list(name=build_tag(spec))
+
+
+@pytest.mark.docker
 async def test_build_args_and_archive_context(
     docker_runtime: DockerRuntime, busybox_image: str, tmp_path: Path, docker_client: Any
 ) -> None:

@@ -141,7 +141,12 @@ async def test_hostile_outputs_and_url_inputs(stack: Stack, unused_tcp_port: int
     site = web.TCPSite(runner, "127.0.0.1", unused_tcp_port)
     await site.start()
     try:
-        await stack.start_worker("hostile", url_input_limit=1024 * 1024)
+        # the server is on loopback: allowed by name, as an operator would (--allow-url)
+        await stack.start_worker(
+            "hostile",
+            url_input_limit=1024 * 1024,
+            allow_urls=(f"127.0.0.1:{unused_tcp_port}",),
+        )
         # a url input that never ends: bounded by the size limit, the job errors clearly
         state = await run_job(
             client,
