@@ -14,10 +14,11 @@ import functools
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -289,21 +290,27 @@ class Log:
             self._nc = await nats.connect(**options)
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
             raise LogUnavailable(
-                f"cannot reach NATS at {', '.join(servers)}: start one with `asman dev`, or "
+                f"cannot reach NATS at {_shown(servers)}: start one with `asman dev`, or "
                 "pass --nats URL (env ASMAN_NATS_URL)"
             ) from exc
         except nats.errors.Error as exc:
-            raise LogUnavailable(f"cannot connect to NATS at {', '.join(servers)}: {exc}") from exc
+            raise LogUnavailable(f"cannot connect to NATS at {_shown(servers)}: {exc}") from exc
         self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(
             domain=self.config.domain, timeout=self.config.request_timeout_s
         )
         if not setup:
             return
-        if self.config.manage_streams:
-            await self.ensure_streams()
-        elif self.config.reads != "consumer":
-            await self.load_rules()
+        try:
+            if self.config.manage_streams:
+                await self.ensure_streams()
+            elif self.config.reads != "consumer":
+                await self.load_rules()
+        except BaseException:
+            # a refused setup (another wire version, no permission) must not leave the
+            # connection open behind the caller's back: ``async with`` never reaches __aexit__
+            await self.close()
+            raise
         # a confined peer (reads="consumer") may not read stream info (it could list subjects
         # with it): it folds with its configured numbers, which the operator keeps equal to
         # the deployment's (docs/operations.md, "Confined credentials")
@@ -798,6 +805,21 @@ class _Replies:
                 raise nats.errors.TimeoutError from None
         finally:
             del self._single[token]
+
+
+def _shown(servers: Iterable[str]) -> str:
+    """Server URLs for a message: a password in a URL (``nats://user:secret@host``, as the
+    compose and Kubernetes recipes pass it) is never printed."""
+    out = []
+    for url in servers:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port is not None:
+                host = f"{host}:{parts.port}"
+            url = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+        out.append(url)
+    return ", ".join(out)
 
 
 def _raise_status(status: str, description: str, stream: str) -> NoReturn:

@@ -56,11 +56,11 @@ async def test_a_v1_log_is_refused_with_one_line_then_migrated(nats_url: str) ->
         assert not (await migrate(log)).found_v1  # a second run has nothing to do
 
 
-def test_asman_migrate_on_the_command_line(nats_url: str, tmp_path: Path) -> None:
-
-    asyncio.run(write_v1_log(nats_url))
+async def test_asman_migrate_on_the_command_line(nats_url: str, tmp_path: Path) -> None:
+    await write_v1_log(nats_url)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
-    run = subprocess.run(
+    run = await asyncio.to_thread(
+        subprocess.run,
         [str(Path(sys.executable).parent / "asman"), "migrate", "--nats", nats_url, "--json"],
         capture_output=True,
         timeout=60,
@@ -69,7 +69,8 @@ def test_asman_migrate_on_the_command_line(nats_url: str, tmp_path: Path) -> Non
     assert run.returncode == 0, run.stderr.decode()
     out = json.loads(run.stdout)
     assert out["found_v1"] and len(out["carried"]) == 2 and out["finished_left"] == 1
-    again = subprocess.run(
+    again = await asyncio.to_thread(
+        subprocess.run,
         [str(Path(sys.executable).parent / "asman"), "migrate", "--nats", nats_url],
         capture_output=True,
         timeout=60,
