@@ -194,6 +194,19 @@ def int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -
     return value
 
 
+def _json_type(value: Any) -> str:
+    """What a JSON value is, in JSON's words (for error messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def _bool(value: Any, name: str) -> bool:
     if value is None:
         return False
@@ -269,6 +282,12 @@ async def cancel_job(request: web.Request) -> web.Response:
         body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
         if not isinstance(body, dict):
             raise InvalidInput('the body must be {"message": "..."} or empty')
+        unknown = set(body) - {"message"}
+        if unknown:
+            raise InvalidInput(
+                f"unknown body fields: {', '.join(sorted(unknown))[:200]}; "
+                'the body is {"message": "..."} or empty'
+            )
         if body.get("message") is not None:
             message = check_message(body["message"])
     state = await jobs.cancel(request.app[LOG], queue, job, message)
@@ -276,8 +295,15 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 def check_message(value: Any) -> str:
-    if not isinstance(value, str) or len(value) > MAX_MESSAGE:
-        raise InvalidInput(f"message must be text of at most {MAX_MESSAGE} characters")
+    if not isinstance(value, str):
+        raise InvalidInput(
+            f"message must be text (a JSON string) of at most {MAX_MESSAGE} characters, "
+            f"got {_json_type(value)}"
+        )
+    if len(value) > MAX_MESSAGE:
+        raise InvalidInput(
+            f"message is {len(value)} characters long, over the limit of {MAX_MESSAGE}"
+        )
     try:
         value.encode()
     except UnicodeEncodeError:

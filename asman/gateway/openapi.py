@@ -431,7 +431,10 @@ def _native() -> dict[str, Any]:
         f"{j}/cancel": {
             "post": _op(
                 "Cancel a job submitted through this gateway",
-                {"200": _json(_ref("Job"), "The job after the cancel"), **_errors(400, 403, 404)},
+                {
+                    "200": _json(_ref("Job"), "The job after the cancel"),
+                    **_errors(400, 403, 404, 413),
+                },
                 QUEUE,
                 JOB,
                 body={
@@ -441,6 +444,7 @@ def _native() -> dict[str, Any]:
                             "schema": {
                                 "type": "object",
                                 "properties": {"message": {"type": "string", "maxLength": 1000}},
+                                "additionalProperties": False,
                             }
                         }
                     },

@@ -16,10 +16,17 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from asman.errors import Conflict, HistoryFull, JobNotFound, LogError, UnauthorizedSigner
+from asman.errors import (
+    AsmanError,
+    Conflict,
+    HistoryFull,
+    JobNotFound,
+    LogError,
+    UnauthorizedSigner,
+)
 from asman.log import subjects, wire
 from asman.log.connection import DONE_TTL, Log
-from asman.log.definition import image_class, job_id, validate_definition
+from asman.log.definition import JobSpec, image_class, job_id, validate_definition
 from asman.log.events import (
     CheckedEvent,
     JobFold,
@@ -169,13 +176,28 @@ async def _require(log: Log, queue: str, job: str) -> JobState:
     return state
 
 
-async def mark_waiting(log: Log, queue: str, job_class: str, job: str, last_seq: int) -> None:
+async def mark_waiting(
+    log: Log, queue: str, job_class: str, job: str, last_seq: int, memory: int = 0
+) -> None:
     """Write the job's waiting-index entry: workers see it at once (live) or on their next
     scan. Safe to repeat; ``last_seq``, the sequence of the job's last event, lets a worker
-    claim without reading first (``wire.waiting_entry``)."""
+    claim without reading first; ``memory`` (``memory_asked``) lets a worker that allows less
+    pass the job by without reading it (``wire.waiting_entry``)."""
     await log.publish_entry(
-        subjects.waiting_subject(queue, job_class, job), wire.waiting_entry(last_seq)
+        subjects.waiting_subject(queue, job_class, job), wire.waiting_entry(last_seq, memory)
     )
+
+
+def memory_asked(definition: Mapping[str, Any]) -> int:
+    """The memory a definition asks for in bytes (0: none, or not a valid definition: a
+    worker claims that one, to end it with the reason)."""
+    req = definition.get("requirements")
+    if not isinstance(req, Mapping) or req.get("memory") is None:
+        return 0
+    try:
+        return JobSpec.from_definition(definition).memory or 0
+    except AsmanError:
+        return 0
 
 
 async def mark_done(log: Log, queue: str, job_class: str, job: str) -> None:
@@ -250,7 +272,9 @@ async def submit(
         state = await requeue(log, queue, jid, _state=state)
         requeued = True
     if state.state == "queued":
-        await mark_waiting(log, queue, state.job_class, jid, state.last_seq)
+        await mark_waiting(
+            log, queue, state.job_class, jid, state.last_seq, memory_asked(state.definition)
+        )
     logger.info("job=%s queue=%s submitted created=%s", jid, queue, created)
     return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
 
@@ -277,7 +301,9 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
             )
         state = await _require(log, queue, job)
     if state.state == "queued":
-        await mark_waiting(log, queue, state.job_class, job, state.last_seq)
+        await mark_waiting(
+            log, queue, state.job_class, job, state.last_seq, memory_asked(state.definition)
+        )
     return state
 
 

@@ -37,7 +37,7 @@ from asman.errors import Conflict, LeaseLost, LogError
 from asman.log import subjects, wire
 from asman.log.connection import DONE_TTL, READ_BATCH, Log
 from asman.log.events import CheckedEvent, JobState, Lease, now_ms
-from asman.log.jobs import CAS_RETRIES, JobHistory, mark_waiting
+from asman.log.jobs import CAS_RETRIES, JobHistory, mark_waiting, memory_asked
 from asman.log.workers import WorkerInfo, list_workers
 
 __all__ = [
@@ -390,7 +390,14 @@ class JobLease:
         )
         self.done = True
         if state.state == "queued":
-            await mark_waiting(self.log, self.queue, self.job_class, self.job_id, state.last_seq)
+            await mark_waiting(
+                self.log,
+                self.queue,
+                self.job_class,
+                self.job_id,
+                state.last_seq,
+                memory_asked(state.definition),
+            )
 
 
 Alive = Callable[[JobState], Awaitable[bool]]

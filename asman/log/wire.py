@@ -415,8 +415,11 @@ def open_envelope(data: bytes, subject: str, *, max_size: int = DEFAULT_MAX_SIZE
 #: always reads (or claims by compare-and-set on) the job's own subject before it believes
 #: anything, so an entry needs no signature. One entry per job (the stream keeps the last):
 #:
-#: * ``w <seq>``: waiting; ``seq`` is the job's last sequence when written (a worker claims
-#:   by compare-and-set on it while it reads the job: one round trip);
+#: * ``w <seq> [<memory>]``: waiting; ``seq`` is the job's last sequence when written (a
+#:   worker claims by compare-and-set on it while it reads the job: one round trip);
+#:   ``memory``, the bytes its definition asks for, when it asks (a worker whose ceiling is
+#:   lower leaves it to others without reading it: a hint it checks before believing a
+#:   "too big", and after claiming a "fits");
 #: * ``r <seq> <peer id> <proc>``: running, claimed at ``seq`` by that worker process;
 #: * ``d``: finished (written with a short per-message TTL, so it goes away).
 ENTRY_WAITING = "w"
@@ -430,9 +433,12 @@ class Entry:
     seq: int = 0
     holder: str = ""
     proc: str = ""
+    memory: int = 0  # waiting: the memory the job asks for (0: nothing said)
 
 
-def waiting_entry(last_seq: int) -> bytes:
+def waiting_entry(last_seq: int, memory: int = 0) -> bytes:
+    if memory > 0:
+        return f"w {max(0, last_seq)} {memory}".encode()
     return f"w {max(0, last_seq)}".encode()
 
 
@@ -452,8 +458,12 @@ def parse_entry(data: bytes) -> Entry | None:
     try:
         if kind == b"d" and len(parts) == 1:
             return Entry(ENTRY_DONE)
-        if kind == b"w" and len(parts) == 2 and parts[1].isdigit() and len(parts[1]) <= 20:
-            return Entry(ENTRY_WAITING, int(parts[1]))
+        if (
+            kind == b"w"
+            and len(parts) in (2, 3)
+            and all(p.isdigit() and len(p) <= 20 for p in parts[1:])
+        ):
+            return Entry(ENTRY_WAITING, int(parts[1]), memory=int(parts[2]) if parts[2:] else 0)
         if (
             kind == b"r"
             and len(parts) == 4

@@ -18,6 +18,13 @@ subscription) and hands the worker one candidate at a time:
   gone worker still holds (its heartbeat expired), which the claim path then challenges; a
   sweep of each queue every ``sweep_interval_s`` rewrites the index entry of any unfinished
   job that lacks one (a submitter that died before writing it, or junk).
+* **Only jobs that fit**: a job whose ``requirements.memory`` is over the worker's memory
+  ceiling is never claimed (run under the ceiling, it would get less than it asked for); it
+  waits for a worker that allows that much. Its waiting entry says what it asks for
+  (``w <seq> <memory>``), so this costs nothing per job; the entry is only a hint, so a
+  "too big" is read from the job's own definition once before the job is passed by (a forged
+  entry cannot hide a job), and a "fits" is checked after the claim (the worker hands a job
+  that does not fit back, and it is remembered here).
 * **Bounded for many queues**: scans and sweeps together run at most ``MAX_SCANS_PER_S`` a
   second, so a worker on 2,000 queues goes round them more slowly instead of loading the
   server; the first scan of every queue runs ``SCAN_CONCURRENCY`` at a time.
@@ -31,7 +38,8 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from asman.errors import LogError
 from asman.log import jobs, wire
@@ -62,6 +70,13 @@ HERD_MAX_S = 0.5
 #: (a running job's entry changes from ``w`` to ``r`` a quarter second into it; one that
 #: stays ``w`` is held by a worker that never said so: looked at again, it may be gone)
 TRIED_HOLD_S = 5.0
+#: how soon a job whose requirements could not be read (a log outage) is looked at again
+NEEDS_RETRY_S = 1.0
+#: how many jobs' memory requirements a dispatcher remembers
+MAX_KNOWN_NEEDS = 65_536
+#: how far a queue's window of waiting jobs (``WaitingIndex.window``) is widened past jobs
+#: this worker does not take
+MAX_SCAN_WINDOW = 4096
 
 
 class Dispatcher:
@@ -74,8 +89,15 @@ class Dispatcher:
         *,
         scan_interval_s: float = 5.0,
         sweep_interval_s: float = 120.0,
+        memory_bytes: int | None = None,
     ) -> None:
         self.log = log
+        #: the memory ceiling of this worker's jobs (0: none); None: the one its own
+        #: heartbeat on the queue announces
+        self.memory_bytes = memory_bytes
+        # job id → the memory its definition asks for (0: nothing said)
+        self._needs: dict[str, int] = {}
+        self._base_window = 0  # the indexes' own window (set at open)
         self.queues = queues
         self.scan_interval_s = scan_interval_s
         self.sweep_interval_s = sweep_interval_s
@@ -97,6 +119,7 @@ class Dispatcher:
     async def open(self) -> Dispatcher:
         for q in self.queues:
             self.indexes[q] = await WaitingIndex(self.log, q, self.wake).open()
+            self._base_window = self.indexes[q].window
         self._unregister = self.log.on_reconnect(self._reconnected)
         await self.rescan(self.queues)
         return self
@@ -165,7 +188,12 @@ class Dispatcher:
                     logger.info("job=%s queue=%s stale index entry removed", state.job_id, queue)
                 elif not state.finished and not listed:
                     await jobs.mark_waiting(
-                        self.log, queue, state.job_class, state.job_id, state.last_seq
+                        self.log,
+                        queue,
+                        state.job_class,
+                        state.job_id,
+                        state.last_seq,
+                        jobs.memory_asked(state.definition),
                     )
                     logger.info("job=%s queue=%s index entry repaired", state.job_id, queue)
         except LogError as exc:
@@ -194,9 +222,56 @@ class Dispatcher:
         """We hold ``cand``'s lease: it is no longer a candidate here."""
         self._in_flight.discard(cand.job_id)
         self._tried.pop(cand.job_id, None)
+        self._needs.pop(cand.job_id, None)
         index = self.indexes.get(cand.queue)
         if index is not None:
             index.forget(cand.job_id)
+
+    def _ceiling(self, index: WaitingIndex) -> int | None:
+        """This worker's memory ceiling (0: none), or None while it is not known."""
+        if self.memory_bytes is not None:
+            return self.memory_bytes
+        me = index.workers.get((self.log.peer_id, self.log.session))
+        return None if me is None else me.memory_bytes
+
+    def _fits(self, cand: Candidate) -> bool:
+        """False for a job known (from its definition) or said (by its entry, not yet
+        checked) to ask for more memory than this worker allows."""
+        need = self._needs.get(cand.job_id, cand.entry.memory if cand.waiting else 0)
+        if not need:
+            return True
+        ceiling = self._ceiling(self.indexes[cand.queue])
+        return ceiling is not None and (ceiling == 0 or need <= ceiling)
+
+    def _unchecked(self, cand: Candidate) -> bool:
+        """A job whose entry alone says it is too big: read before it is passed by."""
+        return cand.job_id not in self._needs and cand.waiting and cand.entry.memory > 0
+
+    async def _check_needs(self, cand: Candidate) -> None:
+        """Read what ``cand``'s definition asks for (its entry said "too big")."""
+        try:
+            state = await jobs.read_job(self.log, cand.queue, cand.job_id)
+        except LogError as exc:
+            logger.warning("job=%s requirements could not be read: %s", cand.job_id, exc)
+            self.done(cand, retry_after_s=NEEDS_RETRY_S)  # the entry's word stands till then
+            return
+        self.learn(cand.job_id, state.definition if state is not None else {})
+        if not self._fits(cand):
+            logger.info(
+                "job=%s queue=%s asks for %d bytes of memory, over this worker's %s: left "
+                "to another worker",
+                cand.job_id,
+                cand.queue,
+                self._needs[cand.job_id],
+                self._ceiling(self.indexes[cand.queue]),
+            )
+
+    def learn(self, job_id: str, definition: Mapping[str, Any]) -> None:
+        """Remember what ``job_id``'s definition asks for (a job id is the hash of its
+        definition: it never changes)."""
+        if len(self._needs) >= MAX_KNOWN_NEEDS:
+            self._needs.clear()
+        self._needs[job_id] = jobs.memory_asked(definition)
 
     def _eligible(self, cand: Candidate, index: WaitingIndex, now: float) -> bool:
         if cand.job_id in self._in_flight:
@@ -259,6 +334,7 @@ class Dispatcher:
             preferred: list[Candidate] = []  # the jobs this worker comes first for
             window = self._window(index)
             shared = len(index.workers) > 1
+            refused = 0  # waiting jobs this worker does not take (too big for it)
             for c in index.entries.values():
                 if c.job_id in in_flight:
                     continue
@@ -266,7 +342,9 @@ class Dispatcher:
                     c, index, now
                 ):
                     continue
-                if can_take(c):
+                if not can_take(c):
+                    refused += c.waiting
+                else:
                     eligible.append(c)
                     if shared and c.waiting and self._ranks.get(c.job_id, (None, 1.0))[1] == 0:
                         preferred.append(c)
@@ -278,19 +356,39 @@ class Dispatcher:
                 # when none of ours is in the window: with a backlog, each worker drains
                 # its own share and two rarely claim the same job
                 return self._random.choice(preferred or eligible)
-            if index.more and q not in self._rescan_due:
+            if index.more and q not in self._rescan_due and self._widen(index, refused):
                 self._rescan_due.add(q)  # the window drained: bring in the next jobs
                 self.wake.set()
         return None
+
+    def _widen(self, index: WaitingIndex, refused: int) -> bool:
+        """Whether a rescan of ``index`` can bring in jobs to try. A window full of jobs
+        this worker refuses would come back the same: it is widened past them (up to
+        ``MAX_SCAN_WINDOW``), else no rescan (the idle ones still run)."""
+        if not refused or refused < index.waiting_count:
+            return True  # the window drained, or holds jobs to try later
+        wider = min(MAX_SCAN_WINDOW, refused + self._base_window)
+        if wider <= index.window:
+            return False
+        index.window = wider
+        return True
 
     async def next(
         self, stopping: asyncio.Event, can_take: Callable[[Candidate], bool]
     ) -> Candidate | None:
         """The next job to try, waiting for one as long as needed; None once ``stopping``."""
+
+        def fits(c: Candidate) -> bool:
+            return (self._unchecked(c) or self._fits(c)) and can_take(c)
+
         while not stopping.is_set():
             self.wake.clear()
-            cand = self._pick(can_take)
+            cand = self._pick(fits)
             if cand is not None:
+                if self._unchecked(cand):
+                    await self._check_needs(cand)
+                    if not self._fits(cand):
+                        continue
                 index = self.indexes[cand.queue]
                 if time.monotonic() - index.workers_at > WORKERS_REFRESH_S:
                     # who else takes from this queue sets the pick's window: a view older

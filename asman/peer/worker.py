@@ -179,6 +179,7 @@ class Worker:
             config.queues,
             scan_interval_s=config.scan_interval_s,
             sweep_interval_s=config.sweep_interval_s,
+            memory_bytes=self.caps.memory_bytes,  # a job asking more is left to others
         )
         self.jobs_done = 0
         #: set after each round of heartbeats (a test or a supervisor may wait on it)
@@ -424,6 +425,7 @@ class Worker:
         claimed = False
         try:
             if cand.job_class == "gpu" and not await self._gpu_job_is_ours(cand):
+                claimed = True  # done() was called, with when to look at the job again
                 return
             hint = cand.entry.seq if cand.waiting else 0
             try:
@@ -456,6 +458,12 @@ class Worker:
                 spec = JobSpec.from_definition(lease.state.definition)
             except AsmanError as exc:
                 await self._finish_error(lease, f"invalid definition: {exc}")
+                return
+            if spec.memory and spec.memory > self.caps.memory_bytes:
+                # its waiting entry did not say so (written by an older peer, or forged):
+                # hand it back untried for a worker that allows that much, and remember it
+                self.dispatcher.learn(lease.job_id, lease.state.definition)
+                await asyncio.shield(self._riding_out(lease, lease.release))
                 return
             if spec.gpus:
                 got = await self._take_gpus(lease, spec.gpus)

@@ -8,11 +8,13 @@ import contextlib
 import dataclasses
 import json
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from sseparse import read_events
 from yarl import URL
 
 from asman.gateway import GatewayConfig, GatewayLimits, serve
@@ -51,12 +53,6 @@ class Gateway:
                             return self
                 await asyncio.sleep(0.05)
 
-    async def close(self) -> None:
-        await self.http.close()
-        self.stop.set()
-        if self.task is not None:
-            await self.task
-
     async def json(self, method: str, path: str | URL, **kwargs: Any) -> tuple[int, Any]:
         async with self.http.request(method, path, **kwargs) as resp:
             text = await resp.text()
@@ -65,16 +61,31 @@ class Gateway:
             except ValueError:
                 return resp.status, text
 
-    async def wait_job(
-        self, queue: str, job: str, *, until: str = "finished", timeout: float = 90
+    async def wait_job(self, queue: str, job: str, *, timeout: float = 90) -> dict[str, Any]:
+        """The job, as ``GET`` answers it, once it is finished."""
+        return await self.wait_state(queue, job, lambda view: view["state"] == "finished", timeout)
+
+    async def wait_state(
+        self,
+        queue: str,
+        job: str,
+        check: Callable[[dict[str, Any]], bool],
+        timeout: float = 90,
     ) -> dict[str, Any]:
+        """The job, as ``GET`` answers it, once its event stream sent a state for which
+        ``check`` is true (a TimeoutError after ``timeout`` seconds)."""
+        path = f"/api/v1/queues/{queue}/jobs/{job}"
         async with asyncio.timeout(timeout):
-            while True:
-                status, body = await self.json("GET", f"/api/v1/queues/{queue}/jobs/{job}")
-                assert status == 200, body
-                if body["state"] == until or body["state"] == "finished":
-                    return dict(body)
-                await asyncio.sleep(0.2)
+            async with self.http.get(f"{path}/events") as resp:
+                assert resp.status == 200, await resp.text()
+                async for ev in read_events(resp):
+                    if ev["event"] in ("state", "end") and check(ev["data"]):
+                        break
+                else:
+                    raise AssertionError(f"the event stream of job {job[:12]} ended early")
+            status, body = await self.json("GET", path)
+        assert status == 200, body
+        return dict(body)
 
 
 class Stack:
@@ -142,37 +153,68 @@ class Stack:
         return worker
 
     async def close(self) -> None:
+        """Stop everything, then fail the test if a worker or a gateway crashed, ended with
+        an exception or did not stop within its deadline (every step still runs)."""
+        failures: list[str] = []
         for stop, _ in self.workers:
             stop.set()
-        for _, task in self.workers:
-            await _bounded(asyncio.shield(task), "stopping a worker")
+        for i, (_, task) in enumerate(self.workers):
+            failures += await _bounded(task, f"worker {i}")
         for gw in self.gateways:
-            await _bounded(gw.close(), "closing a gateway")
+            await gw.http.close()
+            gw.stop.set()
+            assert gw.task is not None
+            failures += await _bounded(gw.task, f"the gateway on port {gw.config.port}")
         for log in self.logs:
-            await _bounded(log.close(), "closing a peer's log")
+            failures += await _bounded(asyncio.ensure_future(log.close()), "a peer's log")
+        if failures:
+            raise AssertionError("teardown: " + "; ".join(failures))
 
 
-async def _bounded(aw: Awaitable[Any], what: str, timeout: float = 30) -> None:
-    """Wait for a teardown step; if it hangs, print every task's stack and go on."""
+async def _bounded(task: asyncio.Future[Any], what: str, timeout: float = 30) -> list[str]:
+    """Wait for a teardown step; what went wrong with it, if anything. One that hangs is
+    reported with every task's stack, then cancelled."""
     try:
         async with asyncio.timeout(timeout):
-            await aw
+            await asyncio.shield(task)
     except TimeoutError:
         print(f"teardown: {what} did not finish in {timeout}s; tasks:")
-        for task in asyncio.all_tasks():
-            task.print_stack(file=sys.stdout)
+        for t in asyncio.all_tasks():
+            t.print_stack(file=sys.stdout)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        if not done:
+            return [f"{what} did not stop within {timeout}s, nor when cancelled"]
+        end = None if task.cancelled() else task.exception()
+        return [f"{what} did not stop within {timeout}s" + (f" (then {end!r})" if end else "")]
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise  # the test itself is being cancelled
+        return [f"{what} was cancelled"]
     except Exception as exc:
-        print(f"teardown: {what} failed: {exc!r}")
+        traceback.print_exception(exc, file=sys.stdout)
+        return [f"{what} ended with {exc!r}"]
+    return []
 
 
 def replace_limits(**changes: Any) -> GatewayLimits:
     return dataclasses.replace(TEST_LIMITS, **changes)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
-    """Poll ``check`` until it is true (a TimeoutError after ``timeout`` seconds)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.1)
+async def on_the_log(
+    peer: Log, subject: str, check: Callable[[], Awaitable[bool]], timeout: float = 60
+) -> None:
+    """Until ``check`` is true, looked at again on every message published on ``subject``
+    (subscribed before the first look, so none is missed); a TimeoutError after ``timeout``
+    seconds."""
+    wake = asyncio.Event()
+    stop = await peer.wake_on(subject, wake)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                wake.clear()
+                if await check():
+                    return
+                await wake.wait()
+    finally:
+        await stop()

@@ -13,7 +13,7 @@ async def read_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, A
     """Yield ``{"event", "id", "data"}`` per event; ``data`` parsed as JSON when it is.
     ``id`` is the event's own id field (``None`` when it has none)."""
     event, data, event_id = "message", [], None
-    async for raw in resp.content:
+    async for raw in _lines(resp):
         line = raw.decode().rstrip("\r\n")
         if not line:
             if data:
@@ -35,3 +35,16 @@ async def read_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, A
             data.append(value)
         elif name == "id":
             event_id = value
+
+
+async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body's lines, however long (a log event carries up to 512 KiB of text, past
+    aiohttp's own line limit)."""
+    pending = b""
+    async for chunk in resp.content.iter_any():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line
+    if pending:
+        yield pending

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -30,6 +31,31 @@ async def test_health_info_and_openapi(gateway: Gateway) -> None:
     status, doc = await gateway.json("GET", "/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
     assert "/api/v1/queues/{queue}/jobs" in doc["paths"] and "/q/{queue}" in doc["paths"]
+
+
+async def test_healthz_is_503_while_the_log_is_away_and_200_once_it_is_back(
+    stack: Stack, gateway: Gateway
+) -> None:
+    async def health_becomes(want: int) -> dict[str, object]:
+        async with asyncio.timeout(30):  # the client notices a lost server within seconds
+            while True:
+                status, body = await gateway.json("GET", "/healthz")
+                if status == want:
+                    return dict(body)
+                await asyncio.sleep(0.1)
+
+    assert await health_becomes(200) == {"ok": True, "nats": "connected"}
+    pid = stack.nats.pid
+    await asyncio.to_thread(stack.nats.stop)  # by its PID
+    assert await health_becomes(503) == {"ok": False, "nats": "disconnected"}
+    await asyncio.to_thread(stack.nats.start)  # the same ports and store
+    assert stack.nats.pid != pid
+    assert await health_becomes(200) == {"ok": True, "nats": "connected"}
+    # and it serves the log again: a submission lands
+    status, body = await gateway.json(
+        "POST", f"/api/v1/queues/{Q}/jobs", json={"definition": {"image": IMAGE, "command": "h"}}
+    )
+    assert status == 201 and body["state"] == "queued", body
 
 
 async def test_every_served_route_is_in_the_openapi_document(gateway: Gateway) -> None:
@@ -106,12 +132,55 @@ async def test_cancel_a_queued_job(gateway: Gateway) -> None:
     status, body = await gateway.json(
         "POST", f"/api/v1/queues/{Q}/jobs", json={"definition": {"image": IMAGE, "command": "x"}}
     )
+    assert status == 201, body
     jid = body["jobId"]
     status, job = await gateway.json(
         "POST", f"/api/v1/queues/{Q}/jobs/{jid}/cancel", json={"message": "changed my mind"}
     )
     assert status == 200 and job["state"] == "finished" and job["reason"] == "cancelled"
     assert job["result"]["message"] == "changed my mind"
+
+
+async def test_a_malformed_cancel_body_is_refused_and_cancels_nothing(stack: Stack) -> None:
+    gw = await stack.gateway(limits=replace_limits(max_body_bytes=4096, max_definition_bytes=4096))
+    status, body = await gw.json(
+        "POST", f"/api/v1/queues/{Q}/jobs", json={"definition": {"image": IMAGE, "command": "c"}}
+    )
+    assert status == 201, body
+    cancel = f"/api/v1/queues/{Q}/jobs/{body['jobId']}/cancel"
+    # (body, status, what the reason must name)
+    cases: list[tuple[bytes, int, str]] = [
+        (b'{"message": 5}', 400, "message must be text"),
+        (b'{"message": ["stop"]}', 400, "got an array"),
+        (b'{"message": {"text": "stop"}}', 400, "got an object"),
+        (b'{"message": true}', 400, "got a boolean"),
+        (b'{"message": "stop", "force": true}', 400, "unknown body fields: force"),
+        (b'{"reason": "stop"}', 400, "unknown body fields: reason"),
+        (json.dumps({"message": "x" * 1001}).encode(), 400, "over the limit of 1000"),
+        (json.dumps({"message": "x" * 5000}).encode(), 413, "over the limit of 4096"),
+        (b'"stop"', 400, 'the body must be {"message"'),
+        (b"[]", 400, 'the body must be {"message"'),
+        (b"null", 400, 'the body must be {"message"'),
+        (b"stop it", 400, "not valid JSON"),
+        (b'{"message": "stop"', 400, "not valid JSON"),
+        (b'{"message": NaN}', 400, "not valid JSON"),
+        (b'{"message": "\\ud800"}', 400, "valid Unicode"),
+        (b"\xff\xfe{}", 400, "not UTF-8"),
+        (b"   ", 400, "empty"),
+    ]
+    for data, want, says in cases:
+        status, answer = await gw.json(
+            "POST", cancel, data=data, headers={"Content-Type": "application/json"}
+        )
+        assert status == want, (data[:60], answer)
+        assert answer["code"] == ("too_large" if want == 413 else "invalid_input"), answer
+        assert says in answer["error"], (data[:60], answer["error"])
+        status, job = await gw.json("GET", cancel.removesuffix("/cancel"))
+        assert (job["state"], job["cancelRequested"]) == ("queued", False), data[:60]
+        assert [h["type"] for h in job["history"]] == ["submitted"], data[:60]
+    # the same job, well asked, is cancelled: the refusals were for the bodies alone
+    status, job = await gw.json("POST", cancel, json={"message": "now"})
+    assert (status, job["reason"], job["result"]["message"]) == (200, "cancelled", "now")
 
 
 async def test_a_job_from_another_peer_cannot_be_cancelled(stack: Stack, gateway: Gateway) -> None:
@@ -326,7 +395,10 @@ async def test_compat_submit_list_and_job(gateway: Gateway) -> None:
 
 async def test_queue_metrics(gateway: Gateway) -> None:
     for n in range(3):
-        await gateway.json("POST", f"/q/{Q}", json={"image": IMAGE, "command": f"echo {n}"})
+        status, body = await gateway.json(
+            "POST", f"/q/{Q}", json={"image": IMAGE, "command": f"echo {n}"}
+        )
+        assert status == 200 and body["success"] is True, body
     for path in (f"/q/{Q}/metrics", f"/api/v1/queues/{Q}/metrics"):
         async with gateway.http.get(path) as resp:
             assert resp.status == 200 and resp.content_type == "text/plain"
@@ -343,9 +415,10 @@ async def test_queue_metrics(gateway: Gateway) -> None:
 
 
 async def test_streams_of_one_job_share_one_reader(gateway: Gateway) -> None:
-    _status, body = await gateway.json(
+    status, body = await gateway.json(
         "POST", f"/api/v1/queues/{Q}/jobs", json={"definition": {"image": IMAGE}}
     )
+    assert status == 201, body
     path = f"/api/v1/queues/{Q}/jobs/{body['jobId']}/events"
 
     async def metric(name: str) -> float:
@@ -374,7 +447,6 @@ async def test_errors_never_leak_tracebacks(gateway: Gateway) -> None:
 
 
 async def test_serve_reports_a_taken_port(stack: Stack, gateway: Gateway) -> None:
-    import asyncio
     import dataclasses
 
     from asman.errors import ConfigError
@@ -386,8 +458,6 @@ async def test_serve_reports_a_taken_port(stack: Stack, gateway: Gateway) -> Non
 
 
 async def test_serve_without_nats_fails_clearly(tmp_path: Path) -> None:
-    import asyncio
-
     from asman.errors import LogUnavailable
     from asman.gateway import GatewayConfig, serve
     from asman.log.connection import LogConfig
@@ -403,14 +473,11 @@ async def test_serve_without_nats_fails_clearly(tmp_path: Path) -> None:
 
 
 async def test_shutdown_ends_open_event_streams(stack: Stack) -> None:
-    import asyncio
-
-    from sseparse import read_events
-
     gw = await stack.gateway(shutdown_timeout_s=120)
-    _, body = await gw.json(
+    status, body = await gw.json(
         "POST", f"/api/v1/queues/{Q}/jobs", json={"definition": {"image": IMAGE, "command": "w"}}
     )
+    assert status == 201, body
     events: list[str] = []
     async with gw.http.get(f"/api/v1/queues/{Q}/jobs/{body['jobId']}/events") as resp:
         async with asyncio.timeout(60):  # far below the shutdown timeout: not waited for

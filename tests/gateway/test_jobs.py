@@ -6,15 +6,16 @@ import asyncio
 import base64
 import hashlib
 import io
+import itertools
 import os
 from typing import Any
 
 import pytest
-from gatewaystack import IMAGE, Gateway, Stack, eventually
+from gatewaystack import IMAGE, Gateway, Stack, on_the_log, replace_limits
 from sseparse import read_events
 from yarl import URL
 
-from asman.log import jobs
+from asman.log import jobs, subjects
 
 pytestmark = [pytest.mark.docker]
 
@@ -126,19 +127,121 @@ async def test_submit_run_and_fetch_outputs_byte_exact(stack: Stack, gw: Gateway
     assert got["isFinal"] is True
 
 
+async def test_a_long_log_is_read_page_by_page(stack: Stack, busybox_image: str) -> None:
+    """A log of several messages, read over HTTP with pages smaller than the log: ``more``
+    while there is more, each page as many whole messages as fit, and the pages together
+    are the whole log, in order."""
+    budget = 128 * 1024
+    gw = await stack.gateway(limits=replace_limits(max_log_response_bytes=budget))
+    await stack.worker("pages")
+    # eight bursts of ~58 KiB, apart in time: several log messages
+    script = "for i in 0 1 2 3 4 5 6 7; do seq $((i*10000+1)) $((i*10000+10000)); sleep 0.2; done"
+    definition = {"image": IMAGE, "command": ["sh", "-c", script + "; echo the end >&2"]}
+    status, body = await gw.json(
+        "POST", "/api/v1/queues/pages/jobs", json={"definition": definition}
+    )
+    assert status == 201, body
+    jid = body["jobId"]
+    job = await gw.wait_job("pages", jid)
+    assert job["reason"] == "success", job
+
+    pages: list[dict[str, Any]] = []
+    cursor = 1
+    while True:
+        status, page = await gw.json("GET", f"/api/v1/queues/pages/jobs/{jid}/logs?cursor={cursor}")
+        assert status == 200, page
+        pages.append(page)
+        assert page["final"] is not page["more"], page["cursor"]  # final only on the last
+        if not page["more"]:
+            break
+        assert page["cursor"] > cursor and page["chunks"], page["cursor"]
+        cursor = page["cursor"]
+        assert len(pages) < 100, "the cursor does not move on"
+
+    def messages(page: dict[str, Any]) -> list[int]:
+        """The bytes of each log message of a page."""
+        sizes: dict[int, int] = {}
+        for c in page["chunks"]:
+            sizes[c["seq"]] = sizes.get(c["seq"], 0) + len(c["text"].encode())
+        return list(sizes.values())
+
+    assert len(pages) >= 2, [messages(p) for p in pages]
+    for page, following in itertools.pairwise(pages):
+        # as many whole messages as fit: the next page's first one did not
+        assert sum(messages(page)) + messages(following)[0] > budget, [messages(p) for p in pages]
+    for page in pages:
+        assert sum(messages(page)) <= budget or len(messages(page)) == 1
+    chunks = [c for page in pages for c in page["chunks"]]
+    seqs = [c["seq"] for c in chunks]
+    assert seqs == sorted(seqs)  # in order, and no message twice across pages
+    stdout = "".join(c["text"] for c in chunks if c["stream"] == "stdout")
+    assert stdout == "".join(f"{i}\n" for i in range(1, 80_001))
+    assert [c["text"] for c in chunks if c["stream"] == "stderr"] == ["the end\n"]
+    # past the last page: nothing more, and final
+    status, rest = await gw.json(
+        "GET", f"/api/v1/queues/pages/jobs/{jid}/logs?cursor={pages[-1]['cursor']}"
+    )
+    assert (rest["chunks"], rest["more"], rest["final"]) == ([], False, True)
+
+
+async def test_rerun_runs_a_result_again_and_only_for_its_submitter(
+    stack: Stack, gw: Gateway
+) -> None:
+    await stack.worker("again")
+    other = await stack.gateway()  # another gateway: another key, not the submitter
+    url = "/api/v1/queues/again/jobs"
+    definition = {
+        "image": IMAGE,
+        "command": "sh -c 'head -c 16 /dev/urandom | od -An -tx1 > /outputs/nonce'",
+    }
+    status, body = await gw.json("POST", url, json={"definition": definition})
+    assert status == 201, body
+    jid = body["jobId"]
+    first = await gw.wait_job("again", jid)
+    assert first["reason"] == "success", first
+    (nonce,) = first["result"]["outputs"]
+
+    def same_run(job: dict[str, Any]) -> None:
+        assert job["state"] == "finished" and job["result"] == first["result"], job
+        assert "requeued" not in [h["type"] for h in job.get("history", [])]
+
+    # without rerun: the cached result, from either gateway
+    for g in (gw, other):
+        status, again = await g.json("POST", url, json={"definition": definition})
+        assert (status, again["cached"], again["requeued"]) == (200, True, False), again
+        same_run(again)
+    # another peer may not force a re-run of a result
+    status, refused = await other.json("POST", url, json={"definition": definition, "rerun": True})
+    assert (status, refused["code"]) == (403, "forbidden"), refused
+    assert "only the peer that submitted it" in refused["error"]
+    same_run((await gw.json("GET", f"{url}/{jid}"))[1])
+
+    # the submitter may: a new run, a new result
+    status, rerun = await gw.json("POST", url, json={"definition": definition, "rerun": True})
+    assert status == 200 and rerun["requeued"] is True and rerun["cached"] is False, rerun
+    assert rerun["state"] in ("queued", "running"), rerun
+    second = await gw.wait_job("again", jid)
+    assert second["reason"] == "success", second
+    assert second["result"]["finishedMs"] > first["result"]["finishedMs"]
+    (new_nonce,) = second["result"]["outputs"]
+    assert new_nonce["sha256"] != nonce["sha256"]
+    status, got, _ = await get_bytes(gw, new_nonce["url"])
+    assert status == 200 and hashlib.sha256(got).hexdigest() == new_nonce["sha256"]
+    types = [h["type"] for h in second["history"] if h["accepted"]]
+    assert types.count("requeued") == 1 and types.count("finished") == 2, types
+
+
 async def test_resubmit_is_cached_and_compat_flow(stack: Stack, gw: Gateway) -> None:
     await stack.worker("cq")
     definition = {"image": IMAGE, "command": "sh -c 'echo cq; exit 3'"}
     status, body = await gw.json("POST", "/q/cq", json={"definition": definition})
     assert status == 200 and body["success"] is True
     jid = body["jobId"]
-    async with asyncio.timeout(90):
-        while True:
-            status, got = await gw.json("GET", f"/j/{jid}?queue=cq")
-            if got["data"]["results"]["state"] == "Finished":
-                break
-            await asyncio.sleep(0.2)
+    await gw.wait_job("cq", jid)
+    status, got = await gw.json("GET", f"/j/{jid}?queue=cq")
+    assert status == 200, got
     results = got["data"]["results"]
+    assert results["state"] == "Finished", results
     assert results["finishedReason"] == "Success"  # compute-queues: non-zero exit is Success
     assert results["finished"]["result"]["StatusCode"] == 3
     status, again = await gw.json("POST", "/q/cq", json={"definition": definition})
@@ -148,30 +251,65 @@ async def test_resubmit_is_cached_and_compat_flow(stack: Stack, gw: Gateway) -> 
 
 
 async def test_waiting_reasons_with_a_real_worker(stack: Stack, gw: Gateway) -> None:
-    await stack.worker("small", memory_limit_bytes=64 * 1024 * 1024)
+    """A 64 MiB worker never claims a job that asks for 1 GiB (it would run it with less
+    than it asked for): the job waits, and the gateway says no worker has that memory."""
+    worker = await stack.worker("small", memory_limit_bytes=64 * 1024 * 1024)
+    async with asyncio.timeout(30):
+        await worker.beaten.wait()  # its heartbeat is on the log
+    status, online = await gw.json("GET", "/api/v1/queues/small/workers")
+    assert status == 200 and [w["memoryBytes"] for w in online["workers"]] == [64 * 1024**2]
+    big = {"image": IMAGE, "command": "true", "requirements": {"memory": "1g"}}
+    status, body = await gw.json("POST", "/api/v1/queues/small/jobs", json={"definition": big})
+    assert status == 201, body
+    big_id = body["jobId"]
+    # a job the worker can run, submitted after the big one: once it is done, the worker has
+    # been through the queue (oldest first) and passed the big one by
+    fits = {"image": IMAGE, "command": "true", "requirements": {"memory": "32m"}}
+    status, body = await gw.json("POST", "/api/v1/queues/small/jobs", json={"definition": fits})
+    assert status == 201, body
+    done = await gw.wait_job("small", body["jobId"])
+    assert done["reason"] == "success", done
+    status, job = await gw.json("GET", f"/api/v1/queues/small/jobs/{big_id}")
+    assert status == 200
+    assert (job["state"], job["attempts"]) == ("queued", 0), job
+    assert [h["type"] for h in job["history"]] == ["submitted"], job["history"]
+    assert job["waiting"]["code"] == "no_worker_with_memory", job["waiting"]
+    assert "1.0 GiB" in job["waiting"]["message"] and "64.0 MiB" in job["waiting"]["message"]
 
-    async def online() -> bool:
-        return bool((await gw.json("GET", "/api/v1/queues/small/workers"))[1]["workers"])
+    # GPUs: no worker on the queue has any, so the worker takes the job only to refuse it
+    # with the reason (docs/guide.md); until then it waits for a worker with GPUs
+    gpus = {"image": IMAGE, "command": "true", "requirements": {"gpus": 2}}
+    status, body = await gw.json("POST", "/api/v1/queues/small/jobs", json={"definition": gpus})
+    assert status == 201, body
+    status, job = await gw.json("GET", f"/api/v1/queues/small/jobs/{body['jobId']}")
+    if job["state"] == "queued":
+        assert job["waiting"]["code"] == "no_worker_with_gpus", job["waiting"]
+    job = await gw.wait_job("small", body["jobId"])
+    assert job["reason"] == "error" and "GPUs" in job["result"]["message"], job
 
-    await eventually(online)
-    cases = {
-        "no_worker_with_gpus": {"image": IMAGE, "command": "true", "requirements": {"gpus": 2}},
-        "no_worker_with_memory": {
-            "image": IMAGE,
-            "command": "true",
-            "requirements": {"memory": "1g"},
-        },
-    }
-    for code, definition in cases.items():
-        status, body = await gw.json(
-            "POST", "/api/v1/queues/small/jobs", json={"definition": definition}
-        )
-        assert status == 201
-        status, job = await gw.json("GET", f"/api/v1/queues/small/jobs/{body['jobId']}")
-        if job["state"] == "queued":
-            assert job["waiting"]["code"] == code, job["waiting"]
-        else:  # the worker may finish a job no worker can run as an error at once
-            assert job["state"] in ("running", "finished")
+
+async def test_a_job_that_fits_runs_behind_many_that_do_not(stack: Stack, gw: Gateway) -> None:
+    """More jobs too big for the worker than its window of waiting jobs (256), then one it
+    can run: it runs, and none of the big ones is claimed."""
+    peer = await stack.peer()
+    limit = asyncio.Semaphore(32)
+
+    async def big(i: int) -> None:
+        async with limit:
+            definition = {"image": IMAGE, "command": f"echo {i}", "requirements": {"memory": "1g"}}
+            await jobs.submit(peer, "deep", definition)
+
+    await asyncio.gather(*(big(i) for i in range(300)))
+    fits = {"image": IMAGE, "command": "echo small"}
+    status, body = await gw.json("POST", "/api/v1/queues/deep/jobs", json={"definition": fits})
+    assert status == 201, body
+    await stack.worker("deep", memory_limit_bytes=64 * 1024 * 1024)
+    job = await gw.wait_job("deep", body["jobId"], timeout=60)
+    assert job["reason"] == "success", job
+    status, listing = await gw.json("GET", "/api/v1/queues/deep/jobs")
+    assert status == 200
+    states = [(j["state"], j["attempts"]) for j in listing["jobs"] if j["jobId"] != job["jobId"]]
+    assert states == [("queued", 0)] * 300
 
 
 async def test_cancel_a_running_job(stack: Stack, gw: Gateway) -> None:
@@ -181,12 +319,9 @@ async def test_cancel_a_running_job(stack: Stack, gw: Gateway) -> None:
         "/api/v1/queues/stop/jobs",
         json={"definition": {"image": IMAGE, "command": "sleep 60"}},
     )
+    assert status == 201, body
     jid = body["jobId"]
-
-    async def started() -> bool:
-        return (await gw.json("GET", f"/api/v1/queues/stop/jobs/{jid}"))[1]["startedMs"] is not None
-
-    await eventually(started)
+    await gw.wait_state("stop", jid, lambda job: job["startedMs"] is not None)
     status, job = await gw.json("POST", f"/api/v1/queues/stop/jobs/{jid}/cancel")
     assert status == 200 and job["cancelRequested"] is True
     job = await gw.wait_job("stop", jid, timeout=60)
@@ -220,7 +355,8 @@ LINES_JOB = {
 
 async def test_job_stream_replays_and_follows(stack: Stack, gw: Gateway) -> None:
     await stack.worker("sse")
-    _status, body = await gw.json("POST", "/api/v1/queues/sse/jobs", json={"definition": LINES_JOB})
+    status, body = await gw.json("POST", "/api/v1/queues/sse/jobs", json={"definition": LINES_JOB})
+    assert status == 201, body
     jid = body["jobId"]
     live = await collect(gw, f"/api/v1/queues/sse/jobs/{jid}/events")
     kinds = [e["event"] for e in live]
@@ -252,14 +388,17 @@ async def test_sse_resume_after_a_dropped_connection_loses_no_event(
     stack: Stack, gw: Gateway
 ) -> None:
     await stack.worker("resume")
-    _status, body = await gw.json(
+    status, body = await gw.json(
         "POST", "/api/v1/queues/resume/jobs", json={"definition": LINES_JOB}
     )
+    assert status == 201, body
     jid = body["jobId"]
     path = f"/api/v1/queues/resume/jobs/{jid}/events"
     first = await collect(gw, path, stop_after=3)  # then the connection drops
     with_id = [e for e in first if e["id"]]
-    await asyncio.sleep(1.0)  # events happen while nobody listens
+    # events happen while nobody listens: the job logs more than the client had
+    had = int(with_id[-1]["id"].split("-")[1])
+    await logged_after(stack, gw, "resume", jid, had)
     rest = await collect(gw, path, last_event_id=with_id[-1]["id"])
     full = await collect(gw, path)  # the whole history, from scratch, once finished
 
@@ -277,9 +416,23 @@ async def test_sse_resume_after_a_dropped_connection_loses_no_event(
     assert text == "".join(f"line{i}\n" for i in range(1, 7))
 
 
+async def logged_after(stack: Stack, gw: Gateway, queue: str, job: str, seq: int) -> None:
+    """Until the job's log holds a message after log sequence ``seq``."""
+
+    async def more() -> bool:
+        status, page = await gw.json(
+            "GET", f"/api/v1/queues/{queue}/jobs/{job}/logs?cursor={seq + 1}"
+        )
+        assert status == 200, page
+        return bool(page["chunks"])
+
+    await on_the_log(await stack.peer(), subjects.logs_subject(queue, job), more)
+
+
 async def test_compute_queues_stream(stack: Stack, gw: Gateway) -> None:
     await stack.worker("pcg")
-    _status, body = await gw.json("POST", "/q/pcg", json={"definition": LINES_JOB})
+    status, body = await gw.json("POST", "/q/pcg", json={"definition": LINES_JOB})
+    assert status == 200 and body["success"] is True, body
     events = []
     async with asyncio.timeout(120), gw.http.get(f"/q/pcg/j/{body['jobId']}/stream") as resp:
         async for ev in read_events(resp):
@@ -297,8 +450,10 @@ async def test_job_stream_survives_a_nats_restart(stack: Stack, gw: Gateway) -> 
     status, body = await gw.json(
         "POST", "/api/v1/queues/bounce/jobs", json={"definition": LINES_JOB}
     )
+    assert status == 201, body
     jid = body["jobId"]
     events: list[dict[str, Any]] = []
+    waiting = asyncio.Event()
 
     async def listen() -> None:
         async with (
@@ -307,15 +462,14 @@ async def test_job_stream_survives_a_nats_restart(stack: Stack, gw: Gateway) -> 
         ):
             async for ev in read_events(resp):
                 events.append(ev)
+                if ev["event"] == "waiting":
+                    waiting.set()
                 if ev["event"] == "end":
                     return
 
     task = asyncio.create_task(listen())
-
-    async def waiting() -> bool:
-        return any(e["event"] == "waiting" for e in events)
-
-    await eventually(waiting)
+    async with asyncio.timeout(60):  # the stream is open, and says why the job waits
+        await waiting.wait()
     await asyncio.to_thread(stack.nats.restart)
     await stack.worker("bounce")  # a worker that joins after the restart runs the job
     await asyncio.wait_for(task, 180)
@@ -337,19 +491,23 @@ async def test_queue_stream(stack: Stack, gw: Gateway) -> None:
     first = await jobs.submit(peer, "qs", {"image": IMAGE, "command": "echo one"})
     seen: dict[str, str] = {}
     workers: list[Any] = []
+    opened = asyncio.Event()
 
     async def listen() -> None:
         async with asyncio.timeout(120), gw.http.get("/api/v1/queues/qs/events") as resp:
             async for ev in read_events(resp):
                 if ev["event"] == "job":
                     seen[ev["data"]["jobId"]] = ev["data"]["state"]
+                    opened.set()
                 elif ev["event"] == "workers":
                     workers.append(ev["data"])
                 if len(seen) == 2 and all(s == "finished" for s in seen.values()):
                     return
 
     task = asyncio.create_task(listen())
-    await asyncio.sleep(0.5)
+    async with asyncio.timeout(30):  # the stream is open (it had the first job)
+        await opened.wait()
+    assert seen == {first.job_id: "queued"}
     second = await jobs.submit(peer, "qs", {"image": IMAGE, "command": "echo two"})
     await stack.worker("qs")
     await asyncio.wait_for(task, 120)
