@@ -15,15 +15,16 @@ import itertools
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck, event, example, given, reject, settings
 from hypothesis import strategies as st
 from test_poison import submit_raw
 from workerstack import IMAGE, Stack, run_job
 
-from asman.errors import Conflict
+from asman.errors import AsmanError, Conflict, InvalidDefinition
 from asman.log import jobs
 from asman.log.connection import Log
-from asman.log.definition import job_id
+from asman.log.definition import JobSpec, job_id
+from asman.peer.worker import Worker
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -98,7 +99,7 @@ field_overrides = st.fixed_dictionaries(
             {},
             optional={
                 "memory": huge,
-                "cpus": st.one_of(huge, st.floats(allow_nan=True, allow_infinity=True)),
+                "cpus": st.one_of(huge, st.floats(allow_nan=False, allow_infinity=False)),
                 "gpus": huge,
             },
         ),
@@ -127,11 +128,37 @@ def hostile_jobs(draw: st.DrawFn) -> dict[str, Any]:
     return definition
 
 
-async def runs_to_an_end(client: Log, definition: dict[str, Any]) -> None:
+def memory_asked(definition: dict[str, Any]) -> int:
+    """The memory a definition validly asks for (0: none, or not a valid definition)."""
+    try:
+        return JobSpec.from_definition(definition).memory or 0
+    except AsmanError:
+        return 0
+
+
+async def runs_to_an_end(client: Log, definition: dict[str, Any], ceiling: int) -> None:
+    try:
+        job_id(definition)
+    except InvalidDefinition:
+        reject()  # no canonical JSON (an integer past 2^53, NaN): no job id, no place on the log
     try:
         jid = await submit_raw(client, QUEUE, definition)
     except Conflict:  # hypothesis drew this one before: it is the same job, already ended
         jid = job_id(definition)
+    if memory_asked(definition) > ceiling:
+        # more memory than this worker allows: never claimed here (it waits for a worker
+        # that allows it); a normal job submitted after it runs, then its submitter cancels
+        after = await run_job(client, QUEUE, {"image": IMAGE, "command": f"echo {next(NORMAL)}"})
+        assert after.reason == "success", after.result
+        waiting = await jobs.read_job(client, QUEUE, jid)
+        assert waiting is not None
+        assert waiting.finished or waiting.claims == 0, (waiting.claims, definition)
+        if not waiting.finished:
+            await jobs.cancel(client, QUEUE, jid)
+        state = await jobs.wait_finished(client, QUEUE, jid, 30)
+        event("too big for this worker")
+        assert state.claims == 0 and state.reason == "cancelled", state.reason
+        return
     state = await jobs.wait_finished(client, QUEUE, jid, 90)
     event(state.reason)  # --hypothesis-show-statistics tells how the examples ended
     assert state.reason in ENDINGS, (state.reason, state.result, definition)
@@ -141,12 +168,12 @@ async def runs_to_an_end(client: Log, definition: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-async def served(stack: Stack) -> tuple[Log, asyncio.Task[None]]:
+async def served(stack: Stack) -> tuple[Log, asyncio.Task[None], Worker]:
     client = await stack.log()
-    await stack.start_worker(
+    worker = await stack.start_worker(
         QUEUE, slots=2, max_outputs=40, max_output_bytes=4 * 1024 * 1024, pids_limit=64
     )
-    return client, stack.tasks[-1][1]
+    return client, stack.tasks[-1][1], worker
 
 
 @settings(
@@ -160,13 +187,14 @@ async def served(stack: Stack) -> tuple[Log, asyncio.Task[None]]:
         "command": ["sh", "-c", "mkfifo /outputs/f; echo x > \"/outputs/$(printf 'n\\377')\""],
     }
 )
+@example(definition={"image": IMAGE, "command": "true", "requirements": {"memory": "12 TiB"}})
 @given(definition=hostile_jobs())
 async def test_every_hostile_job_ends_once_and_the_worker_serves_on(
-    served: tuple[Log, asyncio.Task[None]], definition: dict[str, Any]
+    served: tuple[Log, asyncio.Task[None], Worker], definition: dict[str, Any]
 ) -> None:
     """The same worker for every example (the fixture is shared on purpose)."""
-    client, task = served
-    await runs_to_an_end(client, definition)
+    client, task, worker = served
+    await runs_to_an_end(client, definition, worker.caps.memory_bytes)
     assert not task.done(), task
     normal = next(NORMAL)
     state = await run_job(client, QUEUE, {"image": IMAGE, "command": f"echo normal {normal}"})

@@ -8,26 +8,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
-import docker
 import pytest
+from faults import Cli, alive, heartbeats, running_containers, until, wait_removed
 from workerstack import IMAGE, Stack, output_bytes
 
-from asman.log import jobs, subjects
+from asman.log import jobs
 from asman.log.connection import Log, LogConfig
-from asman.log.events import JobState
 from asman.log.keys import PeerKey
 from asman.log.objstore import ObjectStoreBlobs
 
 pytestmark = [pytest.mark.docker]
 
-ASMAN = str(Path(sys.executable).parent / "asman")
 #: short rules, written into the streams before any worker starts: a dead process's job is
 #: challenged once its heartbeat is 3 s old and taken over 2 s later
 LEASE_S, HEARTBEAT_TTL_S = 2.0, 3.0
@@ -46,43 +41,6 @@ async def client(nats_url: str) -> AsyncIterator[Log]:
         await log.close()
 
 
-class Cli:
-    """``asman`` subprocesses of one test, stopped by PID at its end."""
-
-    def __init__(self, home: Path, nats_url: str) -> None:
-        self.home = home
-        self.env = {
-            **os.environ,
-            "HOME": str(home),
-            "ASMAN_NATS_URL": nats_url,
-            "XDG_CONFIG_HOME": str(home / "config"),
-            "XDG_DATA_HOME": str(home / "data"),
-        }
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
-        out = open(self.home / log, "wb")  # noqa: SIM115 - owned by the process
-        proc = subprocess.Popen(
-            [ASMAN, "-v", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
-        )
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.home / name).read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
-
-
 @pytest.fixture
 def cli(tmp_path: Path, nats_url: str, busybox_image: str) -> Iterator[Cli]:
     c = Cli(tmp_path, nats_url)
@@ -90,88 +48,6 @@ def cli(tmp_path: Path, nats_url: str, busybox_image: str) -> Iterator[Cli]:
         yield c
     finally:
         c.stop_all()
-
-
-async def heartbeats(client: Log, queue: str, count: int, timeout: float = 60) -> set[str]:
-    """Until ``count`` worker processes beat on ``queue``: their subjects' last tokens."""
-    seen: set[str] = set()
-    got = asyncio.Event()
-
-    async def on_beat(msg: Any) -> None:
-        seen.add(msg.subject.rsplit(".", 1)[-1])
-        if len(seen) >= count:
-            got.set()
-
-    sub = await client.nc.subscribe(subjects.workers_filter(queue), cb=on_beat)
-    try:
-        await asyncio.wait_for(got.wait(), timeout)
-    finally:
-        await sub.unsubscribe()
-    return seen
-
-
-async def until(client: Log, queue: str, job: str, pred: Any, timeout: float = 60) -> JobState:
-    async with asyncio.timeout(timeout):
-        async for state in jobs.watch_job(client, queue, job):
-            if pred(state):
-                return state
-    raise AssertionError(f"job {job} ended before the awaited state")
-
-
-def wait_removed(ids: list[str], since: float, timeout: float = 60) -> None:
-    """Until Docker has destroyed every container of ``ids`` (its events from ``since``)."""
-    api = docker.from_env()
-    try:
-        left = {i for i in ids if _exists(api, i)}
-        if not left:
-            return
-        events = api.events(
-            since=int(since), until=int(time.time() + timeout), decode=True,
-            filters={"type": "container", "event": "destroy"},
-        )  # fmt: skip
-        for event in events:
-            left.discard(event.get("id", ""))
-            if not {i for i in left if _exists(api, i)}:
-                return
-        raise AssertionError(f"containers still there after {timeout}s: {sorted(left)}")
-    finally:
-        api.close()
-
-
-def running_containers(job: str, timeout: float = 60) -> list[str]:
-    """The ids of ``job``'s containers once one runs (Docker's ``start`` events)."""
-    api = docker.from_env()
-    try:
-        since = time.time() - 60
-        label = {"label": f"asman.job={job}"}
-        found = api.containers.list(filters={**label, "status": "running"})
-        if found:
-            return [c.id for c in found]
-        events = api.events(
-            since=int(since), until=int(time.time() + timeout), decode=True,
-            filters={"type": "container", "event": "start", **label},
-        )  # fmt: skip
-        for event in events:
-            return [event["id"]]
-        raise AssertionError(f"no container of job {job} started in {timeout}s")
-    finally:
-        api.close()
-
-
-def _exists(api: Any, container_id: str) -> bool:
-    try:
-        api.containers.get(container_id)
-    except docker.errors.NotFound:
-        return False
-    return True
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def holder_of(data_dir: Path, job: str) -> tuple[int, int]:

@@ -32,7 +32,7 @@ class Stack:
         self.logs: list[Log] = []
 
     async def log(self, **overrides: Any) -> Log:
-        cfg = LogConfig(servers=(self.nats_url,), **overrides)
+        cfg = LogConfig(**{"servers": (self.nats_url,), **overrides})
         log = Log(cfg, PeerKey.generate())
         await log.connect()
         self.logs.append(log)
@@ -43,8 +43,14 @@ class Stack:
         await store.ensure()
         return store
 
-    async def start_worker(self, queue: str, *, blobs: Any = None, **overrides: Any) -> Worker:
-        log = await self.log(lease_ttl_s=overrides.pop("lease_ttl_s", 30.0))
+    async def start_worker(
+        self, queue: str, *, blobs: Any = None, via: str | None = None, **overrides: Any
+    ) -> Worker:
+        """A worker on ``queue`` in a task of this stack; ``via``: the NATS URL it connects
+        to (a ``faults.LinkProxy`` in front of the server), else the server's."""
+        log = await self.log(
+            servers=(via or self.nats_url,), lease_ttl_s=overrides.pop("lease_ttl_s", 30.0)
+        )
         runtime = DockerRuntime()
         await runtime.__aenter__()
         cfg = WorkerConfig(
@@ -68,13 +74,27 @@ class Stack:
         return worker
 
     async def close(self) -> None:
+        """Stop every worker; fails the test when one crashed (its task ended with an
+        exception) or hung (did not stop within 30 s of being told to)."""
         for stop, _ in self.tasks:
             stop.set()
-        for _, task in self.tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
+        faults: list[str] = []
+        for i, (_, task) in enumerate(self.tasks):
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 30)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                faults.append(f"worker {i} did not stop within 30 s of being told to")
+            except asyncio.CancelledError:
+                faults.append(f"worker {i} was cancelled")
+            except Exception as exc:
+                faults.append(f"worker {i} crashed: {exc!r}")
         for log in self.logs:
             await log.close()
+        if faults:
+            raise AssertionError("; ".join(faults))
 
 
 async def run_job(
