@@ -105,7 +105,7 @@ class Topology:
         """Host:port pairs of ``node``'s config and where they go on loopback."""
         out = {
             "0.0.0.0:4222": f"127.0.0.1:{node.client}",
-            "0.0.0.0:8222": f"127.0.0.1:{node.http}",
+            "127.0.0.1:8222": f"127.0.0.1:{node.http}",  # monitoring: loopback only
             STORE_DIR: json.dumps(str(self.tmp / node.name)),
         }
         if self.clustered:
