@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, fields
 from types import TracebackType
@@ -43,6 +44,7 @@ from asman.errors import (
     MessageTooLarge,
     WireVersionMismatch,
 )
+from asman.escape import one_line
 from asman.log import subjects, wire
 from asman.log.events import CheckedEvent, RawEvent, Rules
 from asman.log.filtered import read_filtered
@@ -171,8 +173,9 @@ def server_ms(stamp: str | None) -> int | None:
 class _Translate:
     """Context manager and decorator body: nats errors → Asman errors."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, log: Log | None = None) -> None:
         self.what = what
+        self.log = log
 
     def __enter__(self) -> None:
         return None
@@ -205,6 +208,15 @@ class _Translate:
                 f"{self.what}: the message is over the server's max_payload"
             ) from exc
         if isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
+            denied = self.log.recently_denied() if self.log is not None else None
+            if denied:
+                # the server drops what a user may not publish or read and says so on the
+                # side: the request then only times out; say what really happened
+                raise LogError(
+                    f"{self.what}: the NATS server refused this user's credentials the "
+                    f"permission ({one_line(denied)[:300]}): they do not allow it; see "
+                    "docs/operations.md, 'Accounts and confined credentials'"
+                ) from exc
             raise LogUnavailable(
                 f"{self.what}: NATS did not answer in time: check that the server is up and "
                 "JetStream is enabled (`asman dev` starts one)"
@@ -217,9 +229,10 @@ class _Translate:
             raise LogUnavailable(f"{self.what}: NATS error: {exc}") from exc
 
 
-def translate_errors(what: str) -> _Translate:
-    """``with translate_errors("reading job x"):`` turns nats errors into ``AsmanError``s."""
-    return _Translate(what)
+def translate_errors(what: str, log: Log | None = None) -> _Translate:
+    """``with translate_errors("reading job x", log):`` turns nats errors into
+    ``AsmanError``s (a timeout after ``log``'s server refused a permission says so)."""
+    return _Translate(what, log)
 
 
 class Log:
@@ -237,6 +250,7 @@ class Log:
         self._reconnect_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._replies: _Replies | None = None
         self._replies_lock = asyncio.Lock()  # two first requests open one inbox, not two
+        self._denied: tuple[float, str] | None = None  # the last permissions violation
         #: the protocol's numbers, from the jobs stream's metadata once connected
         self.rules: Rules = config.rules()
         #: this process's id under its key: leases and heartbeats name it, so that several
@@ -325,7 +339,20 @@ class Log:
                 await nc.close()
 
     async def _on_error(self, exc: Exception) -> None:
-        logger.debug("nats: %s", exc)
+        text = str(exc)
+        if "permissions violation" in text.lower():
+            self._denied = (time.monotonic(), text.removeprefix("nats: "))
+            logger.warning("NATS refused a permission: %s", one_line(text))
+        else:
+            logger.debug("nats: %s", exc)
+
+    def recently_denied(self) -> str | None:
+        """The server's last permissions violation on this connection, if it came within the
+        last request timeout (and a little): what a timing-out request most likely hit."""
+        if self._denied is None:
+            return None
+        at, text = self._denied
+        return text if time.monotonic() - at <= self.config.request_timeout_s + 5 else None
 
     async def _on_disconnected(self) -> None:
         if not self._closed:
@@ -443,7 +470,7 @@ class Log:
         """Read the jobs stream's wire version and protocol numbers. ``WireVersionMismatch``
         (one line, with what to do) when another Asman version made it. A peer that may not
         read stream info (confined credentials) keeps its configured numbers."""
-        with translate_errors(f"reading stream {subjects.JOBS_STREAM}"):
+        with translate_errors(f"reading stream {subjects.JOBS_STREAM}", self):
             try:
                 info = await self.js.stream_info(subjects.JOBS_STREAM)
             except nats.js.errors.NotFoundError:
@@ -458,7 +485,7 @@ class Log:
                 "Upgrading)"
             )
         self.rules = rules_from_metadata(metadata, self.config.rules())
-        with translate_errors(f"reading stream {subjects.WORKERS_STREAM}"):
+        with translate_errors(f"reading stream {subjects.WORKERS_STREAM}", self):
             try:
                 workers = await self.js.stream_info(subjects.WORKERS_STREAM)
             except nats.js.errors.NotFoundError:
@@ -467,7 +494,7 @@ class Log:
             self.heartbeat_ttl_ms = int(workers.config.max_age * 1000)
 
     async def _ensure_stream(self, cfg: StreamConfig) -> None:
-        with translate_errors(f"creating stream {cfg.name}"):
+        with translate_errors(f"creating stream {cfg.name}", self):
             try:
                 await self.js.add_stream(cfg)
             except nats.js.errors.APIError as exc:
@@ -526,7 +553,7 @@ class Log:
     ) -> int:
         headers = {subjects.HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq)}
         what = f"appending {event.get('type', 'event')} to {subject}"
-        with translate_errors(what):
+        with translate_errors(what, self):
             replies = await self._reply_inbox()
             reply = await replies.request_one(subject, data, headers, self.config.request_timeout_s)
             return _publish_ack(reply, what)
@@ -558,7 +585,7 @@ class Log:
         ``LogConfig(reads="consumer")``, a filtered consumer (``asman.log.filtered``).
         """
         if self.config.reads == "consumer":
-            with translate_errors(f"reading {subject}"):
+            with translate_errors(f"reading {subject}", self):
                 return await read_filtered(
                     self.js,
                     stream,
@@ -606,7 +633,7 @@ class Log:
                 "max_bytes": READ_BATCH_BYTES,
             }
         )
-        with translate_errors(f"reading {subject}"):
+        with translate_errors(f"reading {subject}", self):
             replies = await self._reply_inbox()
             msgs, status, detail = await replies.request(
                 f"{self.api_prefix}.DIRECT.GET.{stream}",
@@ -639,7 +666,7 @@ class Log:
         hint costs a worker one read)."""
         headers = {subjects.HDR_TTL: ttl} if ttl else None
         what = f"writing {subject}"
-        with translate_errors(what):
+        with translate_errors(what, self):
             if not wait:
                 await self.nc.publish(subject, data, headers=headers)
                 return
@@ -649,7 +676,7 @@ class Log:
 
     async def last_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on ``subject`` (0 if none)."""
-        with translate_errors(f"reading {subject}"):
+        with translate_errors(f"reading {subject}", self):
             try:
                 msg = await self.js.get_msg(stream, subject=subject, direct=True)
             except nats.js.errors.NotFoundError:
@@ -666,7 +693,7 @@ class Log:
         async def on_msg(msg: Msg) -> None:
             callback(msg.subject, msg.data)
 
-        with translate_errors(f"subscribing to {subject}"):
+        with translate_errors(f"subscribing to {subject}", self):
             sub = await self.nc.subscribe(subject, cb=on_msg)
 
         async def stop() -> None:
@@ -693,7 +720,7 @@ class Log:
             if ignore is None or not ignore(msg.data):
                 wake.set()
 
-        with translate_errors(f"subscribing to {subject}"):
+        with translate_errors(f"subscribing to {subject}", self):
             sub = await self.nc.subscribe(subject, cb=on_msg)
 
         async def stop() -> None:

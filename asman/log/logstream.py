@@ -39,7 +39,7 @@ async def append_logs(
     items = [[stream, ts, data] for stream, ts, data in chunks]
     event = {"type": "log", "ts": now_ms(), "attempt": attempt, "chunks": items}
     data = wire.seal(log.key, subject, event)
-    with translate_errors(f"appending logs of {job_id}"):
+    with translate_errors(f"appending logs of {job_id}", log):
         ack = await log.js.publish(subject, data)
     return int(ack.seq)
 
