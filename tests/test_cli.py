@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import docker
 import pytest
 from click.testing import CliRunner
 
 from asman.cli import main, new_queue_name
+from asman.log import jobs
+from asman.log.connection import Log, LogConfig
 from asman.log.definition import job_id
+from asman.log.events import JobState
+from asman.log.keys import PeerKey
 from asman.log.server import NatsServer
 from asman.peer.links import parse_link
 
@@ -44,8 +50,10 @@ class Procs:
         self.home = home
 
     def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
-        out = open(self.home / log, "wb")  # noqa: SIM115 - owned by the process
-        proc = subprocess.Popen([ASMAN, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        with open(self.home / log, "wb") as out:  # the process writes to its own copy
+            proc = subprocess.Popen(
+                [ASMAN, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
         self.procs.append(proc)
         return proc
 
@@ -71,6 +79,72 @@ class Procs:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
+
+
+def wait_job(
+    nats_url: str,
+    queue: str,
+    jid: str,
+    until: Callable[[JobState], bool],
+    what: str,
+    timeout: float = 60,
+) -> JobState:
+    """Follow the job on the log (woken by its own events, not a poll) until ``until`` holds;
+    fail the test after ``timeout``, or when the job finishes without it."""
+
+    async def follow() -> JobState | None:
+        # the streams exist (the CLI made them): never create them with other numbers
+        config = LogConfig(servers=(nats_url,), manage_streams=False)
+        async with Log(config, PeerKey.generate()) as log, asyncio.timeout(timeout):
+            last = None
+            async for state in jobs.watch_job(log, queue, jid):
+                last = state
+                if until(state):
+                    break
+            return last
+
+    try:
+        state = asyncio.run(follow())
+    except TimeoutError:
+        pytest.fail(f"job {jid[:12]} on {queue}: not {what} after {timeout:.0f}s")
+    if state is None or not until(state):
+        reason = state.reason if state is not None else None
+        pytest.fail(f"job {jid[:12]} on {queue} finished ({reason}) without being {what}")
+    return state
+
+
+def started(state: JobState) -> bool:
+    return state.started_ms is not None
+
+
+def finished(state: JobState) -> bool:
+    return state.finished
+
+
+def wait_containers_gone(label: str, timeout: float = 30) -> None:
+    """Until no container carries ``label``: the engine's destroy events (those since just
+    before the listing, then live ones), not a poll; fails after ``timeout``."""
+    client = docker.from_env()
+    try:
+        since = int(time.time()) - 1
+        left = {c.id for c in client.containers.list(all=True, filters={"label": label})}
+        if left:
+            events = client.events(
+                since=since,
+                until=int(time.time() + timeout),
+                decode=True,
+                filters={"type": "container", "event": "destroy", "label": label},
+            )
+            try:
+                for event in events:
+                    left.discard(event.get("id"))
+                    if not left:
+                        break
+            finally:
+                events.close()
+        assert not left, f"containers labelled {label} still there after {timeout:.0f}s"
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -221,24 +295,20 @@ def test_submit_wait_with_files_outputs_and_exit_code(
 
 
 @pytest.mark.docker
-def test_cancel_from_the_cli(procs: Procs, tmp_path: Path, busybox_image: str) -> None:
+def test_cancel_from_the_cli(
+    procs: Procs, tmp_path: Path, nats_server: NatsServer, busybox_image: str
+) -> None:
     procs.start("worker", "cq2", "--data-dir", str(tmp_path / "w"), log="w.log")
     sub = procs.run("submit", "cq2", IMAGE, "--", "sleep", "60")
     jid = sub.stdout.decode().strip()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        show = json.loads(procs.run("jobs", "show", "cq2", jid, "--json").stdout)
-        if show["started_ms"]:
-            break
-        time.sleep(0.3)
+    # a running job: cancelling a queued one is another path (test_log.py)
+    wait_job(nats_server.url, "cq2", jid, started, "started")
     cancel = procs.run("jobs", "cancel", "cq2", jid)
-    assert cancel.returncode == 0
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        show = json.loads(procs.run("jobs", "show", "cq2", jid, "--json").stdout)
-        if show["reason"]:
-            break
-        time.sleep(0.3)
+    assert cancel.returncode == 0, cancel.stderr.decode()
+    done = wait_job(nats_server.url, "cq2", jid, finished, "finished")
+    assert done.reason == "cancelled"
+    assert done.result is not None and done.result.worker  # its worker stopped it
+    show = json.loads(procs.run("jobs", "show", "cq2", jid, "--json").stdout)
     assert show["reason"] == "cancelled"
     # `submit --wait` on a job that gets cancelled exits with the documented 130
     waiting = subprocess.Popen(
@@ -247,24 +317,19 @@ def test_cancel_from_the_cli(procs: Procs, tmp_path: Path, busybox_image: str) -
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    procs.procs.append(waiting)
     jid2 = job_id({"image": IMAGE, "command": "sleep 61"})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        listed = procs.run("jobs", "show", "cq2", jid2, "--json")
-        if listed.returncode == 0 and json.loads(listed.stdout)["started_ms"]:
-            break
-        time.sleep(0.3)
+    wait_job(nats_server.url, "cq2", jid2, started, "started")
     assert procs.run("jobs", "cancel", "cq2", jid2).returncode == 0
-    assert waiting.wait(60) == 130
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 130, err.decode()
 
 
 @pytest.mark.docker
 @pytest.mark.slow
 def test_worker_killed_mid_job_another_finishes_it(
-    procs: Procs, tmp_path: Path, busybox_image: str
+    procs: Procs, tmp_path: Path, nats_server: NatsServer, busybox_image: str
 ) -> None:
-    import docker
-
     first = procs.start(
         "worker", "crash", "--lease-ttl", "3s", "--data-dir", str(tmp_path / "w1"), log="w1.log"
     )
@@ -272,12 +337,7 @@ def test_worker_killed_mid_job_another_finishes_it(
         "submit", "crash", IMAGE, "--", "sh", "-c", "sleep 4; echo survived > /outputs/r"
     )
     jid = sub.stdout.decode().strip()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        show = json.loads(procs.run("jobs", "show", "crash", jid, "--json").stdout)
-        if show["started_ms"]:
-            break
-        time.sleep(0.2)
+    wait_job(nats_server.url, "crash", jid, started, "started")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     # the orphan container of the dead worker is still there until cleanup
@@ -305,17 +365,7 @@ def test_worker_killed_mid_job_another_finishes_it(
     assert show["attempts"] == 2
     # a fresh worker on the first worker's data dir removes its orphans at start
     procs.start("worker", "crash", "--data-dir", str(tmp_path / "w1"), "--once", log="w3.log")
-    client = docker.from_env()
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            left = client.containers.list(all=True, filters={"label": f"asman.job={jid}"})
-            if not left:
-                break
-            time.sleep(0.5)
-        assert left == []
-    finally:
-        client.close()
+    wait_containers_gone(f"asman.job={jid}")
 
 
 @pytest.mark.docker

@@ -7,7 +7,6 @@ reconnects on its own, exactly as separate processes would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -76,8 +75,11 @@ class Fleet:
         await store.ensure()
         return store
 
-    async def worker(self, queue: str, slots: int = 2, **overrides: Any) -> Worker:
-        """A worker with its own connection, running until the fleet closes."""
+    async def worker(
+        self, queue: str, slots: int = 2, *, scan_interval_s: float = 5.0, **overrides: Any
+    ) -> Worker:
+        """A worker with its own connection (``overrides``: its ``LogConfig``), running until
+        the fleet closes."""
         log = await self.log(**overrides)
         runtime = DockerRuntime()
         await runtime.__aenter__()
@@ -88,6 +90,7 @@ class Fleet:
             drain_grace_s=5.0,
             kill_grace_s=1.0,
             heartbeat_s=1.0,
+            scan_interval_s=scan_interval_s,
             sweep_interval_s=5.0,
         )
         worker = Worker(log, await self.blobs(log), runtime, cfg)
@@ -117,14 +120,31 @@ class Fleet:
     def jobs_done(self) -> int:
         return sum(w.jobs_done for w, _, _ in self.workers)
 
-    async def close(self) -> None:
-        for _, stop, _ in self.workers:
+    async def close(self, stop_within_s: float = 30.0) -> None:
+        """Stop every worker and close every connection; then fail (``AssertionError``) if a
+        worker crashed, ended with an exception, or did not stop within ``stop_within_s``
+        (its drain grace and the hand-back of its jobs take seconds, never more)."""
+        failures: list[str] = []
+        for n, (worker, stop, task) in enumerate(self.workers):
+            if task.done() and not task.cancelled() and task.exception() is None:
+                failures.append(f"worker {n} ({worker.worker_id[:12]}) ended before it was stopped")
             stop.set()
-        for _, _, task in self.workers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
+        for n, (worker, _, task) in enumerate(self.workers):
+            name = f"worker {n} ({worker.worker_id[:12]})"
+            done, _ = await asyncio.wait([task], timeout=stop_within_s)
+            if not done:
+                task.cancel()
+                await asyncio.wait([task], timeout=stop_within_s)  # its runtime closes
+                failures.append(f"{name} did not stop within {stop_within_s:.0f}s: hung")
+            elif task.cancelled():
+                failures.append(f"{name} was cancelled")
+            elif (exc := task.exception()) is not None:
+                failures.append(f"{name} ended with {exc!r}")
         for log in self.logs:
             await log.close()
+        self.workers, self.logs = [], []  # closed: a second close (the fixture's) checks nothing
+        if failures:
+            raise AssertionError("; ".join(failures))
 
 
 async def submit_all(log: Log, queue: str, definitions: list[dict[str, Any]]) -> list[str]:
@@ -136,6 +156,32 @@ async def submit_all(log: Log, queue: str, definitions: list[dict[str, Any]]) ->
             return (await jobs.submit(log, queue, d)).job_id
 
     return list(await asyncio.gather(*(one(d) for d in definitions)))
+
+
+async def follow_queue(
+    log: Log,
+    queue: str,
+    until: Callable[[dict[str, JobState]], bool],
+    timeout: float,
+    what: str,
+) -> dict[str, JobState]:
+    """Follow every job of ``queue`` on the log (woken by their own events, not a poll) until
+    ``until(states by job id)`` holds; ``TimeoutError`` naming ``what`` after ``timeout``.
+    The log must stay reachable (``wait_until`` with ``states_if_done`` rides a failover)."""
+    states: dict[str, JobState] = {}
+    try:
+        async with asyncio.timeout(timeout):
+            async for state in jobs.watch_queue(log, queue):
+                states[state.job_id] = state
+                if until(states):
+                    return states
+    except TimeoutError:
+        raise TimeoutError(f"{what}: not after {timeout:.0f}s ({len(states)} jobs)") from None
+    raise AssertionError("watch_queue ended")
+
+
+def all_finished(ids: list[str]) -> Callable[[dict[str, JobState]], bool]:
+    return lambda states: all(i in states and states[i].finished for i in ids)
 
 
 async def wait_until(

@@ -73,8 +73,9 @@ async def test_a_confined_worker_runs_its_queue(logs: dict[str, Log]) -> None:
     assert [j.job_id for j in await jobs.list_jobs(worker, "alpha")] == [submitted.job_id]
 
     # the worker finds the job in the queue's waiting index (a filtered read: no consumer
-    # of its own, so nothing for an admin to create first) and claims it
-    index = WaitingIndex(worker, "alpha", asyncio.Event())
+    # of its own, so nothing for an admin to create first), follows it live, and claims it
+    heard = asyncio.Event()
+    index = await WaitingIndex(worker, "alpha", heard).open()
     await index.scan()
     (entry,) = index.entries.values()
     assert entry.job_id == submitted.job_id and entry.waiting
@@ -86,14 +87,17 @@ async def test_a_confined_worker_runs_its_queue(logs: dict[str, Log]) -> None:
     me = WorkerInfo(worker_id=worker.peer_id, queue="alpha", slots=1, free_slots=0)
     await beat(worker, me)
     assert [w.worker_id for w in await list_workers(client, "alpha")] == [worker.peer_id]
+    heard.clear()
     final = await lease.finish({"reason": "success", "exit_code": 0})
     assert final.reason == "success"
-    # the finished job leaves the index (its tombstone expires by itself)
-    for _ in range(300):
-        await index.scan()
-        if not index.entries:
-            break
-        await asyncio.sleep(0.02)
+    # the finished job leaves the worker's index: its subscription hears the tombstone
+    try:
+        async with asyncio.timeout(10):
+            while index.entries:
+                await heard.wait()
+                heard.clear()
+    finally:
+        await index.close()
     assert index.entries == {}
     state = await jobs.wait_finished(client, "alpha", submitted.job_id, timeout=10)
     assert state.result is not None and state.result.worker == worker.peer_id
@@ -124,7 +128,7 @@ async def test_the_server_refuses_every_listing_and_every_foreign_subject(
     server: Node, logs: dict[str, Log]
 ) -> None:
     await jobs.submit(logs["admin"], "beta", DEF_B)
-    nc, violations = await _raw(server, "worker-alpha")
+    nc, violations, reported = await _raw(server, "worker-alpha")
     try:
         api = "$JS.API"
         denied_requests = {
@@ -165,10 +169,23 @@ async def test_the_server_refuses_every_listing_and_every_foreign_subject(
         for subject in (*denied_subs, "$JS.EVENT.>"):
             await nc.subscribe(subject)
         await nc.flush()
-        await asyncio.sleep(0.2)
-        for subject in [*denied_requests, *denied_subs]:
+
+        def unreported() -> list[str]:
             # nats-py lower-cases the server's -ERR text
-            assert any(f'"{subject.lower()}"' in v for v in violations), (subject, violations)
+            return [
+                s
+                for s in [*denied_requests, *denied_subs]
+                if not any(f'"{s.lower()}"' in v for v in violations)
+            ]
+
+        # the server reports each violation as it refuses it: wait for every report
+        try:
+            async with asyncio.timeout(10):
+                while unreported():
+                    reported.clear()
+                    await reported.wait()
+        except TimeoutError:
+            raise AssertionError(f"not refused: {unreported()}; {violations}") from None
 
         # the subject form is safe: a filter in the payload that differs from the subject's
         # is refused by the server itself
@@ -192,12 +209,15 @@ async def test_an_institution_account_shares_nothing(server: Node, logs: dict[st
     assert await jobs.list_jobs(logs["admin"], "internal") == []
 
 
-async def _raw(server: Node, user: str) -> tuple[NATS, list[str]]:
-    """A plain connection as ``user`` that records the server's permission violations."""
+async def _raw(server: Node, user: str) -> tuple[NATS, list[str], asyncio.Event]:
+    """A plain connection as ``user`` that records the server's permission violations (the
+    event is set on each)."""
     violations: list[str] = []
+    reported = asyncio.Event()
 
     async def on_error(exc: Exception) -> None:
         violations.append(str(exc))
+        reported.set()
 
     nc = await nats.connect(
         server.url_as(user, PASSWORDS[user]),
@@ -205,7 +225,7 @@ async def _raw(server: Node, user: str) -> tuple[NATS, list[str]]:
         error_cb=on_error,
         max_reconnect_attempts=0,
     )
-    return nc, violations
+    return nc, violations, reported
 
 
 async def test_filtered_reads_return_what_direct_reads_return(

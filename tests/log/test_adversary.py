@@ -248,13 +248,16 @@ async def test_a_claim_with_huge_declared_numbers_stalls_nothing(
     subject2 = subjects.job_subject("st", second.job_id)
     await attacker.sign_on_top(subject2, {"type": "claimed", "delivered": huge})
     await jobs.cancel(submitter, "st", second.job_id)
-    ended = None
-    for _ in range(100):
-        ended = await jobs.cancel(submitter, "st", second.job_id, force=True)
-        if ended.finished:
-            break
-        await asyncio.sleep(0.1)
-    assert ended is not None and ended.reason == "cancelled"
+    requested = await jobs.read_job(submitter, "st", second.job_id)  # with its server time
+    assert requested is not None and requested.cancel_requested and not requested.finished
+    assert requested.cancel_ms is not None
+    # the grace runs in server time, and the server runs on this machine (its clock is
+    # ours): wait for it to pass (the log has no event for a time passing), then the first
+    # forced cancel ends the job
+    due_ms = requested.cancel_ms + submitter.rules.lease_ms
+    await asyncio.sleep(max(0.0, (due_ms - now_ms()) / 1000) + 0.002)
+    ended = await jobs.cancel(submitter, "st", second.job_id, force=True)
+    assert ended.reason == "cancelled"
 
 
 async def test_history_bloat_is_bounded_and_costs_one_warning(

@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 
 from asman.errors import (
     Conflict,
@@ -18,7 +20,7 @@ from asman.errors import (
 )
 from asman.log import jobs, subjects, wire
 from asman.log.connection import Log, LogConfig
-from asman.log.events import JobState
+from asman.log.events import JobState, now_ms
 from asman.log.keys import PeerKey
 from asman.log.leases import Candidate, JobLease, WaitingIndex, claim, finish_lost
 from asman.log.logstream import append_logs, read_logs
@@ -61,14 +63,40 @@ async def waiting_ids(log: Log, queue: str) -> list[str]:
     return [c.job_id for c in (await index(log, queue)).values() if c.waiting]
 
 
-async def until_no_waiting(log: Log, queue: str) -> None:
-    """The finisher marks the index entry done without waiting for the server's answer:
-    another connection sees it a moment later."""
-    for _ in range(500):
-        if not await waiting_ids(log, queue):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{queue} still has waiting entries: {await waiting_ids(log, queue)}")
+async def until_no_waiting(log: Log, queue: str, timeout: float = 10) -> None:
+    """Until no entry of ``queue``'s waiting index says a job waits. The finisher marks the
+    entry done without waiting for the server's answer, so another connection sees it a
+    moment later: follow the index as the server stores it (the last entry of each job,
+    then each new one, on an ordered consumer) instead of polling it."""
+    waiting: dict[str, bool] = {}
+    caught_up = asyncio.Event()  # the last entry of every job is in, as of the latest one
+    changed = asyncio.Event()
+
+    async def on_entry(msg: Msg) -> None:
+        entry = wire.parse_entry(msg.data)
+        waiting[msg.subject] = entry is not None and entry.kind == wire.ENTRY_WAITING
+        if msg.metadata.num_pending == 0:
+            caught_up.set()
+        changed.set()
+
+    sub = await log.js.subscribe(
+        subjects.waiting_filter(queue),
+        cb=on_entry,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+    )
+    try:
+        info = await sub.consumer_info()
+        if not info.num_pending and not info.delivered.consumer_seq:
+            caught_up.set()  # the index of the queue is empty
+        async with asyncio.timeout(timeout):
+            while not caught_up.is_set() or any(waiting.values()):
+                changed.clear()
+                await changed.wait()
+    except TimeoutError:
+        raise AssertionError(f"{queue} still has waiting entries: {waiting}") from None
+    finally:
+        await sub.unsubscribe()
 
 
 async def claim_next(log: Log, queue: str, **kwargs: object) -> JobLease:
@@ -238,12 +266,11 @@ async def test_a_live_holder_answers_and_keeps_its_lease(make_log: MakeLog) -> N
     # a worker that wrongly thinks the holder gone challenges it...
     taking = asyncio.create_task(claim(other, "keep", sub.job_id, alive=dead))
     subject = subjects.job_subject("keep", sub.job_id)
-    for _ in range(200):  # wait for the challenge to land (an event, not a sleep)
-        state = await jobs.read_job(client, "keep", sub.job_id)
-        assert state is not None and state.lease is not None
-        if state.lease.challenge is not None:
-            break
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):  # the challenge lands: the job's own events say so
+        async for state in jobs.watch_job(client, "keep", sub.job_id):
+            assert state.lease is not None
+            if state.lease.challenge is not None:
+                break
     assert state.lease.challenge is not None and state.lease.challenge.by == other.peer_id
     # ...and the holder, reading its job, answers at once
     answered = await lease.check()
@@ -357,14 +384,22 @@ async def test_a_cancel_the_worker_ignores_is_forced_after_the_grace(make_log: M
     # at once, a force is refused by the log (the worker may still be stopping)
     early = await jobs.cancel(client, "force", sub.job_id, force=True)
     assert not early.finished
-    ended = None
-    for _ in range(100):  # the grace is 0.5 s of server time
-        ended = await jobs.cancel(client, "force", sub.job_id, force=True)
-        if ended.finished:
-            break
-        await asyncio.sleep(0.1)
-    assert ended is not None and ended.reason == "cancelled"
+    # once the grace has passed in server time, the first force ends the job
+    ended = await force_after_grace(client, "force", sub.job_id)
+    assert ended.reason == "cancelled"
     assert "did not stop the job in time" in (ended.result.message if ended.result else "")
+
+
+async def force_after_grace(log: Log, queue: str, job: str) -> JobState:
+    """Wait until the job's cancel request is ``lease_ms`` old in server time, then force
+    the cancel once. The server runs on this machine, so its clock is ours: a force sent
+    after the due time is stamped after it. Waiting for a time to pass is the condition
+    itself here: the log has no event for it."""
+    state = await jobs.read_job(log, queue, job)
+    assert state is not None and state.cancel_ms is not None, state
+    due_ms = state.cancel_ms + log.rules.lease_ms
+    await asyncio.sleep(max(0.0, (due_ms - now_ms()) / 1000) + 0.002)
+    return await jobs.cancel(log, queue, job, force=True)
 
 
 async def test_release_hands_the_job_back_without_counting(make_log: MakeLog) -> None:
@@ -440,13 +475,16 @@ async def test_server_restart_loses_no_event_or_entry(
 ) -> None:
     client = await make_log()
     submitted = [await jobs.submit(client, "durable", definition(n)) for n in range(20)]
-    reconnects = client.nc.stats["reconnects"]
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    client.on_reconnect(on_reconnect)
     nats_server.restart()
     # the same connection reconnects by itself
-    for _ in range(100):
-        if client.nc.stats["reconnects"] > reconnects and client.nc.is_connected:
-            break
-        await asyncio.sleep(0.1)
+    await asyncio.wait_for(reconnected.wait(), 30)
+    assert client.nc.is_connected
     states = await jobs.list_jobs(client, "durable")
     assert sorted(s.job_id for s in states) == sorted(s.job_id for s in submitted)
     assert sorted(await waiting_ids(client, "durable")) == sorted(s.job_id for s in submitted)
@@ -479,19 +517,18 @@ async def test_a_deep_queue_is_seen_through_a_bounded_window_oldest_first(
     sees the next ones once those are gone: a deep queue costs it bounded memory."""
     client, worker = await make_log(), await make_log()
     ids = [(await jobs.submit(client, "deep", definition(n))).job_id for n in range(30)]
-    idx = WaitingIndex(worker, "deep", asyncio.Event(), window=8)
+    heard = asyncio.Event()  # set on every live entry the index hears
+    idx = WaitingIndex(worker, "deep", heard, window=8)
     await idx.open()
     try:
         await idx.scan()
         assert idx.more and idx.waiting_count == 8
         assert sorted(idx.entries, key=lambda j: idx.entries[j].order) == ids[:8]
-        # a job submitted now is beyond the window too: not kept, but noted
+        # a job submitted now is beyond the window too: heard, but not kept
+        heard.clear()
         late = (await jobs.submit(client, "deep", definition(99))).job_id
-        for _ in range(200):
-            if late in idx.entries or idx.waiting_count > 8:
-                break
-            await asyncio.sleep(0.01)
-        assert late not in idx.entries and idx.waiting_count == 8
+        await asyncio.wait_for(heard.wait(), 10)
+        assert late not in idx.entries and idx.waiting_count == 8 and idx.more
         seen: list[str] = []
         while len(seen) < 31:
             for job in sorted(idx.entries, key=lambda j: idx.entries[j].order):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import stat
 import tarfile
 import time
@@ -477,27 +478,49 @@ async def test_a_cancelled_build_stops_in_the_engine(
         if line.strip() == f"step {marker}":  # the step's own output, not the builder's header
             started.set()
 
-    def step_containers() -> list[Any]:
+    def step_containers() -> list[str]:
+        # the engine's list as it is (no inspect per container: other tests' containers
+        # come and go meanwhile)
         return [
-            c
-            for c in docker_client.containers.list(all=True)
-            if marker in " ".join(c.attrs["Config"].get("Cmd") or [])
+            c["Id"]
+            for c in docker_client.api.containers(all=True)
+            if marker in (c.get("Command") or "")
         ]
 
     task = asyncio.create_task(docker_runtime.build(spec, work_dir=tmp_path, on_log=on_log))
     await asyncio.wait_for(started.wait(), 60)  # the RUN step runs
-    t = time.monotonic()
+    since = int(time.time()) - 1
+    steps = set(step_containers())
+    assert steps, "the step's container runs (what this test watches)"
     task.cancel()
-    assert step_containers(), "the step's container runs (what this test watches)"
     with pytest.raises(asyncio.CancelledError):
         await task
-
-    deadline = time.monotonic() + 20
-    while step_containers():
-        assert time.monotonic() < deadline, "the build's step still runs in the engine"
-        await asyncio.sleep(0.2)
-    assert time.monotonic() - t < 20
+    # the engine says the step's container is gone (its destroy event), within 20 s
+    gone = await asyncio.to_thread(destroyed, docker_client, steps, since, 20)
+    assert gone == steps, "the build's step still runs in the engine"
+    assert not step_containers()
     assert not docker_client.images.list(name=build_tag(spec))
+
+
+def destroyed(client: Any, ids: set[str], since: int, timeout: float) -> set[str]:
+    """Which of the containers ``ids`` the engine destroys within ``timeout`` s: its destroy
+    events since ``since`` (a replay first, so none is missed, then live ones)."""
+    seen: set[str] = set()
+    events = client.events(
+        since=since,
+        until=int(time.time() + timeout),
+        decode=True,
+        filters={"type": "container", "event": "destroy"},
+    )
+    try:
+        for event in events:
+            if event.get("id") in ids:
+                seen.add(event["id"])
+                if seen == ids:
+                    break
+    finally:
+        events.close()
+    return seen
 
 
 @pytest.mark.docker
@@ -577,8 +600,30 @@ async def test_cleanup_orphans(
 
 async def test_no_engine_is_docker_unavailable(tmp_path: Path) -> None:
     runtime = DockerRuntime(f"unix://{tmp_path}/no.sock")
-    with pytest.raises(DockerUnavailable, match="no Docker engine at"):
+    with pytest.raises(DockerUnavailable, match="no Docker engine at") as caught:
         await runtime.__aenter__()
+    close_sockets_of(caught.value)
+
+
+def close_sockets_of(exc: BaseException) -> None:
+    """Close the sockets left in the frames of ``exc``'s chain: docker-py's
+    ``UnixHTTPConnection.connect`` leaves its socket open when the connect fails, and the
+    exception's frames keep it alive to the end of the run (no ``gc.collect`` frees it), where
+    its unclosed-socket warning would fail the run."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            for value in list(tb.tb_frame.f_locals.values()):
+                if isinstance(value, socket.socket):
+                    value.close()
+            tb = tb.tb_next
+        todo += [e.__cause__, e.__context__]
 
 
 async def test_misuse_is_one_sentence(job_dir: JobDir) -> None:

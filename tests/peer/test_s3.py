@@ -161,25 +161,30 @@ async def test_cancelled_download_leaves_nothing(
 ) -> None:
     data = os.urandom(8 * 1024 * 1024)
     info = await store.put_bytes(data)
-    started = threading.Event()
-    write = FileSink.write
+    started, aborted = threading.Event(), threading.Event()
+    write, abort = FileSink.write, FileSink.abort
 
     def slow_write(self: FileSink, chunk: bytes) -> None:  # one 1 MiB read every 50 ms
         started.set()
-        time.sleep(0.05)
+        time.sleep(0.05)  # a slow disk: the download is still going when it is cancelled
         write(self, chunk)
 
+    def watched_abort(self: FileSink) -> None:
+        try:
+            abort(self)
+        finally:
+            aborted.set()
+
     monkeypatch.setattr(FileSink, "write", slow_write)
+    monkeypatch.setattr(FileSink, "abort", watched_abort)
     out = tmp_path / "out"
     task = asyncio.ensure_future(store.get_to_file(info.sha256, out / "dest"))
-    await asyncio.to_thread(started.wait, 10)
+    assert await asyncio.to_thread(started.wait, 10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):  # the worker thread stops at its next read and removes its temp file
-        if not leftovers(out):
-            break
-        await asyncio.sleep(0.05)
+    # the download thread stops at its next read and removes its temp file
+    assert await asyncio.to_thread(aborted.wait, 10), "the download thread never stopped"
     assert leftovers(out) == []
 
 
