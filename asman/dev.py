@@ -24,9 +24,21 @@ from asman.errors import AsmanError, DockerUnavailable, LogUnavailable
 from asman.log.server import NatsServer
 from asman.log.subjects import validate_queue
 
-__all__ = ["DevOptions", "gateway_config", "own_services", "run_dev", "serve_gateway"]
+__all__ = [
+    "GATEWAY_URL_FILE",
+    "DevOptions",
+    "dev_gateway_url",
+    "gateway_config",
+    "own_services",
+    "run_dev",
+    "serve_gateway",
+]
 
 logger = logging.getLogger(__name__)
+
+#: while it runs, ``asman dev`` keeps its gateway's URL in this file of its data dir, where
+#: ``asman url`` finds it when given no ``--base``
+GATEWAY_URL_FILE = "gateway-url"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +67,22 @@ def gateway_config(settings: ClientSettings, host: str, port: int) -> Any:
     )
 
 
-async def serve_gateway(config: Any, stop: asyncio.Event) -> None:
+async def serve_gateway(
+    config: Any, stop: asyncio.Event, ready: Callable[[], None] | None = None
+) -> None:
     from asman.gateway.app import serve
 
-    await serve(config, stop)
+    await serve(config, stop, ready)
+
+
+def dev_gateway_url(data_dir: Path) -> str | None:
+    """The URL of the gateway of the ``asman dev`` whose data dir is ``data_dir``, while it
+    runs; None when none runs there."""
+    try:
+        url = (data_dir / GATEWAY_URL_FILE).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return url or None
 
 
 def _queue(options: DevOptions) -> str:
@@ -100,6 +124,11 @@ async def run_dev(options: DevOptions) -> int:
         blobs=BlobSettings(),
     )
     base = f"http://127.0.0.1:{options.http_port}"
+    url_file = data / GATEWAY_URL_FILE
+
+    def gateway_ready() -> None:
+        url_file.write_text(base + "\n")
+
     try:
         from asman.peer.client import migrate_log
 
@@ -126,7 +155,11 @@ async def run_dev(options: DevOptions) -> int:
                 )
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(
-                    serve_gateway(gateway_config(settings, "127.0.0.1", options.http_port), stop)
+                    serve_gateway(
+                        gateway_config(settings, "127.0.0.1", options.http_port),
+                        stop,
+                        ready=gateway_ready,
+                    )
                 )
                 ports = (options.nats_port, options.http_port)
                 if runtime is not None:
@@ -159,6 +192,7 @@ async def run_dev(options: DevOptions) -> int:
                 await stop.wait()
                 click.echo("asman dev: stopping…", err=True)
     finally:
+        url_file.unlink(missing_ok=True)
         await asyncio.to_thread(server.stop)
     return 0
 

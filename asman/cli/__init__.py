@@ -93,7 +93,8 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     "outputs_dir",
     default=None,
     type=click.Path(file_okay=False),
-    help="Where --wait puts the outputs [default: ./outputs/<job id>].",
+    help="Where --wait puts the outputs [default: ./outputs/<short id>, the first 12 "
+    "characters of the job id].",
 )
 @click.option("--rerun", is_flag=True, help="Run again even if a result is cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -291,7 +292,7 @@ async def jobs_logs(queue: str, job: str, follow: bool, as_json: bool, **kwargs:
     "dest",
     default=None,
     type=click.Path(file_okay=False),
-    help="[default: ./outputs/<job id>]",
+    help="[default: ./outputs/<short id>, the first 12 characters of the job id]",
 )
 @click.option("--json", "as_json", is_flag=True)
 @log_options
@@ -395,9 +396,9 @@ def queue_new(as_json: bool) -> None:
 @click.option(
     "--base",
     envvar="ASMAN_GATEWAY_URL",
-    default="http://127.0.0.1:8080",
-    show_default=True,
-    help="The gateway the link opens.",
+    default=None,
+    help="The gateway the link opens [default: the gateway of the `asman dev` running with "
+    "the default data dir (or ASMAN_DATA_DIR), else http://127.0.0.1:8080].",
 )
 @definition_options
 @click.option("--json", "as_json", is_flag=True)
@@ -405,7 +406,7 @@ def url(
     image: str | None,
     command: tuple[str, ...],
     queue: str | None,
-    base: str,
+    base: str | None,
     as_json: bool,
     **kwargs: Any,
 ) -> None:
@@ -431,6 +432,12 @@ def url(
                 kwargs["tags"],
             )
         )
+        if base is None:
+            from asman.dev import dev_gateway_url
+
+            data_dir = os.environ.get("ASMAN_DATA_DIR")
+            dev_dir = Path(data_dir) if data_dir else default_data_dir(os.environ) / "dev"
+            base = dev_gateway_url(dev_dir) or "http://127.0.0.1:8080"
         link = job_link(base, definition, queue=queue)
     except AsmanError as exc:
         click.echo(f"asman: {exc}", err=True)
@@ -700,8 +707,12 @@ async def gateway(host: str, port: int, **kwargs: Any) -> None:
 
     settings = settings_from(kwargs)
     stop = stop_on_signals()
-    click.echo(f"gateway on http://{host}:{port}/", err=True)
-    await serve_gateway(gateway_config(settings, host, port), stop)
+    await serve_gateway(
+        gateway_config(settings, host, port),
+        stop,
+        # once it listens and has the log: a refused start prints its error, not a URL
+        ready=lambda: click.echo(f"gateway on http://{host}:{port}/", err=True),
+    )
 
 
 @main.command()

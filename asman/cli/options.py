@@ -29,6 +29,9 @@ from asman.log.definition import parse_duration_ms, parse_size_bytes
 
 T = TypeVar("T")
 
+#: the longest --retention: a JetStream max age is nanoseconds in an int64 (~292 years)
+MAX_RETENTION_MS = 36_500 * 86_400_000
+
 logger = logging.getLogger("asman")
 
 
@@ -250,6 +253,11 @@ def settings_from(kwargs: dict[str, Any]) -> ClientSettings:
         raise ConfigError("--nats needs at least one URL, e.g. nats://127.0.0.1:4222")
     key_file = kwargs.pop("key_file")
     retention_ms = parse_duration_ms(kwargs.pop("retention"), "--retention")
+    if retention_ms > MAX_RETENTION_MS:
+        raise ConfigError(
+            f"--retention is at most {MAX_RETENTION_MS // 86_400_000}d, not "
+            f"{retention_ms // 86_400_000}d (JetStream's limit is ~292 years)"
+        )
     lease_ms = parse_duration_ms(kwargs.pop("lease_ttl"), "--lease-ttl")
     blob_max = kwargs.pop("blob_max_bytes")
     return ClientSettings(

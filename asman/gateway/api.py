@@ -447,13 +447,25 @@ async def info(request: web.Request) -> web.Response:
     )
 
 
-async def healthz(request: web.Request) -> web.Response:
-    log = request.app[LOG]
-    connected = not request.app[CLOSING].is_set() and log.nc.is_connected
+def _connected(request: web.Request) -> bool:
+    return not request.app[CLOSING].is_set() and request.app[LOG].nc.is_connected
+
+
+async def health(request: web.Request) -> web.Response:
+    """``/api/v1/health``: 200 ``{ok: true, nats: "connected"}``, or 503 while NATS is away."""
+    connected = _connected(request)
     return web.json_response(
         {"ok": connected, "nats": "connected" if connected else "disconnected"},
         status=200 if connected else 503,
     )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``/healthz`` as compute-queues answers it: 200 ``OK`` (text/plain) while healthy; 503
+    with the JSON of ``/api/v1/health`` while NATS is away."""
+    if _connected(request):
+        return web.Response(text="OK")
+    return await health(request)
 
 
 async def gateway_metrics(request: web.Request) -> web.Response:
@@ -466,6 +478,7 @@ def add_routes(app: web.Application) -> None:
     j = f"{q}/jobs/{{job}}"
     r.add_post(f"{PREFIX}/validate", validate)
     r.add_get(f"{PREFIX}/info", info)
+    r.add_get(f"{PREFIX}/health", health)
     r.add_get(f"{q}/jobs", list_queue)
     r.add_post(f"{q}/jobs", submit_job)
     r.add_get(f"{q}/workers", get_workers)

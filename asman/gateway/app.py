@@ -19,7 +19,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -126,10 +126,13 @@ def create_app(config: GatewayConfig) -> web.Application:
     return app
 
 
-async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
+async def serve(
+    config: GatewayConfig, stop: asyncio.Event, ready: Callable[[], None] | None = None
+) -> None:
     """Run the gateway on ``config.host:config.port`` until ``stop`` is set, then shut down
-    gracefully (see the module docstring). Raises ``LogUnavailable`` when the log cannot be
-    reached at startup, ``ConfigError`` when the address cannot be listened on."""
+    gracefully (see the module docstring); ``ready()`` is called once it listens. Raises
+    ``LogUnavailable`` when the log cannot be reached at startup, ``ConfigError`` when the
+    address cannot be listened on."""
     app = create_app(config)
     runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_s, handle_signals=False)
     await runner.setup()
@@ -144,6 +147,8 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
             ) from exc
         for address in runner.addresses:
             logger.info("gateway listening on %s", address)
+        if ready is not None:
+            ready()
         await stop.wait()
     finally:
         with contextlib.suppress(Exception):

@@ -69,7 +69,7 @@ PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'"
 )
-_UNLIMITED = frozenset({"/healthz", "/metrics"})
+_UNLIMITED = frozenset({"/healthz", "/api/v1/health", "/metrics"})
 
 
 def _snake(name: str) -> str:

@@ -255,6 +255,14 @@ def _schemas() -> dict[str, Any]:
                 "text": {"type": "string"},
             },
         },
+        "Health": {
+            "type": "object",
+            "required": ["ok", "nats"],
+            "properties": {
+                "ok": {"type": "boolean"},
+                "nats": {"type": "string", "enum": ["connected", "disconnected"]},
+            },
+        },
         "BlobExists": {
             "type": "object",
             "required": ["exists"],
@@ -335,6 +343,15 @@ def _native() -> dict[str, Any]:
             "get": _op(
                 "The gateway's name, version, peer id, blob store and limits",
                 {"200": _json({"type": "object"}, "Gateway info")},
+            )
+        },
+        f"{p}/health": {
+            "get": _op(
+                "Health: 200 while connected to NATS, 503 while it is away",
+                {
+                    "200": _json(_ref("Health"), "Healthy"),
+                    "503": _json(_ref("Health"), "Not connected"),
+                },
             )
         },
         f"{q}/jobs": {
@@ -538,10 +555,13 @@ def _native() -> dict[str, Any]:
         },
         "/healthz": {
             "get": _op(
-                "Health: 200 while connected to NATS",
+                "Health as compute-queues answers it: 200 OK while connected to NATS",
                 {
-                    "200": _json({"type": "object"}, "Healthy"),
-                    "503": _json({"type": "object"}, "Not connected"),
+                    "200": {
+                        "description": "Healthy: the text OK",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "503": _json(_ref("Health"), "Not connected"),
                 },
             )
         },

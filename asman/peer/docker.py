@@ -53,7 +53,7 @@ from asman.errors import (
 )
 from asman.log.definition import RESERVED_FILES
 from asman.peer.archive import unpack_archive
-from asman.peer.dockerbuild import BuildEndpoint, build_events
+from asman.peer.dockerbuild import BuildEndpoint, BuildLines, build_events
 from asman.peer.jobdir import fresh_dir
 
 __all__ = [
@@ -430,6 +430,7 @@ class DockerRuntime:
                     use_config_proxy=False,
                 ),
             )
+        output = BuildLines()
         try:
             async for event in events:
                 if not isinstance(event, dict):
@@ -439,11 +440,14 @@ class DockerRuntime:
                     error = event.get("error") or (
                         detail.get("message", "") if isinstance(detail, dict) else ""
                     )
+                    for line in output.close():
+                        await _emit(on_log, tail, line)
                     await _emit(on_log, tail, str(error).rstrip())
                 elif isinstance(event.get("stream"), str):
-                    for line in event["stream"].splitlines():
-                        if line.strip():
-                            await _emit(on_log, tail, line)
+                    for line in output.feed(event["stream"]):
+                        await _emit(on_log, tail, line)
+            for line in output.close():
+                await _emit(on_log, tail, line)
         except DockerUnavailable:
             raise
         except RuntimeFailure as exc:

@@ -25,10 +25,40 @@ from urllib.parse import urlsplit
 import aiohttp
 import docker.utils
 
-__all__ = ["BuildEndpoint", "build_events"]
+__all__ = ["BuildEndpoint", "BuildLines", "build_events"]
 
 #: the engine's answer is JSON objects, one per line; a line longer than this is refused
 MAX_LINE = 1024 * 1024
+#: a build output line longer than this is cut into pieces of this size
+MAX_OUTPUT_LINE = 64 * 1024
+
+
+class BuildLines:
+    """The lines of a build's output, from the ``stream`` texts of its events.
+
+    The engine cuts its output where it wrote it, not at line ends: a step's title comes
+    without its newline, which follows as an event of its own (``"Step 1/2 : FROM x"``,
+    ``"\\n"``), and a RUN step's output comes as the step wrote it (``"hi\\n\\na"``,
+    ``"b\\n"``). Split event by event, a lone ``"\\n"`` is an empty line (a blank line
+    between steps) and ``"a"`` ``"b"`` two lines. Here text is kept until its line ends, as
+    ``docker build`` prints it: every line comes out whole, once, and an empty line only
+    where the build printed one (a RUN step's ``echo``)."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def feed(self, text: str) -> list[str]:
+        """The lines ``text`` completes (without their line ends)."""
+        *lines, self._partial = (self._partial + text).split("\n")
+        while len(self._partial) > MAX_OUTPUT_LINE:
+            lines.append(self._partial[:MAX_OUTPUT_LINE])
+            self._partial = self._partial[MAX_OUTPUT_LINE:]
+        return [line.removesuffix("\r") for line in lines]
+
+    def close(self) -> list[str]:
+        """The last line, if the output did not end with a line end."""
+        rest, self._partial = self._partial.removesuffix("\r"), ""
+        return [rest] if rest else []
 
 
 class BuildEndpoint:

@@ -94,5 +94,5 @@ async def test_fuzz_the_api_from_its_openapi_document(gateway: Gateway) -> None:
     assert failures == []
     assert sum(statuses.values()) > 150, statuses
     assert statuses[200] > 20 and statuses[400] > 20, statuses  # deep and shallow both
-    status, health = await gateway.json("GET", "/healthz")
+    status, health = await gateway.json("GET", "/api/v1/health")
     assert status == 200 and health["ok"]
