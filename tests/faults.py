@@ -33,6 +33,10 @@ from asman.log.events import JobState
 
 ASMAN = str(Path(sys.executable).parent / "asman")
 
+#: short rules for fault tests, written into the streams by the first client: a silent holder
+#: is challenged once its heartbeat is 3 s old and loses the lease 2 s later
+LEASE_S, HEARTBEAT_TTL_S = 2.0, 3.0
+
 #: (subject, payload) → whether the rule applies to this client publish
 PubRule = Callable[[str, bytes], bool]
 

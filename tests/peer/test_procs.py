@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,37 +16,10 @@ from faults import Cli, alive, heartbeats, running_containers, until, wait_remov
 from workerstack import IMAGE, Stack, output_bytes
 
 from asman.log import jobs
-from asman.log.connection import Log, LogConfig
-from asman.log.keys import PeerKey
+from asman.log.connection import Log
 from asman.log.objstore import ObjectStoreBlobs
 
 pytestmark = [pytest.mark.docker]
-
-#: short rules, written into the streams before any worker starts: a dead process's job is
-#: challenged once its heartbeat is 3 s old and taken over 2 s later
-LEASE_S, HEARTBEAT_TTL_S = 2.0, 3.0
-
-
-@pytest.fixture
-async def client(nats_url: str) -> AsyncIterator[Log]:
-    log = Log(
-        LogConfig(servers=(nats_url,), lease_ttl_s=LEASE_S, heartbeat_ttl_s=HEARTBEAT_TTL_S),
-        PeerKey.generate(),
-    )
-    await log.connect()
-    try:
-        yield log
-    finally:
-        await log.close()
-
-
-@pytest.fixture
-def cli(tmp_path: Path, nats_url: str, busybox_image: str) -> Iterator[Cli]:
-    c = Cli(tmp_path, nats_url)
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def holder_of(data_dir: Path, job: str) -> tuple[int, int]:

@@ -14,12 +14,13 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from faults import (
+    LEASE_S,
     Cli,
     LinkProxy,
     accepted,
@@ -34,40 +35,13 @@ from faults import (
 from workerstack import IMAGE, Stack, output_bytes
 
 from asman.log import jobs
-from asman.log.connection import Log, LogConfig
+from asman.log.connection import Log
 from asman.log.definition import job_id
 from asman.log.jobs import CAS_RETRIES
-from asman.log.keys import PeerKey
 from asman.log.objstore import ObjectStoreBlobs
 from asman.log.server import NatsServer
 
 pytestmark = [pytest.mark.docker]
-
-#: short rules, written into the streams by the client before any worker starts: a silent
-#: holder is challenged once its heartbeat is 3 s old and loses the lease 2 s later
-LEASE_S, HEARTBEAT_TTL_S = 2.0, 3.0
-
-
-@pytest.fixture
-async def client(nats_url: str) -> AsyncIterator[Log]:
-    log = Log(
-        LogConfig(servers=(nats_url,), lease_ttl_s=LEASE_S, heartbeat_ttl_s=HEARTBEAT_TTL_S),
-        PeerKey.generate(),
-    )
-    await log.connect()
-    try:
-        yield log
-    finally:
-        await log.close()
-
-
-@pytest.fixture
-def cli(tmp_path: Path, nats_url: str, busybox_image: str) -> Iterator[Cli]:
-    c = Cli(tmp_path, nats_url)
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 @pytest.fixture
