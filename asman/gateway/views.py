@@ -128,6 +128,22 @@ def waiting(state: JobState, workers: Sequence[WorkerInfo]) -> Waiting | None:
                 "message": f"the job asks for {_size(memory)} of memory; no worker online "
                 f"allows that much (most: {_size(most)})",
             }
+    tags = state.definition.get("tags")
+    if isinstance(tags, list) and tags and all(isinstance(t, str) for t in tags):
+        fit = [w for w in fit if set(tags) <= set(w.labels)]
+        if not fit:
+            labels = {label for w in live for label in w.labels}
+            missing = [t for t in tags if t not in labels]
+            told = ", ".join(missing) if missing else ", ".join(tags)
+            return {
+                "code": "no_worker_with_tags",
+                "message": (
+                    f"the job is tagged {told}; no worker online has "
+                    + ("that label" if len(missing) == 1 else "those labels")
+                    if missing
+                    else f"the job is tagged {told}; no worker online has all of them"
+                ),
+            }
     if all(w.free_slots <= 0 or (gpus > 0 and w.free_gpus < gpus) for w in fit):
         return {
             "code": "workers_busy",

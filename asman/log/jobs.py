@@ -177,15 +177,36 @@ async def _require(log: Log, queue: str, job: str) -> JobState:
 
 
 async def mark_waiting(
-    log: Log, queue: str, job_class: str, job: str, last_seq: int, memory: int = 0
+    log: Log,
+    queue: str,
+    job_class: str,
+    job: str,
+    last_seq: int,
+    memory: int = 0,
+    tagged: bool = False,
 ) -> None:
     """Write the job's waiting-index entry: workers see it at once (live) or on their next
     scan. Safe to repeat; ``last_seq``, the sequence of the job's last event, lets a worker
     claim without reading first; ``memory`` (``memory_asked``) lets a worker that allows less
-    pass the job by without reading it (``wire.waiting_entry``)."""
+    pass the job by without reading it, and ``tagged`` tells workers to look at its tags
+    first (``entry_hints`` gives both; ``wire.waiting_entry``)."""
     await log.publish_entry(
-        subjects.waiting_subject(queue, job_class, job), wire.waiting_entry(last_seq, memory)
+        subjects.waiting_subject(queue, job_class, job),
+        wire.waiting_entry(last_seq, memory, tagged),
     )
+
+
+def tags_asked(definition: Mapping[str, Any]) -> tuple[str, ...]:
+    """The tags a definition asks its worker's labels to have (none unless a list of text)."""
+    tags = definition.get("tags")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return ()
+    return tuple(tags)
+
+
+def entry_hints(definition: Mapping[str, Any]) -> dict[str, Any]:
+    """``mark_waiting``'s hints for a job with this definition."""
+    return {"memory": memory_asked(definition), "tagged": bool(tags_asked(definition))}
 
 
 def memory_asked(definition: Mapping[str, Any]) -> int:
@@ -273,7 +294,7 @@ async def submit(
         requeued = True
     if state.state == "queued":
         await mark_waiting(
-            log, queue, state.job_class, jid, state.last_seq, memory_asked(state.definition)
+            log, queue, state.job_class, jid, state.last_seq, **entry_hints(state.definition)
         )
     logger.info("job=%s queue=%s submitted created=%s", jid, queue, created)
     return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
@@ -302,7 +323,7 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
         state = await _require(log, queue, job)
     if state.state == "queued":
         await mark_waiting(
-            log, queue, state.job_class, job, state.last_seq, memory_asked(state.definition)
+            log, queue, state.job_class, job, state.last_seq, **entry_hints(state.definition)
         )
     return state
 

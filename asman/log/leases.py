@@ -37,7 +37,7 @@ from asman.errors import Conflict, LeaseLost, LogError
 from asman.log import subjects, wire
 from asman.log.connection import DONE_TTL, READ_BATCH, Log
 from asman.log.events import CheckedEvent, JobState, Lease, now_ms
-from asman.log.jobs import CAS_RETRIES, JobHistory, mark_waiting, memory_asked
+from asman.log.jobs import CAS_RETRIES, JobHistory, entry_hints, mark_waiting
 from asman.log.workers import WorkerInfo, list_workers
 
 __all__ = [
@@ -396,7 +396,7 @@ class JobLease:
                 self.job_class,
                 self.job_id,
                 state.last_seq,
-                memory_asked(state.definition),
+                **entry_hints(state.definition),
             )
 
 

@@ -415,11 +415,13 @@ def open_envelope(data: bytes, subject: str, *, max_size: int = DEFAULT_MAX_SIZE
 #: always reads (or claims by compare-and-set on) the job's own subject before it believes
 #: anything, so an entry needs no signature. One entry per job (the stream keeps the last):
 #:
-#: * ``w <seq> [<memory>]``: waiting; ``seq`` is the job's last sequence when written (a
+#: * ``w <seq> [<memory> [t]]``: waiting; ``seq`` is the job's last sequence when written (a
 #:   worker claims by compare-and-set on it while it reads the job: one round trip);
 #:   ``memory``, the bytes its definition asks for, when it asks (a worker whose ceiling is
 #:   lower leaves it to others without reading it: a hint it checks before believing a
-#:   "too big", and after claiming a "fits");
+#:   "too big", and after claiming a "fits"); ``t`` when the job has ``tags`` (a worker
+#:   reads its definition once before trying it, and runs it only with every tag among its
+#:   labels);
 #: * ``r <seq> <peer id> <proc>``: running, claimed at ``seq`` by that worker process;
 #: * ``d``: finished (written with a short per-message TTL, so it goes away).
 ENTRY_WAITING = "w"
@@ -434,9 +436,12 @@ class Entry:
     holder: str = ""
     proc: str = ""
     memory: int = 0  # waiting: the memory the job asks for (0: nothing said)
+    tagged: bool = False  # waiting: the job has tags
 
 
-def waiting_entry(last_seq: int, memory: int = 0) -> bytes:
+def waiting_entry(last_seq: int, memory: int = 0, tagged: bool = False) -> bytes:
+    if tagged:
+        return f"w {max(0, last_seq)} {max(0, memory)} t".encode()
     if memory > 0:
         return f"w {max(0, last_seq)} {memory}".encode()
     return f"w {max(0, last_seq)}".encode()
@@ -458,12 +463,15 @@ def parse_entry(data: bytes) -> Entry | None:
     try:
         if kind == b"d" and len(parts) == 1:
             return Entry(ENTRY_DONE)
+        tagged = len(parts) == 4 and parts[3] == b"t"
+        numbers = parts[1:3]
         if (
             kind == b"w"
-            and len(parts) in (2, 3)
-            and all(p.isdigit() and len(p) <= 20 for p in parts[1:])
+            and (len(parts) in (2, 3) or tagged)
+            and all(p.isdigit() and len(p) <= 20 for p in numbers)
         ):
-            return Entry(ENTRY_WAITING, int(parts[1]), memory=int(parts[2]) if parts[2:] else 0)
+            memory = int(numbers[1]) if len(numbers) > 1 else 0
+            return Entry(ENTRY_WAITING, int(parts[1]), memory=memory, tagged=tagged)
         if (
             kind == b"r"
             and len(parts) == 4

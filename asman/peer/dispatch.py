@@ -90,13 +90,16 @@ class Dispatcher:
         scan_interval_s: float = 5.0,
         sweep_interval_s: float = 120.0,
         memory_bytes: int | None = None,
+        labels: Iterable[str] = (),
     ) -> None:
         self.log = log
+        #: this worker's labels: a job with tags runs only where every tag is one of them
+        self.labels = frozenset(labels)
         #: the memory ceiling of this worker's jobs (0: none); None: the one its own
         #: heartbeat on the queue announces
         self.memory_bytes = memory_bytes
-        # job id → the memory its definition asks for (0: nothing said)
-        self._needs: dict[str, int] = {}
+        # job id → the memory (0: nothing said) and tags its definition asks for
+        self._needs: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._base_window = 0  # the indexes' own window (set at open)
         self.queues = queues
         self.scan_interval_s = scan_interval_s
@@ -193,7 +196,7 @@ class Dispatcher:
                         state.job_class,
                         state.job_id,
                         state.last_seq,
-                        jobs.memory_asked(state.definition),
+                        **jobs.entry_hints(state.definition),
                     )
                     logger.info("job=%s queue=%s index entry repaired", state.job_id, queue)
         except LogError as exc:
@@ -234,21 +237,38 @@ class Dispatcher:
         me = index.workers.get((self.log.peer_id, self.log.session))
         return None if me is None else me.memory_bytes
 
+    def _asks(self, cand: Candidate) -> tuple[int, tuple[str, ...]]:
+        """The memory and tags ``cand`` asks for: known from its definition, else what its
+        entry says of the memory (and no tags)."""
+        known = self._needs.get(cand.job_id)
+        if known is not None:
+            return known
+        return (cand.entry.memory if cand.waiting else 0), ()
+
+    def _why_not(self, cand: Candidate) -> str | None:
+        """Why this worker does not take ``cand`` (its memory or tags), or None."""
+        memory, tags = self._asks(cand)
+        missing = [t for t in tags if t not in self.labels]
+        if missing:
+            return f"its tags {', '.join(missing)} are not among this worker's labels"
+        if memory:
+            ceiling = self._ceiling(self.indexes[cand.queue])
+            if ceiling is None or (ceiling and memory > ceiling):
+                return f"it asks for {memory} bytes of memory, over this worker's {ceiling}"
+        return None
+
     def _fits(self, cand: Candidate) -> bool:
-        """False for a job known (from its definition) or said (by its entry, not yet
-        checked) to ask for more memory than this worker allows."""
-        need = self._needs.get(cand.job_id, cand.entry.memory if cand.waiting else 0)
-        if not need:
-            return True
-        ceiling = self._ceiling(self.indexes[cand.queue])
-        return ceiling is not None and (ceiling == 0 or need <= ceiling)
+        return self._why_not(cand) is None
 
     def _unchecked(self, cand: Candidate) -> bool:
-        """A job whose entry alone says it is too big: read before it is passed by."""
-        return cand.job_id not in self._needs and cand.waiting and cand.entry.memory > 0
+        """A job whose entry alone says it may not be for us (too big, or tagged): its
+        definition is read once before it is passed by or tried (entries are hints)."""
+        if cand.job_id in self._needs or not cand.waiting:
+            return False
+        return cand.entry.tagged or not self._fits(cand)
 
     async def _check_needs(self, cand: Candidate) -> None:
-        """Read what ``cand``'s definition asks for (its entry said "too big")."""
+        """Read what ``cand``'s definition asks for."""
         try:
             state = await jobs.read_job(self.log, cand.queue, cand.job_id)
         except LogError as exc:
@@ -256,22 +276,16 @@ class Dispatcher:
             self.done(cand, retry_after_s=NEEDS_RETRY_S)  # the entry's word stands till then
             return
         self.learn(cand.job_id, state.definition if state is not None else {})
-        if not self._fits(cand):
-            logger.info(
-                "job=%s queue=%s asks for %d bytes of memory, over this worker's %s: left "
-                "to another worker",
-                cand.job_id,
-                cand.queue,
-                self._needs[cand.job_id],
-                self._ceiling(self.indexes[cand.queue]),
-            )
+        why = self._why_not(cand)
+        if why:
+            logger.info("job=%s queue=%s left to another worker: %s", cand.job_id, cand.queue, why)
 
     def learn(self, job_id: str, definition: Mapping[str, Any]) -> None:
         """Remember what ``job_id``'s definition asks for (a job id is the hash of its
         definition: it never changes)."""
         if len(self._needs) >= MAX_KNOWN_NEEDS:
             self._needs.clear()
-        self._needs[job_id] = jobs.memory_asked(definition)
+        self._needs[job_id] = (jobs.memory_asked(definition), jobs.tags_asked(definition))
 
     def _eligible(self, cand: Candidate, index: WaitingIndex, now: float) -> bool:
         if cand.job_id in self._in_flight:

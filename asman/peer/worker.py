@@ -180,6 +180,7 @@ class Worker:
             scan_interval_s=config.scan_interval_s,
             sweep_interval_s=config.sweep_interval_s,
             memory_bytes=self.caps.memory_bytes,  # a job asking more is left to others
+            labels=config.labels,  # and one with a tag we do not have
         )
         self.jobs_done = 0
         #: set after each round of heartbeats (a test or a supervisor may wait on it)
@@ -459,9 +460,12 @@ class Worker:
             except AsmanError as exc:
                 await self._finish_error(lease, f"invalid definition: {exc}")
                 return
-            if spec.memory and spec.memory > self.caps.memory_bytes:
+            if (spec.memory and spec.memory > self.caps.memory_bytes) or not set(spec.tags) <= set(
+                self.config.labels
+            ):
                 # its waiting entry did not say so (written by an older peer, or forged):
-                # hand it back untried for a worker that allows that much, and remember it
+                # hand it back untried for a worker that allows that much or has those
+                # labels, and remember it
                 self.dispatcher.learn(lease.job_id, lease.state.definition)
                 await asyncio.shield(self._riding_out(lease, lease.release))
                 return

@@ -620,3 +620,20 @@ def test_hand_written_structures_are_the_cbor_cbor2_writes(size: int) -> None:
     for parts in ((protected, subject.encode(), payload), (b"", b"", b"x" * size)):
         assert wire._sig_structure(*parts) == cbor2.dumps(["Signature1", *parts])
     assert open_envelope(envelope, subject).event["blob"] == event["blob"]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (wire.waiting_entry(7), wire.Entry("w", 7)),
+        (wire.waiting_entry(7, 2**30), wire.Entry("w", 7, memory=2**30)),
+        (wire.waiting_entry(7, 0, tagged=True), wire.Entry("w", 7, tagged=True)),
+        (wire.waiting_entry(7, 5, tagged=True), wire.Entry("w", 7, memory=5, tagged=True)),
+        (b"w 7 5 x", None),  # an unknown flag is junk, not a waiting job
+        (b"w 7 t", None),
+        (b"w 7 5 t extra", None),
+        (b"w 7 " + b"9" * 21, None),
+    ],
+)
+def test_waiting_entries_carry_memory_and_a_tag_flag(data: bytes, expected: object) -> None:
+    assert wire.parse_entry(data) == expected
