@@ -51,8 +51,11 @@ class DevOptions:
     new_queue: Callable[[], str]
 
 
-def gateway_config(settings: ClientSettings, host: str, port: int) -> Any:
-    """The gateway's config from the client settings (the gateway has its own key)."""
+def gateway_config(
+    settings: ClientSettings, host: str, port: int, *, exposed_queues: tuple[str, ...] = ()
+) -> Any:
+    """The gateway's config from the client settings (the gateway has its own key);
+    ``exposed_queues`` are the queues its routes without a queue search."""
     from asman.gateway.app import GatewayConfig
     from asman.peer.client import log_config
 
@@ -64,6 +67,7 @@ def gateway_config(settings: ClientSettings, host: str, port: int) -> Any:
         blobs_url=settings.blobs.url,
         s3_access_key=settings.blobs.access_key,
         s3_secret_key=settings.blobs.secret_key,
+        exposed_queues=exposed_queues,
     )
 
 
@@ -156,7 +160,10 @@ async def run_dev(options: DevOptions) -> int:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(
                     serve_gateway(
-                        gateway_config(settings, "127.0.0.1", options.http_port),
+                        # its own queue: /j/<id> links work without ?queue=
+                        gateway_config(
+                            settings, "127.0.0.1", options.http_port, exposed_queues=(queue,)
+                        ),
                         stop,
                         ready=gateway_ready,
                     )

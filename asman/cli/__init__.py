@@ -699,16 +699,26 @@ def worker(
 @click.option(
     "--port", envvar="ASMAN_HTTP_PORT", default=8080, show_default=True, type=int, help="HTTP port."
 )
+@click.option(
+    "--expose",
+    envvar="ASMAN_EXPOSE",
+    multiple=True,
+    metavar="QUEUE",
+    help="Let compute-queues' routes without a queue (/j/<id>/…) find jobs on QUEUE; "
+    "repeatable or comma-separated. Whoever knows a job's definition can then find it and "
+    "its outputs: expose only public queues. [default: none]",
+)
 @log_options
 @asyncmain
-async def gateway(host: str, port: int, **kwargs: Any) -> None:
+async def gateway(host: str, port: int, expose: tuple[str, ...], **kwargs: Any) -> None:
     """Serve the browser page and the HTTP API."""
     from asman.dev import gateway_config, serve_gateway
 
     settings = settings_from(kwargs)
+    exposed = tuple(dict.fromkeys(q.strip() for v in expose for q in v.split(",") if q.strip()))
     stop = stop_on_signals()
     await serve_gateway(
-        gateway_config(settings, host, port),
+        gateway_config(settings, host, port, exposed_queues=exposed),
         stop,
         # once it listens and has the log: a refused start prints its error, not a URL
         ready=lambda: click.echo(f"gateway on http://{host}:{port}/", err=True),

@@ -4,10 +4,13 @@ can point at an Asman gateway.
 Differences, on purpose:
 
 * A job is found by its queue. ``/j/{id}`` routes take the queue from ``?queue=``; without it
-  they answer 400 saying so. Queue names are capabilities, and the log is keyed by queue, so
-  the gateway does not search every queue for an id (that would also tell anyone who can
-  compute a job id which queue ran it). A browser opening ``/j/{id}`` (the short link form,
+  they look for the id on the queues the operator exposes (``GatewayConfig.exposed_queues``,
+  all read at once, the first in the configured order that holds it wins), and with none
+  exposed they answer 400 saying how to expose some. Queue names are capabilities, so no
+  other queue is searched. A browser opening ``/j/{id}`` (the short link form,
   ``/j/{id}#?queue=q``) gets the page, which reads the queue from the hash.
+* An unknown job's ``definition.json`` and ``result.json`` answer 200 ``{"data": null}``, as
+  compute-queues does; the other job routes answer 404 ``job_not_found``.
 * Namespaces (``control.namespace``, ``?namespace=``) are accepted and ignored: a job is
   cancelled by the peer that submitted it, which for jobs sent here is this gateway.
 * Cancelled jobs stay listed as ``Finished``/``Cancelled``; a non-zero exit code is
@@ -17,12 +20,13 @@ Differences, on purpose:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from asman.errors import InvalidInput
+from asman.errors import InvalidInput, JobNotFound, LogError
 from asman.gateway import api, files, sse
 from asman.gateway.limits import read_json
 from asman.gateway.page import page
@@ -40,13 +44,67 @@ RUN_STREAMS = ("stdout", "stderr")
 BUILD_STREAMS = ("build", "system")
 
 
+class NotExposed(JobNotFound):
+    """No queue this gateway exposes holds the job (a route without a queue). Answered 404
+    ``job_not_found`` like ``JobNotFound``, without naming the queues looked at."""
+
+    def __init__(self, job_id: str) -> None:
+        LogError.__init__(
+            self,
+            f"job {job_id} not found on the queues this gateway exposes: if it is on another "
+            "queue, use /q/<queue>/j/<id>/… or add ?queue=<queue>",
+        )
+        self.queue = ""
+        self.job_id = job_id
+
+
+def _has_queue(request: web.Request) -> bool:
+    return "queue" in request.match_info or bool(request.query.get("queue"))
+
+
 def _queue(request: web.Request) -> str:
-    if "queue" not in request.match_info and not request.query.get("queue"):
+    if not _has_queue(request):
         raise InvalidInput(
             "this route needs the job's queue: use /q/<queue>/j/<id>/… or add ?queue=<queue> "
-            "(a job is found by its queue and id; the gateway does not search across queues)"
+            "(a job is found by its queue and id)"
         )
     return api.queue_param(request)
+
+
+async def _find(request: web.Request) -> tuple[str, JobState | None]:
+    """The job's id and state (None: no such job). Its queue is the path's or ``?queue=``;
+    without one, the exposed queues are read at once and the first (in the configured order)
+    that holds the id wins."""
+    if _has_queue(request):
+        queue, jid = _queue(request), _job(request)
+        return jid, await jobs.read_job(request.app[LOG], queue, jid)
+    exposed = request.app[CONFIG].exposed_queues
+    if not exposed:
+        raise InvalidInput(
+            "this route needs the job's queue: use /q/<queue>/j/<id>/… or add ?queue=<queue>. "
+            "This gateway exposes no queue for lookups by id alone; its operator can name "
+            "some with `asman gateway --expose QUEUE` (or ASMAN_EXPOSE)"
+        )
+    jid, log = _job(request), request.app[LOG]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            reads = [tg.create_task(jobs.read_job(log, queue, jid)) for queue in exposed]
+    except ExceptionGroup as group:
+        raise group.exceptions[0] from None  # e.g. LogUnavailable, answered as such
+    for read in reads:
+        if (state := read.result()) is not None:
+            return jid, state
+    return jid, None
+
+
+async def _load(request: web.Request) -> JobState:
+    """The job as ``_find`` finds it; JobNotFound (404) when there is none."""
+    jid, state = await _find(request)
+    if state is not None:
+        return state
+    if _has_queue(request):
+        raise JobNotFound(_queue(request), jid)
+    raise NotExposed(jid)
 
 
 def _job(request: web.Request) -> str:
@@ -130,8 +188,7 @@ async def job(request: web.Request) -> web.StreamResponse:
         and _wants_html(request)
     ):
         return await page(request)  # the short link /j/<id>#?queue=<q> is the page
-    queue, jid = _queue(request), _job(request)
-    state = await api.load_job(request, queue, jid)
+    state = await _load(request)
     logs = await _logs(request, state) if state.finished else None
     record = cq_record(state, blob_url=_blob_url(request), with_result=True, logs=logs)
     return web.json_response({"data": {"definition": state.definition, "results": record}})
@@ -143,33 +200,14 @@ def _wants_html(request: web.Request) -> bool:
 
 
 async def definition(request: web.Request) -> web.Response:
-    queue, jid = _queue(request), _job(request)
-    state = await jobs.read_job(request.app[LOG], queue, jid)
-    if state is None:
-        return _not_found(queue, jid)
-    return web.json_response({"data": state.definition})
-
-
-def _not_found(queue: str, jid: str) -> web.Response:
-    return web.json_response(
-        {
-            "data": None,
-            "error": f"job {jid} not found on queue {queue!r}",
-            "message": "Job not found",
-            "code": "job_not_found",
-            "status": 404,
-        },
-        status=404,
-    )
+    _, state = await _find(request)
+    return web.json_response({"data": state.definition if state is not None else None})
 
 
 async def result(request: web.Request) -> web.Response:
-    queue, jid = _queue(request), _job(request)
-    state = await jobs.read_job(request.app[LOG], queue, jid)
-    if state is None:
-        return _not_found(queue, jid)
-    if not state.finished:
-        return web.json_response({"data": None})
+    _, state = await _find(request)
+    if state is None or not state.finished:
+        return web.json_response({"data": None})  # compute-queues: not finished, or unknown
     logs = await _logs(request, state)
     return web.json_response(
         {"data": cq_record(state, blob_url=_blob_url(request), with_result=True, logs=logs)}
@@ -177,8 +215,7 @@ async def result(request: web.Request) -> web.Response:
 
 
 async def history(request: web.Request) -> web.Response:
-    queue, jid = _queue(request), _job(request)
-    state = await api.load_job(request, queue, jid)
+    state = await _load(request)
     return web.json_response(
         {
             "data": [
@@ -197,9 +234,8 @@ async def history(request: web.Request) -> web.Response:
 
 def _log_route(kinds: tuple[str, ...]) -> Any:
     async def handler(request: web.Request) -> web.Response:
-        queue, jid = _queue(request), _job(request)
         since = api.int_query(request, "since", 1, 1, sse.MAX_SEQ)
-        state = await api.load_job(request, queue, jid)
+        state = await _load(request)
         chunks, cursor = await read_logs(request.app[LOG], state, since)
         budget = request.app[CONFIG].limits.max_log_response_bytes
         kept, cursor, more = api.bounded_logs(chunks, cursor, budget)
@@ -218,14 +254,12 @@ def _log_route(kinds: tuple[str, ...]) -> Any:
 
 
 async def outputs(request: web.Request) -> web.StreamResponse:
-    queue, jid = _queue(request), _job(request)
-    state = await api.load_job(request, queue, jid)
+    state = await _load(request)
     return await api.output_response(request, state, request.match_info["path"])
 
 
 async def inputs(request: web.Request) -> web.StreamResponse:
-    queue, jid = _queue(request), _job(request)
-    state = await api.load_job(request, queue, jid)
+    state = await _load(request)
     return await api.input_response(request, state, request.match_info["path"])
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asman.errors import ConfigError
+from asman.errors import ConfigError, InvalidQueueName
 from asman.log.connection import LogConfig
 from asman.log.definition import DefinitionLimits
+from asman.log.subjects import validate_queue
 
 __all__ = ["GatewayConfig", "GatewayLimits"]
 
@@ -92,6 +93,11 @@ class GatewayConfig:
     the first ``X-Forwarded-For`` entry (only behind a proxy you run). ``public_url`` is the
     gateway's external base URL, used in links it hands out (compute-queues ``url`` refs);
     without it links are built from the request's ``Host``.
+
+    ``exposed_queues`` are the queues the compute-queues routes without a queue
+    (``/j/<id>/…``) search for a job id; ``()`` (the default) searches none, and those routes
+    answer 400. A job id is computed from its definition, so on an exposed queue whoever
+    knows (or guesses) a definition finds its job and its outputs: expose only public queues.
     """
 
     log: LogConfig
@@ -105,6 +111,7 @@ class GatewayConfig:
     cors_origins: tuple[str, ...] = ("*",)
     trust_forwarded: bool = False
     public_url: str | None = None
+    exposed_queues: tuple[str, ...] = ()
     presign_expires_s: int = 3600
     name: str = "gateway"
     poll_s: float = 5.0
@@ -128,6 +135,13 @@ class GatewayConfig:
                 )
         if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
             raise ConfigError(f"public URL {self.public_url!r} must start with http(s)://")
+        for queue in self.exposed_queues:
+            try:
+                validate_queue(queue)
+            except InvalidQueueName as exc:
+                raise ConfigError(f"exposed queue: {exc}") from exc
+        if len(set(self.exposed_queues)) != len(self.exposed_queues):
+            raise ConfigError(f"exposed queues {self.exposed_queues!r} name a queue twice")
         if not 1 <= self.presign_expires_s <= 7 * 24 * 3600:
             raise ConfigError("presign_expires_s must be between 1 s and 7 days")
         for name in ("poll_s", "sse_ping_s", "shutdown_timeout_s"):

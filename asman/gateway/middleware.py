@@ -11,7 +11,7 @@ InvalidQueueName               400     invalid_queue (+queue)
 InvalidPath                    400     invalid_path (+path)
 TooLarge, BlobTooLarge         413     too_large
 other InvalidInput             400     invalid_input
-JobNotFound                    404     job_not_found (+queue, jobId)
+JobNotFound                    404     job_not_found (+jobId, queue if one was named)
 BlobNotFound                   404     blob_not_found
 UnauthorizedSigner             403     forbidden
 Conflict                       409     conflict
@@ -96,7 +96,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         status, code = 400, "invalid_input"
     elif isinstance(exc, JobNotFound):
         status, code = 404, "job_not_found"
-        body["queue"] = exc.queue
+        if exc.queue:  # a lookup across the exposed queues names none
+            body["queue"] = exc.queue
         body["jobId"] = exc.job_id
         body["message"] = "Job not found"  # compute-queues' clients read `message`
     elif isinstance(exc, BlobNotFound):

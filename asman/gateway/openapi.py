@@ -68,7 +68,15 @@ QUEUE_QUERY = _param(
     "queue",
     "query",
     {"type": "string", "pattern": QUEUE_RE},
-    "The job's queue (needed: the gateway does not search across queues)",
+    "The job's queue (needed: cancelling searches no queue)",
+)
+QUEUE_LOOKUP = _param(
+    "queue",
+    "query",
+    {"type": "string", "pattern": QUEUE_RE},
+    "The job's queue; without it the job is looked for on the queues the gateway exposes "
+    "(400 when it exposes none)",
+    False,
 )
 DOWNLOAD = _param(
     "download", "query", {"type": "string", "enum": ["1", "0"]}, "1: send as an attachment", False
@@ -675,7 +683,10 @@ def _compat() -> dict[str, Any]:
             tag=cq,
         )
     }
-    for prefix, extra in (("/q/{queue}/j/{job}", [QUEUE, JOB]), ("/j/{job}", [JOB, QUEUE_QUERY])):
+    for prefix, extra, for_cancel in (
+        ("/q/{queue}/j/{job}", [QUEUE, JOB], [QUEUE, JOB]),
+        ("/j/{job}", [JOB, QUEUE_LOOKUP], [JOB, QUEUE_QUERY]),
+    ):
         paths[prefix] = {
             "get": _op(
                 "{data: {definition, results}}",
@@ -686,7 +697,7 @@ def _compat() -> dict[str, Any]:
         }
         paths[f"{prefix}/definition.json"] = {
             "get": _op(
-                "{data: definition}",
+                "{data: definition}, or {data: null} for an unknown job",
                 {"200": _json(data, "Definition"), **_errors(400, 404)},
                 *extra,
                 tag=cq,
@@ -695,7 +706,8 @@ def _compat() -> dict[str, Any]:
         for name in ("result.json", "results.json"):
             paths[f"{prefix}/{name}"] = {
                 "get": _op(
-                    "{data: record with finished.result, or null}",
+                    "{data: record with finished.result}, or {data: null} until finished "
+                    "and for an unknown job",
                     {"200": _json(data, "Result"), **_errors(400, 404)},
                     *extra,
                     tag=cq,
@@ -737,7 +749,7 @@ def _compat() -> dict[str, Any]:
                     "200": _json({"type": "object"}, "Cancelled, or already finished"),
                     **_errors(400, 403, 404),
                 },
-                *extra,
+                *for_cancel,
                 _param("namespace", "query", {"type": "string"}, "Ignored", False),
                 tag=cq,
             )

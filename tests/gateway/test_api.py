@@ -219,8 +219,8 @@ async def test_missing_job_is_404_json(gateway: Gateway) -> None:
         f"/api/v1/queues/{Q}/jobs/{jid}/events",
         f"/api/v1/queues/{Q}/jobs/{jid}/outputs/x.txt",
         f"/q/{Q}/j/{jid}",
-        f"/j/{jid}/result.json?queue={Q}",
-        f"/q/{Q}/j/{jid}/definition.json",
+        f"/j/{jid}/history.json?queue={Q}",
+        f"/q/{Q}/j/{jid}/run-logs.json",
     ):
         status, body = await gateway.json("GET", path)
         assert status == 404, path
