@@ -102,6 +102,7 @@ class SeaweedS3:
         self.access_key = access_key
         self.secret_key = secret_key
         self.s3_port = 0
+        self._ports: list[int] = []  # once started: kept, so a restart answers where it did
         self._proc: subprocess.Popen[bytes] | None = None
         self.log_file = self.data_dir / "weed.log"
 
@@ -176,7 +177,7 @@ class SeaweedS3:
         (self.data_dir / "s3.json").write_text(json.dumps(identity))
         last_error = ""
         for _ in range(3):  # a port taken between the check and the bind: try other ports
-            ports = free_port_pairs(5)
+            ports = self._ports or free_port_pairs(5)
             self.s3_port = ports[0]
             with open(self.log_file, "ab") as log:
                 self._proc = subprocess.Popen(
@@ -190,10 +191,13 @@ class SeaweedS3:
                 )
             try:
                 self.wait_ready(timeout)
+                self._ports = ports
                 return self
             except RuntimeError as exc:
                 last_error = str(exc)
                 self.stop()
+                if self._ports:
+                    break  # a restart keeps its ports: the clients know them
         raise RuntimeError(f"weed mini did not start: {last_error}")
 
     def wait_ready(self, timeout: float) -> None:
@@ -231,6 +235,11 @@ class SeaweedS3:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
+
+    def restart(self, timeout: float = 60.0) -> SeaweedS3:
+        """Stop by PID and start again on the same ports and data (an S3 outage)."""
+        self.stop()
+        return self.start(timeout)
 
     def close(self) -> None:
         self.stop()

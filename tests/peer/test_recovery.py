@@ -32,6 +32,7 @@ from faults import (
     wait_exited,
     wait_removed,
 )
+from s3server import SeaweedS3
 from workerstack import IMAGE, Stack, output_bytes
 
 from asman.log import jobs
@@ -40,6 +41,7 @@ from asman.log.definition import job_id
 from asman.log.jobs import CAS_RETRIES
 from asman.log.objstore import ObjectStoreBlobs
 from asman.log.server import NatsServer
+from asman.peer.s3 import S3Blobs
 
 pytestmark = [pytest.mark.docker]
 
@@ -312,3 +314,36 @@ async def test_a_waiting_entry_that_lies_about_memory_neither_hides_nor_forces_a
     assert done.reason == "success"
     back = await until(client, "lq", big.job_id, lambda s: "released" in accepted(s))
     assert not back.finished and back.started_ms is None  # never run here
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "sleep 1; head -c 400000 /dev/urandom > /outputs/big.bin",  # outputs to store
+        "sleep 1; head -c 300000 /dev/zero | tr '\\0' 'x'",  # a log too large to travel inline
+    ],
+    ids=["outputs", "log"],
+)
+async def test_the_s3_server_down_when_the_job_ends_hands_it_back_and_it_runs_again(
+    stack: Stack, client: Log, tmp_path: Path, script: str
+) -> None:
+    """A real S3 outage (the server stopped by PID, started again on its ports): storing the
+    outputs or the log fails with BlobUnavailable, the job is handed back (never ``error``),
+    and once S3 is back it runs to success."""
+    s3 = SeaweedS3(tmp_path / "s3")
+    await asyncio.to_thread(s3.start)
+    try:
+        await asyncio.to_thread(s3.client().make_bucket, "out")
+        blobs = S3Blobs.from_url(f"s3+http://{s3.endpoint}/out", s3.access_key, s3.secret_key)
+        await stack.start_worker("s3q", blobs=blobs, lease_ttl_s=LEASE_S)
+        sub = await jobs.submit(client, "s3q", {"image": IMAGE, "command": ["sh", "-c", script]})
+        await until(client, "s3q", sub.job_id, lambda s: s.started_ms is not None)
+        await asyncio.to_thread(s3.stop)
+        back = await until(client, "s3q", sub.job_id, lambda s: "released" in accepted(s))
+        assert not back.finished
+        await asyncio.to_thread(s3.restart)
+        state = await jobs.wait_finished(client, "s3q", sub.job_id, 120)
+        assert state.reason == "success", state.result
+        assert finished_count(state) == 1
+    finally:
+        await asyncio.to_thread(s3.close)
