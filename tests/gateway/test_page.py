@@ -193,3 +193,35 @@ async def test_the_short_link_form(gateway: Gateway, page: Any) -> None:
     assert json.loads(await page.input_value("#definition")) == definition
     assert "#?job=" in page.url and page.url.startswith(f"{gateway.url}/#?")
     await page.wait_for_selector("#state[data-state='queued']")
+
+
+async def test_a_short_link_to_a_job_with_inputs_opens_that_job(
+    gateway: Gateway, page: Any
+) -> None:
+    """Issue 15: the page dropped the definition's inputs when it read a short link, so the
+    link opened another job ("not submitted") without its files."""
+    definition = {
+        "image": IMAGE,
+        "command": "cat /inputs/a.txt",
+        "inputs": {"a.txt": {"type": "utf8", "value": "from the link\n"}},
+    }
+    status, body = await gateway.json("POST", "/q/short", json={"definition": definition})
+    assert status == 200
+    await page.goto(f"{gateway.url}/j/{body['jobId']}#?queue=short")
+    await page.wait_for_function(
+        "id => document.getElementById('job-id').textContent === id", arg=body["jobId"]
+    )
+    assert json.loads(await page.input_value("#definition")) == definition
+    await page.wait_for_selector("#state[data-state='queued']")
+
+
+async def test_a_short_link_without_a_queue_says_so_instead_of_a_sample_job(
+    gateway: Gateway, page: Any
+) -> None:
+    """Before: /j/<id> with no queue silently showed a sample job."""
+    job = "ab" * 32
+    await page.goto(f"{gateway.url}/j/{job}")
+    await page.wait_for_selector("#validation.bad:has-text('no queue')")
+    assert job in await page.text_content("#validation")
+    assert json.loads(await page.input_value("#definition")) == {}
+    assert await page.is_disabled("#run")

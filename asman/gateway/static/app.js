@@ -116,8 +116,9 @@
 
   // The definition the browser submits: job + env from extra params + inputs as configFiles.
   function definition() {
+    // (compute-queues' links carry the job without `inputs`; a job read from a short link
+    // keeps its own: without them it would be another job)
     const def = { ...(app.job || {}) };
-    delete def.inputs;
     const extra = {};
     for (const key of Object.keys(app.params)) {
       if (SYSTEM_PARAMS.has(key) || key.startsWith("mp-") || key.startsWith("mp_") || LEGACY_INJECTED.has(key)) continue;
@@ -463,15 +464,19 @@
     el.queue.value = plainParam("queue") || "";
     app.inputs = {};
     app.job = null;
+    let linkError = null;
     try {
       const short = location.pathname.match(/^\/j\/([0-9a-f]{64})/);
       if (app.params.job) {
         app.job = decodeParam(app.params.job);
       } else if (short && QUEUE_RE.test(queueName())) {
-        // the short link /j/<id>#?queue=<q>: fetch the definition, then show the full link
+        // the short link /j/<id>#?queue=<q>: fetch the definition, then show the full link.
+        // The whole definition, inputs included: without them it would be another job.
         const res = await call("GET", `/q/${encodeURIComponent(queueName())}/j/${short[1]}/definition.json`);
+        if (res.data === null) throw new Error(`no job ${short[1]} on queue ${queueName()}`);
         app.job = { ...res.data };
-        delete app.job.inputs;
+      } else if (short) {
+        throw new Error(`the link names job ${short[1]} but no queue: add #?queue=<its queue> to it`);
       }
       if (app.params.inputs) {
         const files = decodeParam(app.params.inputs);
@@ -481,8 +486,8 @@
         throw new Error("the link's job parameter is not a JSON object");
       }
     } catch (err) {
-      el.validation.textContent = `cannot read the job from the link: ${err.message}`;
-      el.validation.className = "note bad";
+      linkError = `cannot read the job from the link: ${err.message}`;
+      if (app.job === null) app.job = {}; // never a sample job in place of the one linked
     }
     if (app.job === null) app.job = { image: "alpine:3.20", command: "echo hello" };
     el.definition.value = JSON.stringify(app.job, null, 2);
@@ -490,6 +495,10 @@
     renderFiles();
     if (location.pathname.startsWith("/j/")) writeHash();
     await validate();
+    if (linkError) {
+      el.validation.textContent = linkError; // said after validation, so it stays in sight
+      el.validation.className = "note bad";
+    }
     await lookup();
     refreshWorkers();
     if (plainParam("autostart") === "true" && !app.followed && !el.run.disabled) run();
