@@ -193,8 +193,9 @@ def event_of(kind: str, subject_part: str = "") -> PubRule:
 class Cli:
     """``asman`` subprocesses of one test, each with its output in a file; stopped by PID."""
 
-    def __init__(self, home: Path, nats_url: str) -> None:
+    def __init__(self, home: Path, nats_url: str, *, verbose: bool = True) -> None:
         self.home = home
+        self.verbose = ["-v"] if verbose else []
         self.env = {
             **os.environ,
             "HOME": str(home),
@@ -207,10 +208,23 @@ class Cli:
     def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
         with open(self.home / log, "wb") as out:  # the child has its own copy of the fd
             proc = subprocess.Popen(
-                [ASMAN, "-v", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+                [ASMAN, *self.verbose, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
             )
         self.procs.append(proc)
         return proc
+
+    def run(
+        self, *args: str, timeout: float = 120, cwd: Path | None = None, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """One ``asman`` command to its end, its output captured."""
+        return subprocess.run(
+            [ASMAN, *args],
+            env=self.env,
+            capture_output=True,
+            timeout=timeout,
+            cwd=cwd or self.home,
+            input=stdin,
+        )
 
     def log(self, name: str) -> str:
         return (self.home / name).read_text(errors="replace")
@@ -297,22 +311,33 @@ def running_containers(job: str, timeout: float = 60) -> list[str]:
         api.close()
 
 
+def _until_events(
+    api: Any, kind: str, since: float, timeout: float, left: Callable[[], set[str]], what: str
+) -> None:
+    """Until ``left()`` is empty, looking again at each of Docker's container ``kind`` events
+    from ``since`` (a replay first, so none is missed, then live ones)."""
+    if not left():
+        return
+    events = api.events(
+        since=int(since), until=int(time.time() + timeout), decode=True,
+        filters={"type": "container", "event": kind},
+    )  # fmt: skip
+    try:
+        for _ in events:
+            if not left():
+                return
+    finally:
+        events.close()
+    raise AssertionError(f"containers still {what} after {timeout}s: {sorted(left())}")
+
+
 def wait_removed(ids: list[str], since: float, timeout: float = 60) -> None:
     """Until Docker has destroyed every container of ``ids`` (its events from ``since``)."""
     api = docker.from_env()
     try:
-        left = {i for i in ids if _exists(api, i)}
-        if not left:
-            return
-        events = api.events(
-            since=int(since), until=int(time.time() + timeout), decode=True,
-            filters={"type": "container", "event": "destroy"},
-        )  # fmt: skip
-        for event in events:
-            left.discard(event.get("id", ""))
-            if not {i for i in left if _exists(api, i)}:
-                return
-        raise AssertionError(f"containers still there after {timeout}s: {sorted(left)}")
+        _until_events(
+            api, "destroy", since, timeout, lambda: {i for i in ids if _exists(api, i)}, "there"
+        )
     finally:
         api.close()
 
@@ -320,26 +345,17 @@ def wait_removed(ids: list[str], since: float, timeout: float = 60) -> None:
 def wait_exited(ids: list[str], since: float, timeout: float = 60) -> None:
     """Until every container of ``ids`` has stopped running (``die`` events from ``since``)."""
     api = docker.from_env()
+
+    def running() -> set[str]:
+        out = set()
+        for i in ids:
+            with contextlib.suppress(docker.errors.NotFound):
+                if api.containers.get(i).status == "running":
+                    out.add(i)
+        return out
+
     try:
-
-        def running() -> set[str]:
-            out = set()
-            for i in ids:
-                with contextlib.suppress(docker.errors.NotFound):
-                    if api.containers.get(i).status == "running":
-                        out.add(i)
-            return out
-
-        if not running():
-            return
-        events = api.events(
-            since=int(since), until=int(time.time() + timeout), decode=True,
-            filters={"type": "container", "event": "die"},
-        )  # fmt: skip
-        for _ in events:
-            if not running():
-                return
-        raise AssertionError(f"containers still running after {timeout}s: {sorted(running())}")
+        _until_events(api, "die", since, timeout, running, "running")
     finally:
         api.close()
 

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import docker
 import pytest
 from click.testing import CliRunner
+from faults import ASMAN, Cli
 
 from asman.cli import main, new_queue_name
 from asman.log import jobs
@@ -25,7 +25,6 @@ from asman.log.keys import PeerKey
 from asman.log.server import NatsServer
 from asman.peer.links import parse_link
 
-ASMAN = str(Path(sys.executable).parent / "asman")
 IMAGE = "asman/busybox:local"
 
 
@@ -33,52 +32,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, st
     runner = CliRunner()
     result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
-
-
-class Procs:
-    """Subprocesses started by a test, stopped by PID."""
-
-    def __init__(self, home: Path, nats_url: str) -> None:
-        self.env = {
-            **os.environ,
-            "HOME": str(home),
-            "ASMAN_NATS_URL": nats_url,
-            "XDG_CONFIG_HOME": str(home / "config"),
-            "XDG_DATA_HOME": str(home / "data"),
-        }
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.home = home
-
-    def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
-        with open(self.home / log, "wb") as out:  # the process writes to its own copy
-            proc = subprocess.Popen(
-                [ASMAN, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
-            )
-        self.procs.append(proc)
-        return proc
-
-    def run(
-        self, *args: str, timeout: float = 120, cwd: Path | None = None, stdin: bytes | None = None
-    ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [ASMAN, *args],
-            env=self.env,
-            capture_output=True,
-            timeout=timeout,
-            cwd=cwd or self.home,
-            input=stdin,
-        )
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
 
 
 def wait_job(
@@ -148,8 +101,8 @@ def wait_containers_gone(label: str, timeout: float = 30) -> None:
 
 
 @pytest.fixture
-def procs(tmp_path: Path, nats_server: NatsServer) -> Iterator[Procs]:
-    p = Procs(tmp_path, nats_server.url)
+def procs(tmp_path: Path, nats_server: NatsServer) -> Iterator[Cli]:
+    p = Cli(tmp_path, nats_server.url, verbose=False)
     try:
         yield p
     finally:
@@ -227,7 +180,7 @@ def test_unreachable_nats_is_exit_3(tmp_path: Path) -> None:
 
 @pytest.mark.docker
 def test_submit_wait_with_files_outputs_and_exit_code(
-    procs: Procs, tmp_path: Path, busybox_image: str
+    procs: Cli, tmp_path: Path, busybox_image: str
 ) -> None:
     procs.start("worker", "cliq", "--slots", "2", "--data-dir", str(tmp_path / "w"), log="w.log")
     small = tmp_path / "small.txt"
@@ -296,7 +249,7 @@ def test_submit_wait_with_files_outputs_and_exit_code(
 
 @pytest.mark.docker
 def test_cancel_from_the_cli(
-    procs: Procs, tmp_path: Path, nats_server: NatsServer, busybox_image: str
+    procs: Cli, tmp_path: Path, nats_server: NatsServer, busybox_image: str
 ) -> None:
     procs.start("worker", "cq2", "--data-dir", str(tmp_path / "w"), log="w.log")
     sub = procs.run("submit", "cq2", IMAGE, "--", "sleep", "60")
@@ -328,7 +281,7 @@ def test_cancel_from_the_cli(
 @pytest.mark.docker
 @pytest.mark.slow
 def test_worker_killed_mid_job_another_finishes_it(
-    procs: Procs, tmp_path: Path, nats_server: NatsServer, busybox_image: str
+    procs: Cli, tmp_path: Path, nats_server: NatsServer, busybox_image: str
 ) -> None:
     first = procs.start(
         "worker", "crash", "--lease-ttl", "3s", "--data-dir", str(tmp_path / "w1"), log="w1.log"
@@ -369,9 +322,7 @@ def test_worker_killed_mid_job_another_finishes_it(
 
 
 @pytest.mark.docker
-def test_worker_once_runs_one_job_and_exits(
-    procs: Procs, tmp_path: Path, busybox_image: str
-) -> None:
+def test_worker_once_runs_one_job_and_exits(procs: Cli, tmp_path: Path, busybox_image: str) -> None:
     worker = procs.start(
         "worker", "onceq", "--once", "--data-dir", str(tmp_path / "w"), log="once.log"
     )

@@ -15,6 +15,7 @@ from urllib.parse import quote
 from asman.errors import InvalidDefinition
 from asman.log.definition import parse_size_bytes
 from asman.log.events import Blob, JobState, Result
+from asman.log.jobs import tags_asked
 from asman.log.logstream import LogChunk
 from asman.log.workers import WorkerInfo
 
@@ -128,8 +129,8 @@ def waiting(state: JobState, workers: Sequence[WorkerInfo]) -> Waiting | None:
                 "message": f"the job asks for {_size(memory)} of memory; no worker online "
                 f"allows that much (most: {_size(most)})",
             }
-    tags = state.definition.get("tags")
-    if isinstance(tags, list) and tags and all(isinstance(t, str) for t in tags):
+    tags = tags_asked(state.definition)  # as the workers read them
+    if tags:
         fit = [w for w in fit if set(tags) <= set(w.labels)]
         if not fit:
             labels = {label for w in live for label in w.labels}

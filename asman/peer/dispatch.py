@@ -45,7 +45,7 @@ from asman.errors import LogError
 from asman.log import jobs, wire
 from asman.log.connection import Log
 from asman.log.events import now_ms
-from asman.log.leases import Candidate, WaitingIndex
+from asman.log.leases import WINDOW, Candidate, WaitingIndex
 
 __all__ = ["Dispatcher"]
 
@@ -100,7 +100,6 @@ class Dispatcher:
         self.memory_bytes = memory_bytes
         # job id → the memory (0: nothing said) and tags its definition asks for
         self._needs: dict[str, tuple[int, tuple[str, ...]]] = {}
-        self._base_window = 0  # the indexes' own window (set at open)
         self.queues = queues
         self.scan_interval_s = scan_interval_s
         self.sweep_interval_s = sweep_interval_s
@@ -122,7 +121,6 @@ class Dispatcher:
     async def open(self) -> Dispatcher:
         for q in self.queues:
             self.indexes[q] = await WaitingIndex(self.log, q, self.wake).open()
-            self._base_window = self.indexes[q].window
         self._unregister = self.log.on_reconnect(self._reconnected)
         await self.rescan(self.queues)
         return self
@@ -381,7 +379,7 @@ class Dispatcher:
         ``MAX_SCAN_WINDOW``), else no rescan (the idle ones still run)."""
         if not refused or refused < index.waiting_count:
             return True  # the window drained, or holds jobs to try later
-        wider = min(MAX_SCAN_WINDOW, refused + self._base_window)
+        wider = min(MAX_SCAN_WINDOW, refused + WINDOW)  # every index opens with WINDOW
         if wider <= index.window:
             return False
         index.window = wider
