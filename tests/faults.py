@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +250,36 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# ---- teardown ------------------------------------------------------------------------------
+
+
+async def stopped(task: asyncio.Future[Any], what: str, timeout: float = 30) -> list[str]:
+    """Wait for a teardown step (a worker's or a gateway's task told to stop); what went
+    wrong with it, if anything: it crashed, was cancelled, or hung (then every task's stack
+    is printed and it is cancelled). Teardowns collect these and fail the test."""
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(task)
+    except TimeoutError:
+        print(f"teardown: {what} did not finish in {timeout}s; tasks:")
+        for t in asyncio.all_tasks():
+            t.print_stack(file=sys.stdout)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        if not done:
+            return [f"{what} did not stop within {timeout}s, nor when cancelled"]
+        end = None if task.cancelled() else task.exception()
+        return [f"{what} did not stop within {timeout}s" + (f" (then {end!r})" if end else "")]
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise  # the test itself is being cancelled
+        return [f"{what} was cancelled"]
+    except Exception as exc:
+        traceback.print_exception(exc, file=sys.stdout)
+        return [f"{what} ended with {exc!r}"]
+    return []
 
 
 # ---- waiting on the log --------------------------------------------------------------------

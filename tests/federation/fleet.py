@@ -13,6 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from faults import stopped
+
 from asman.errors import LogError
 from asman.log import jobs
 from asman.log.connection import Log, LogConfig
@@ -130,16 +132,7 @@ class Fleet:
                 failures.append(f"worker {n} ({worker.worker_id[:12]}) ended before it was stopped")
             stop.set()
         for n, (worker, _, task) in enumerate(self.workers):
-            name = f"worker {n} ({worker.worker_id[:12]})"
-            done, _ = await asyncio.wait([task], timeout=stop_within_s)
-            if not done:
-                task.cancel()
-                await asyncio.wait([task], timeout=stop_within_s)  # its runtime closes
-                failures.append(f"{name} did not stop within {stop_within_s:.0f}s: hung")
-            elif task.cancelled():
-                failures.append(f"{name} was cancelled")
-            elif (exc := task.exception()) is not None:
-                failures.append(f"{name} ended with {exc!r}")
+            failures += await stopped(task, f"worker {n} ({worker.worker_id[:12]})", stop_within_s)
         for log in self.logs:
             await log.close()
         self.workers, self.logs = [], []  # closed: a second close (the fixture's) checks nothing

@@ -7,13 +7,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import sys
-import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from faults import stopped
 from sseparse import read_events
 from yarl import URL
 
@@ -159,42 +158,16 @@ class Stack:
         for stop, _ in self.workers:
             stop.set()
         for i, (_, task) in enumerate(self.workers):
-            failures += await _bounded(task, f"worker {i}")
+            failures += await stopped(task, f"worker {i}")
         for gw in self.gateways:
             await gw.http.close()
             gw.stop.set()
             assert gw.task is not None
-            failures += await _bounded(gw.task, f"the gateway on port {gw.config.port}")
+            failures += await stopped(gw.task, f"the gateway on port {gw.config.port}")
         for log in self.logs:
-            failures += await _bounded(asyncio.ensure_future(log.close()), "a peer's log")
+            failures += await stopped(asyncio.ensure_future(log.close()), "a peer's log")
         if failures:
             raise AssertionError("teardown: " + "; ".join(failures))
-
-
-async def _bounded(task: asyncio.Future[Any], what: str, timeout: float = 30) -> list[str]:
-    """Wait for a teardown step; what went wrong with it, if anything. One that hangs is
-    reported with every task's stack, then cancelled."""
-    try:
-        async with asyncio.timeout(timeout):
-            await asyncio.shield(task)
-    except TimeoutError:
-        print(f"teardown: {what} did not finish in {timeout}s; tasks:")
-        for t in asyncio.all_tasks():
-            t.print_stack(file=sys.stdout)
-        task.cancel()
-        done, _ = await asyncio.wait([task], timeout=5)
-        if not done:
-            return [f"{what} did not stop within {timeout}s, nor when cancelled"]
-        end = None if task.cancelled() else task.exception()
-        return [f"{what} did not stop within {timeout}s" + (f" (then {end!r})" if end else "")]
-    except asyncio.CancelledError:
-        if not task.cancelled():
-            raise  # the test itself is being cancelled
-        return [f"{what} was cancelled"]
-    except Exception as exc:
-        traceback.print_exception(exc, file=sys.stdout)
-        return [f"{what} ended with {exc!r}"]
-    return []
 
 
 def replace_limits(**changes: Any) -> GatewayLimits:

@@ -4,11 +4,11 @@ the JetStream object store, with helpers to run jobs and read what they left."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 
 import docker
+from faults import stopped
 
 from asman.log import jobs
 from asman.log.connection import Log, LogConfig
@@ -80,17 +80,7 @@ class Stack:
             stop.set()
         faults: list[str] = []
         for i, (_, task) in enumerate(self.tasks):
-            try:
-                await asyncio.wait_for(asyncio.shield(task), 30)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                faults.append(f"worker {i} did not stop within 30 s of being told to")
-            except asyncio.CancelledError:
-                faults.append(f"worker {i} was cancelled")
-            except Exception as exc:
-                faults.append(f"worker {i} crashed: {exc!r}")
+            faults += await stopped(task, f"worker {i}")
         for log in self.logs:
             await log.close()
         if faults:
