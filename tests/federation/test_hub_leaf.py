@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import docker
-import nats
-import nats.errors
 import pytest
 from fleet import (
     Fleet,
@@ -29,7 +27,7 @@ from fleet import (
     sleep_job,
     submit_all,
 )
-from topology import Topology
+from topology import HUB_CLIENT, LEAF_LOCAL, LEAF_WORKER, Topology, wait_leaf_connected
 
 from asman.log import jobs, subjects
 from asman.log.connection import LogConfig
@@ -40,55 +38,7 @@ logger = logging.getLogger(__name__)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-HUBS = ("hub-1", "hub-2", "hub-3")
 LEASE_S = 4.0
-# users of deploy/nats/hub-leaf/*.conf
-HUB_CLIENT = ("asman", "change-me-asman")
-LEAF_WORKER = ("worker", "change-me-worker")
-LEAF_LOCAL = ("local", "change-me-local")
-
-
-@pytest.fixture
-def hub(tmp_path: Path, nats_binary: str) -> Iterator[Topology]:
-    topo = Topology(tmp_path / "hub", "hub-leaf", HUBS, leaf_listen=True)
-    try:
-        yield topo.start()
-    finally:
-        topo.stop()
-
-
-@pytest.fixture
-def leaf(tmp_path: Path, hub: Topology) -> Iterator[Topology]:
-    topo = Topology(tmp_path / "leaf", "hub-leaf", ["leaf"], clustered=False, leaf_remotes=hub)
-    try:
-        topo.start()
-        wait_leaf_connected(topo)
-        yield topo
-    finally:
-        topo.stop()
-
-
-def wait_leaf_connected(leaf: Topology, timeout: float = 15.0) -> None:
-    """Until the hub's JetStream answers a request sent through the leaf: the leaf node is
-    connected and interest crossed it both ways (the request to the hub, the reply back).
-    Nothing announces that, so the request is tried again until the deadline, which fails."""
-    url = leaf.nodes["leaf"].url_as(*LEAF_WORKER)
-    asyncio.run(_wait_hub_answers(url, time.monotonic() + timeout))
-
-
-async def _wait_hub_answers(url: str, deadline: float) -> None:
-    nc = await nats.connect(url, connect_timeout=2)
-    try:
-        while True:
-            try:
-                await nc.request("$JS.hub.API.INFO", b"", timeout=0.5)
-                return
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the hub does not answer through the leaf") from None
-                await asyncio.sleep(0.05)
-    finally:
-        await nc.close()
 
 
 def container_died(

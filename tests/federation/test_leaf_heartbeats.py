@@ -15,14 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import docker
-import nats
-import nats.errors
 import pytest
-from topology import Topology
+from topology import HUB_CLIENT, LEAF_WORKER, Topology
 
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
@@ -31,49 +28,7 @@ from asman.log.workers import WorkerInfo, list_workers
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ASMAN = str(Path(sys.executable).parent / "asman")
-HUBS = ("hub-1", "hub-2", "hub-3")
 QUEUE = "public-q"
-# users of deploy/nats/hub-leaf/*.conf
-HUB_CLIENT = ("asman", "change-me-asman")
-LEAF_WORKER = ("worker", "change-me-worker")
-
-
-@pytest.fixture
-def hub(tmp_path: Path, nats_binary: str) -> Iterator[Topology]:
-    topo = Topology(tmp_path / "hub", "hub-leaf", HUBS, leaf_listen=True)
-    try:
-        yield topo.start()
-    finally:
-        topo.stop()
-
-
-@pytest.fixture
-def leaf(tmp_path: Path, hub: Topology) -> Iterator[Topology]:
-    topo = Topology(tmp_path / "leaf", "hub-leaf", ["leaf"], clustered=False, leaf_remotes=hub)
-    try:
-        topo.start()
-        asyncio.run(wait_hub_answers(topo.nodes["leaf"].url_as(*LEAF_WORKER), 15.0))
-        yield topo
-    finally:
-        topo.stop()
-
-
-async def wait_hub_answers(url: str, timeout: float) -> None:
-    """Until the hub's JetStream answers a request sent through the leaf (the leaf node is
-    connected and interest crossed it both ways); fails after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    nc = await nats.connect(url, connect_timeout=2)
-    try:
-        while True:
-            try:
-                await nc.request("$JS.hub.API.INFO", b"", timeout=0.5)
-                return
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the hub does not answer through the leaf") from None
-                await asyncio.sleep(0.05)
-    finally:
-        await nc.close()
 
 
 async def wait_workers(

@@ -8,6 +8,7 @@ its test. Everything else in the file is used as written.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -19,12 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats
+import nats.errors
+
 from asman.log.server import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 NATS = DEPLOY / "nats"
 STORE_DIR = '"/data/jetstream"'
+HUBS = ("hub-1", "hub-2", "hub-3")
+# users of deploy/nats/hub-leaf/*.conf
+HUB_CLIENT = ("asman", "change-me-asman")
+LEAF_WORKER = ("worker", "change-me-worker")
+LEAF_LOCAL = ("local", "change-me-local")
 
 
 def localize(src: Path, dest: Path, replace: Mapping[str, str]) -> Path:
@@ -212,3 +221,26 @@ class Topology:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no leader after {timeout:.0f}s for {missing}")
             time.sleep(0.2)
+
+
+def wait_leaf_connected(leaf: Topology, timeout: float = 15.0) -> None:
+    """Until the hub's JetStream answers a request sent through the leaf: the leaf node is
+    connected and interest crossed it both ways (the request to the hub, the reply back).
+    Nothing announces that, so the request is tried again until the deadline, which fails."""
+    url = leaf.nodes["leaf"].url_as(*LEAF_WORKER)
+    asyncio.run(_wait_hub_answers(url, time.monotonic() + timeout))
+
+
+async def _wait_hub_answers(url: str, deadline: float) -> None:
+    nc = await nats.connect(url, connect_timeout=2)
+    try:
+        while True:
+            try:
+                await nc.request("$JS.hub.API.INFO", b"", timeout=0.5)
+                return
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the hub does not answer through the leaf") from None
+                await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
