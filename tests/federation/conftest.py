@@ -16,7 +16,7 @@ from asman.errors import LogUnavailable
 from asman.log.server import nats_server_binary
 
 sys.path.insert(0, str(Path(__file__).parent))  # topology.py, next to the tests
-from topology import HUBS, Topology, wait_leaf_connected
+from topology import HUBS, Node, Topology, wait_leaf_connected
 
 
 @pytest.fixture(scope="session")
@@ -47,5 +47,16 @@ def leaf(tmp_path: Path, hub: Topology) -> Iterator[Topology]:
         topo.start()
         wait_leaf_connected(topo)
         yield topo
+    finally:
+        topo.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path, nats_binary: str) -> Iterator[Node]:
+    """One server with the accounts of deploy/nats/accounts (users: ``ACCOUNT_PASSWORDS``)."""
+    topo = Topology(tmp_path, "accounts", ["nats"], clustered=False)
+    try:
+        topo.start()
+        yield topo.nodes["nats"]
     finally:
         topo.stop()

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from topology import Node, Topology
+from topology import ACCOUNT_PASSWORDS, Node
 
 from asman.errors import ConfigError, LogError
 from asman.log import jobs, subjects
@@ -26,22 +25,6 @@ from asman.log.workers import WorkerInfo, beat, list_workers
 
 DEF_A = {"image": "asman/busybox:local", "command": "echo alpha"}
 DEF_B = {"image": "asman/busybox:local", "command": "echo beta"}
-PASSWORDS = {  # users of deploy/nats/accounts/nats.conf
-    "admin": "change-me-admin",
-    "worker-alpha": "change-me-worker-alpha",
-    "client-alpha": "change-me-client-alpha",
-    "uni-x": "change-me-uni-x",
-}
-
-
-@pytest.fixture
-def server(tmp_path: Path, nats_binary: str) -> Iterator[Node]:
-    topo = Topology(tmp_path, "accounts", ["nats"], clustered=False)
-    try:
-        topo.start()
-        yield topo.nodes["nats"]
-    finally:
-        topo.stop()
 
 
 @pytest.fixture
@@ -49,7 +32,7 @@ async def logs(server: Node) -> AsyncIterator[dict[str, Log]]:
     opened: dict[str, Log] = {}
 
     async def open_log(user: str, **overrides: Any) -> Log:
-        config = LogConfig(servers=(server.url_as(user, PASSWORDS[user]),), **overrides)
+        config = LogConfig(servers=(server.url_as(user, ACCOUNT_PASSWORDS[user]),), **overrides)
         log = Log(config, PeerKey.generate())
         await log.connect()
         opened[user] = log
@@ -201,7 +184,7 @@ async def test_the_server_refuses_every_listing_and_every_foreign_subject(
 
 async def test_an_institution_account_shares_nothing(server: Node, logs: dict[str, Log]) -> None:
     await jobs.submit(logs["admin"], "alpha", DEF_A)
-    config = LogConfig(servers=(server.url_as("uni-x", PASSWORDS["uni-x"]),))
+    config = LogConfig(servers=(server.url_as("uni-x", ACCOUNT_PASSWORDS["uni-x"]),))
     async with Log(config, PeerKey.generate()) as uni:
         assert await jobs.list_jobs(uni, "alpha") == []  # its own, empty streams
         own = await jobs.submit(uni, "internal", DEF_A)
@@ -220,7 +203,7 @@ async def _raw(server: Node, user: str) -> tuple[NATS, list[str], asyncio.Event]
         reported.set()
 
     nc = await nats.connect(
-        server.url_as(user, PASSWORDS[user]),
+        server.url_as(user, ACCOUNT_PASSWORDS[user]),
         inbox_prefix=f"_INBOX.{user}",
         error_cb=on_error,
         max_reconnect_attempts=0,
@@ -236,7 +219,9 @@ async def test_filtered_reads_return_what_direct_reads_return(
     for i in range(300):  # more than one pull batch
         await admin.js.publish(subject, f"m{i}".encode())
     await admin.js.publish(subjects.job_subject("alpha", "b" * 64), b"other")
-    config = LogConfig(servers=(server.url_as("admin", PASSWORDS["admin"]),), reads="consumer")
+    config = LogConfig(
+        servers=(server.url_as("admin", ACCOUNT_PASSWORDS["admin"]),), reads="consumer"
+    )
     async with Log(config, PeerKey.generate()) as filtered:
         for flt, start in ((subject, 1), (subject, 250), (subjects.jobs_filter("alpha"), 1)):
             direct = await admin.read_subject(subjects.JOBS_STREAM, flt, start)

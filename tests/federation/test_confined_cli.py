@@ -9,11 +9,11 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from topology import Node, Topology
+from topology import ACCOUNT_PASSWORDS, Node
 
 from asman.errors import LogError
 from asman.log import jobs
@@ -23,27 +23,14 @@ from asman.log.keys import PeerKey
 pytestmark = [pytest.mark.docker]
 
 ASMAN = str(Path(sys.executable).parent / "asman")
-PASSWORDS = {
-    "admin": "change-me-admin",
-    "worker-alpha": "change-me-worker-alpha",
-    "client-alpha": "change-me-client-alpha",
-}
 CONFINED = ("--reads", "consumer", "--no-manage-streams")
 
 
 @pytest.fixture
-def server(tmp_path: Path, nats_binary: str) -> Iterator[Node]:
-    topo = Topology(tmp_path, "accounts", ["nats"], clustered=False)
-    try:
-        topo.start()
-        yield topo.nodes["nats"]
-    finally:
-        topo.stop()
-
-
-@pytest.fixture
 async def admin(server: Node) -> AsyncIterator[Log]:
-    log = Log(LogConfig(servers=(server.url_as("admin", PASSWORDS["admin"]),)), PeerKey.generate())
+    log = Log(
+        LogConfig(servers=(server.url_as("admin", ACCOUNT_PASSWORDS["admin"]),)), PeerKey.generate()
+    )
     await log.connect()  # trusted: creates the streams
     try:
         yield log
@@ -68,7 +55,7 @@ async def test_a_confined_cli_worker_runs_its_queue_with_s3_blobs(
         "ASMAN_S3_SECRET_KEY": s3_server.secret_key,  # type: ignore[attr-defined]
     }
     blobs = f"s3+http://{endpoint}/{s3_bucket}"
-    worker_url = server.url_as("worker-alpha", PASSWORDS["worker-alpha"])
+    worker_url = server.url_as("worker-alpha", ACCOUNT_PASSWORDS["worker-alpha"])
     worker_args = [
         "worker", "alpha", "--nats", worker_url, *CONFINED,
         "--inbox-prefix", "_INBOX.worker-alpha", "--blobs", blobs,
@@ -76,7 +63,7 @@ async def test_a_confined_cli_worker_runs_its_queue_with_s3_blobs(
     ]  # fmt: skip
     worker = await asyncio.to_thread(start, worker_args, env, tmp_path / "worker.log")
     try:
-        client_url = server.url_as("client-alpha", PASSWORDS["client-alpha"])
+        client_url = server.url_as("client-alpha", ACCOUNT_PASSWORDS["client-alpha"])
         run = await asyncio.to_thread(
             subprocess.run,
             [ASMAN, "submit", "alpha", busybox_image, "--nats", client_url, *CONFINED,
@@ -106,7 +93,7 @@ async def test_a_permission_the_credentials_lack_is_named_not_a_timeout(server: 
     """The shared object store bucket is not the tenant's: a confined peer that tries it is
     told the server refused the permission (it used to read "NATS did not answer in time")."""
     config = LogConfig(
-        servers=(server.url_as("worker-alpha", PASSWORDS["worker-alpha"]),),
+        servers=(server.url_as("worker-alpha", ACCOUNT_PASSWORDS["worker-alpha"]),),
         manage_streams=False,
         reads="consumer",
         inbox_prefix="_INBOX.worker-alpha",

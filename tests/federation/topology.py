@@ -34,6 +34,12 @@ HUBS = ("hub-1", "hub-2", "hub-3")
 HUB_CLIENT = ("asman", "change-me-asman")
 LEAF_WORKER = ("worker", "change-me-worker")
 LEAF_LOCAL = ("local", "change-me-local")
+ACCOUNT_PASSWORDS = {  # users of deploy/nats/accounts/nats.conf
+    "admin": "change-me-admin",
+    "worker-alpha": "change-me-worker-alpha",
+    "client-alpha": "change-me-client-alpha",
+    "uni-x": "change-me-uni-x",
+}
 
 
 def localize(src: Path, dest: Path, replace: Mapping[str, str]) -> Path:
