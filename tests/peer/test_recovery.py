@@ -336,10 +336,12 @@ async def test_the_s3_server_down_when_the_job_ends_hands_it_back_and_it_runs_ag
         await asyncio.to_thread(s3.client().make_bucket, "out")
         blobs = S3Blobs.from_url(f"s3+http://{s3.endpoint}/out", s3.access_key, s3.secret_key)
         await stack.start_worker("s3q", blobs=blobs, lease_ttl_s=LEASE_S)
-        sub = await jobs.submit(client, "s3q", {"image": IMAGE, "command": ["sh", "-c", script]})
-        await until(client, "s3q", sub.job_id, lambda s: s.started_ms is not None)
+        # down before the job is submitted: a job touches S3 only once its container ended,
+        # and a stop raced against a short container could come after the upload
         await asyncio.to_thread(s3.stop)
+        sub = await jobs.submit(client, "s3q", {"image": IMAGE, "command": ["sh", "-c", script]})
         back = await until(client, "s3q", sub.job_id, lambda s: "released" in accepted(s))
+        assert "started" in accepted(back)  # its container ran; its result could not be stored
         assert not back.finished
         await asyncio.to_thread(s3.restart)
         state = await jobs.wait_finished(client, "s3q", sub.job_id, 120)
