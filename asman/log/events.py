@@ -27,7 +27,8 @@ Who may sign what, and what the fold does otherwise (docs/architecture.md has th
 
 ============  ==================================================================
 submitted     anyone, as the first valid event; the definition must hash to the job id.
-              Its signer is the job's *submitter*
+              Its signer is the job's *submitter*; its ``control`` (callbacks, not
+              part of the job) is the job's
 claimed       anyone, on a job not finished: takes a queued job (attempt = claims + 1),
               or challenges the holder of a running one (one challenge at a time)
 renewed       the holder (answers a challenge), or the challenger past the grace (takes
@@ -42,7 +43,8 @@ finished      the holder, same attempt; a holder whose attempt is past ``max_att
 released      the holder: the job goes back to queued, the attempt is not counted (a
               draining worker); on a job with a cancel request it finishes it ``cancelled``
 requeued      on a finished job: anyone when it finished without a result (``error``,
-              ``cancelled``, ``worker_lost``); only the submitter when it has one
+              ``cancelled``, ``worker_lost``); only the submitter when it has one.
+              The submitter's may bring a new ``control``; anyone else's keeps it
 ============  ==================================================================
 """
 
@@ -57,8 +59,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from asman.errors import EnvelopeError, InvalidDefinition
+from asman.errors import EnvelopeError, InvalidDefinition, InvalidInput
 from asman.log import wire
+from asman.log.control import validate_control
 from asman.log.definition import job_id as definition_job_id
 from asman.log.definition import parse_duration_ms
 
@@ -324,6 +327,8 @@ class JobState:
     events: int = 0
     history_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the submission's checked ``control`` (``asman.log.control``): callbacks, namespace
+    control: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -419,6 +424,18 @@ class _Event:
         return value if type(value) is int else 0
 
 
+def _control(event: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``control`` an event carries (JSON text), checked; None when it carries none or
+    one that does not check (a job is never refused for its control: it is not the job)."""
+    text = event.get("control")
+    if not isinstance(text, str):
+        return None
+    try:
+        return validate_control(json.loads(text))
+    except (ValueError, InvalidInput):
+        return None
+
+
 def _submitted(ev: _Event, queue: str, job: str, rules: Rules) -> tuple[JobState | None, str]:
     if ev.kind != "submitted":
         return None, "the first event of a job must be 'submitted'"
@@ -446,6 +463,7 @@ def _submitted(ev: _Event, queue: str, job: str, rules: Rules) -> tuple[JobState
             last_seq=ev.seq,
             job_class=job_class if job_class in ("cpu", "gpu") else "cpu",
             life_ms=rules.life_ms(definition),
+            control=_control(ev.body) or {},
         ),
         "",
     )
@@ -542,9 +560,12 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
         assert state.result is not None
         if state.result.is_result and signer != state.submitter:
             return state, "only the submitter may re-run a job that has a result"
+        # the submitter's re-run may bring a new control; anyone else's keeps the job's
+        control = _control(ev.body) if signer == state.submitter else None
         return (
             replace(
                 state,
+                control=state.control if control is None else control,
                 state="queued",
                 result=None,
                 lease=None,

@@ -26,6 +26,7 @@ from asman.errors import (
 )
 from asman.log import subjects, wire
 from asman.log.connection import DONE_TTL, Log
+from asman.log.control import validate_control
 from asman.log.definition import JobSpec, image_class, job_id, validate_definition
 from asman.log.events import (
     CheckedEvent,
@@ -235,6 +236,7 @@ async def submit(
     *,
     rerun: bool = False,
     via: str = "",
+    control: Mapping[str, Any] | None = None,
 ) -> Submitted:
     """Put a job on ``queue``. Safe to repeat; see the module docstring.
 
@@ -242,9 +244,14 @@ async def submit(
     from cache; one that finished for another reason (error, cancelled, worker_lost) is run
     again. ``rerun=True`` runs it again whatever the reason (only its submitter may re-run a
     job that has a result).
+
+    ``control`` (``asman.log.control``: callbacks, namespace) is not part of the job: it goes
+    with the submission that creates the job, or with a re-run, and is otherwise dropped
+    (the job keeps the control it was created with).
     """
     subjects.validate_queue(queue)
     clean = validate_definition(definition)
+    checked = validate_control(control)
     jid = job_id(clean)
     job_class = image_class(clean)
     subject = subjects.job_subject(queue, jid)
@@ -255,6 +262,8 @@ async def submit(
         "class": job_class,
         "via": via,
     }
+    if checked:
+        event["control"] = definition_text(checked)
     created = False
     expected = 0
     state: JobState | None = None
@@ -290,7 +299,7 @@ async def submit(
         if state.result.is_result and not rerun:
             logger.info("job=%s queue=%s cached reason=%s", jid, queue, state.result.reason)
             return Submitted(queue, jid, state, created=False, cached=True, requeued=False)
-        state = await requeue(log, queue, jid, _state=state)
+        state = await requeue(log, queue, jid, _state=state, control=checked or None)
         requeued = True
     if state.state == "queued":
         await mark_waiting(
@@ -300,11 +309,22 @@ async def submit(
     return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
 
 
-async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = None) -> JobState:
+async def requeue(
+    log: Log,
+    queue: str,
+    job: str,
+    *,
+    _state: JobState | None = None,
+    control: Mapping[str, Any] | None = None,
+) -> JobState:
     """Run a finished job again (an explicit choice). A job not finished is left as it is.
-    Only the submitter may re-run a job that has a result (``UnauthorizedSigner``)."""
+    Only the submitter may re-run a job that has a result (``UnauthorizedSigner``). The
+    submitter's re-run may bring a new ``control`` (anyone else's keeps the job's)."""
     state = _state or await _require(log, queue, job)
     subject = subjects.job_subject(queue, job)
+    event: dict[str, Any] = {"type": "requeued"}
+    if control:
+        event["control"] = definition_text(validate_control(control))
     for _ in range(CAS_RETRIES):
         if not state.finished:
             break
@@ -317,9 +337,7 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
                 subject,
             )
         with contextlib.suppress(Conflict):
-            await log.append(
-                subject, {"type": "requeued", "ts": now_ms()}, expected_last_seq=state.last_seq
-            )
+            await log.append(subject, {**event, "ts": now_ms()}, expected_last_seq=state.last_seq)
         state = await _require(log, queue, job)
     if state.state == "queued":
         await mark_waiting(
