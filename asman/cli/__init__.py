@@ -97,6 +97,19 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     "characters of the job id].",
 )
 @click.option("--rerun", is_flag=True, help="Run again even if a result is cached.")
+@click.option(
+    "--on-queued",
+    metavar="URL",
+    default=None,
+    help="POST a signed JSON callback to URL once the job is on the queue (this command "
+    "sends it, retried for up to 10 minutes before it exits).",
+)
+@click.option(
+    "--on-finished",
+    metavar="URL",
+    default=None,
+    help="POST a signed JSON callback to URL when the job finishes (the worker sends it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @log_options
 @asyncmain
@@ -108,10 +121,13 @@ async def submit(
     wait: bool,
     outputs_dir: str | None,
     rerun: bool,
+    on_queued: str | None,
+    on_finished: str | None,
     as_json: bool,
     **kwargs: Any,
 ) -> None:
     """Put a job on QUEUE: run IMAGE [-- CMD...]. Prints the job id."""
+    from asman.log.control import validate_control
     from asman.log.subjects import validate_queue
     from asman.peer.client import Client, collect_files
     from asman.render import Transfer, print_logs, result_json
@@ -130,11 +146,23 @@ async def submit(
         kwargs.pop("memory"),
         kwargs.pop("tags"),
     )
+    callbacks = {
+        event: {"url": url}
+        for event, url in (("queued", on_queued), ("finished", on_finished))
+        if url is not None
+    }
+    control = validate_control({"callbacks": callbacks} if callbacks else None)
     inputs = collect_files(files)
-    async with Client.connect(settings) as client:
+    async with Client.connect(settings) as client, client.callback_sender() as sender:
         with Transfer(enabled=not as_json) as progress:
             sub = await client.submit(
-                queue, definition, files=inputs, rerun=rerun, progress=progress.update
+                queue,
+                definition,
+                files=inputs,
+                rerun=rerun,
+                progress=progress.update,
+                control=control,
+                callbacks=sender,
             )
         if not wait:
             if as_json:
@@ -153,6 +181,8 @@ async def submit(
                     click.echo(
                         "(finished earlier: the result is cached; --rerun runs it again)", err=True
                     )
+            if sender.pending:
+                click.echo("delivering the queued callback… (Ctrl-C gives up)", err=True)
             return
         if not as_json:
             click.echo(f"job {sub.job_id} on queue {queue}", err=True)
@@ -327,8 +357,8 @@ async def jobs_cancel(queue: str, job: str, as_json: bool, **kwargs: Any) -> Non
     from asman.peer.client import Client
     from asman.render import state_json
 
-    async with Client.connect(settings_from(kwargs)) as client:
-        state = await client.cancel(queue, job)
+    async with Client.connect(settings_from(kwargs)) as client, client.callback_sender() as sender:
+        state = await client.cancel(queue, job, callbacks=sender)
     if as_json:
         emit_json(state_json(state))
     elif state.finished:
@@ -708,9 +738,21 @@ def worker(
     "repeatable or comma-separated. Whoever knows a job's definition can then find it and "
     "its outputs: expose only public queues. [default: none]",
 )
+@click.option(
+    "--allow-url",
+    "allow_urls",
+    envvar="ASMAN_ALLOW_URL",
+    multiple=True,
+    metavar="HOST",
+    help="Let the callbacks of jobs submitted here reach HOST although it is loopback or "
+    "private: a name, an address or a network (10.0.0.0/8), each with an optional :PORT; "
+    "repeatable. [default: public addresses only]",
+)
 @log_options
 @asyncmain
-async def gateway(host: str, port: int, expose: tuple[str, ...], **kwargs: Any) -> None:
+async def gateway(
+    host: str, port: int, expose: tuple[str, ...], allow_urls: tuple[str, ...], **kwargs: Any
+) -> None:
     """Serve the browser page and the HTTP API."""
     from asman.dev import gateway_config, serve_gateway
 
@@ -718,7 +760,7 @@ async def gateway(host: str, port: int, expose: tuple[str, ...], **kwargs: Any) 
     exposed = tuple(dict.fromkeys(q.strip() for v in expose for q in v.split(",") if q.strip()))
     stop = stop_on_signals()
     await serve_gateway(
-        gateway_config(settings, host, port, exposed_queues=exposed),
+        gateway_config(settings, host, port, exposed_queues=exposed, allow_urls=allow_urls),
         stop,
         # once it listens and has the log: a refused start prints its error, not a URL
         ready=lambda: click.echo(f"gateway on http://{host}:{port}/", err=True),
@@ -755,8 +797,22 @@ async def gateway(host: str, port: int, expose: tuple[str, ...], **kwargs: Any) 
     type=click.IntRange(1, 64),
     help="Jobs the local worker runs at once.",
 )
+@click.option(
+    "--allow-url",
+    "allow_urls",
+    envvar="ASMAN_ALLOW_URL",
+    multiple=True,
+    metavar="HOST",
+    help="Besides its own services, let jobs' URLs and callbacks reach HOST although it is "
+    "loopback or private (e.g. 127.0.0.1:9000 for a webhook receiver); repeatable.",
+)
 def dev(
-    queue: str | None, data_dir: str | None, nats_port: int, http_port: int, slots: int
+    queue: str | None,
+    data_dir: str | None,
+    nats_port: int,
+    http_port: int,
+    slots: int,
+    allow_urls: tuple[str, ...],
 ) -> None:
     """Everything on this machine: nats-server, object store, gateway and a worker."""
     from asman.dev import DevOptions, run_dev
@@ -768,6 +824,7 @@ def dev(
         http_port=http_port,
         slots=slots,
         new_queue=new_queue_name,
+        allow_urls=allow_urls,
     )
     raise SystemExit(run_async(run_dev(options)))
 

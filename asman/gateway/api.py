@@ -19,7 +19,7 @@ from asman.errors import InvalidDefinition, InvalidInput, JobNotFound
 from asman.gateway import files, sse
 from asman.gateway.limits import read_json
 from asman.gateway.metrics import CONTENT_TYPE, queue_metrics
-from asman.gateway.state import BLOBS, CLOSING, CONFIG, FOLLOWERS, LOG, METRICS
+from asman.gateway.state import BLOBS, CALLBACKS, CLOSING, CONFIG, FOLLOWERS, LOG, METRICS
 from asman.gateway.views import (
     chunk_view,
     job_summary,
@@ -27,6 +27,7 @@ from asman.gateway.views import (
     worker_view,
 )
 from asman.log import jobs, subjects
+from asman.log.control import validate_control
 from asman.log.definition import (
     DataRef,
     image_class,
@@ -42,6 +43,7 @@ __all__ = [
     "PREFIX",
     "add_routes",
     "bounded_logs",
+    "cancel_and_notify",
     "check_message",
     "find_input",
     "find_output",
@@ -92,14 +94,26 @@ async def load_job(request: web.Request, queue: str, job: str) -> JobState:
 
 
 async def submit_definition(
-    request: web.Request, queue: str, definition: Any, *, rerun: bool = False
+    request: web.Request,
+    queue: str,
+    definition: Any,
+    *,
+    rerun: bool = False,
+    control: Any = None,
 ) -> jobs.Submitted:
-    """Validate ``definition`` with the gateway's limits and submit it, signed by the gateway."""
+    """Validate ``definition`` with the gateway's limits and submit it, signed by the gateway,
+    with its ``control`` (callbacks: not part of the job). A job this puts on the queue
+    (created, or run again) gets its ``queued`` callback, sent in the background."""
     config = request.app[CONFIG]
     if not isinstance(definition, Mapping):
         raise InvalidDefinition("", "a job definition must be a JSON object")
     clean = validate_definition(definition, config.limits.definition_limits())
-    submitted = await jobs.submit(request.app[LOG], queue, clean, rerun=rerun, via=config.name)
+    checked = validate_control(control)
+    submitted = await jobs.submit(
+        request.app[LOG], queue, clean, rerun=rerun, via=config.name, control=checked
+    )
+    if submitted.created or submitted.requeued:
+        request.app[CALLBACKS].queued(queue, submitted.job_id, checked, submitted.state.last_seq)
     if submitted.created:
         outcome = "created"
     elif submitted.cached:
@@ -222,12 +236,18 @@ async def submit_job(request: web.Request) -> web.Response:
     queue = queue_param(request)
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
     if not isinstance(body, dict) or "definition" not in body:
-        raise InvalidInput('the body must be {"definition": {...}, "rerun": false}')
-    unknown = set(body) - {"definition", "rerun"}
+        raise InvalidInput(
+            'the body must be {"definition": {...}, "rerun": false, "control": {...}}'
+        )
+    unknown = set(body) - {"definition", "rerun", "control"}
     if unknown:
         raise InvalidInput(f"unknown body fields: {', '.join(sorted(unknown))}")
     submitted = await submit_definition(
-        request, queue, body["definition"], rerun=_bool(body.get("rerun"), "rerun")
+        request,
+        queue,
+        body["definition"],
+        rerun=_bool(body.get("rerun"), "rerun"),
+        control=body.get("control"),
     )
     view = job_view(submitted.state, job_base(queue, submitted.job_id), history=False)
     view.update(created=submitted.created, cached=submitted.cached, requeued=submitted.requeued)
@@ -290,8 +310,24 @@ async def cancel_job(request: web.Request) -> web.Response:
             )
         if body.get("message") is not None:
             message = check_message(body["message"])
-    state = await jobs.cancel(request.app[LOG], queue, job, message)
+    state = await cancel_and_notify(request, queue, job, message)
     return web.json_response(job_view(state, job_base(queue, job), history=False))
+
+
+async def cancel_and_notify(
+    request: web.Request, queue: str, job: str, message: str, before: JobState | None = None
+) -> JobState:
+    """Cancel the job; when that very cancel finished it (a job that never ran), send its
+    ``finished`` callback: the gateway's event ended it. ``before`` is the job as already
+    read, if it was."""
+    log = request.app[LOG]
+    before = before or await load_job(request, queue, job)
+    if before.finished:
+        return before
+    state = await jobs.cancel(log, queue, job, message)
+    if state.result is not None and state.result.worker == log.peer_id:
+        request.app[CALLBACKS].finished(state)
+    return state
 
 
 def check_message(value: Any) -> str:

@@ -9,7 +9,8 @@ as many as you like; any of them answers any request the same.
 1. stop accepting connections (the listening socket is closed);
 2. ``CLOSING`` is set, so event streams end at once;
 3. requests in flight get ``shutdown_timeout_s`` to finish, then are cancelled;
-4. the resources context closes the blob store's temp dir and drains the log connection.
+4. the resources context gives callbacks still underway their grace, closes the blob
+   store's temp dir and drains the log connection.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from asman.gateway.openapi import openapi_document
 from asman.gateway.page import page, static_file
 from asman.gateway.state import (
     BLOBS,
+    CALLBACKS,
     CLOSING,
     CONFIG,
     FOLLOWERS,
@@ -51,6 +53,7 @@ from asman.log.blobs import BlobStore
 from asman.log.connection import Log
 from asman.log.keys import PeerKey
 from asman.log.objstore import ObjectStoreBlobs
+from asman.peer.callbacks import CallbackSender
 
 __all__ = ["GatewayConfig", "create_app", "serve"]
 
@@ -73,8 +76,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Connect the log with the gateway's key, open the blob store and a scratch dir."""
     config = app[CONFIG]
     key = await asyncio.to_thread(PeerKey.load_or_create, config.key_path)
-    async with Log(config.log, key) as log:
+    async with (
+        Log(config.log, key) as log,
+        CallbackSender(key, config.url_policy(), config.callbacks) as callbacks,
+    ):
         app[LOG] = log
+        app[CALLBACKS] = callbacks
         app[BLOBS] = await _open_blobs(config, log)
         tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="asman-gateway-"))
         app[TMP_DIR] = tmp

@@ -126,11 +126,15 @@ async def _logs(request: web.Request, state: JobState) -> list[Any]:
 async def submit(request: web.Request) -> web.Response:
     queue = api.queue_param(request)
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
+    if isinstance(body, dict) and isinstance(body.get("enqueued"), Mapping):
+        body = body["enqueued"]  # StateChangeValueQueued {type, time, enqueued: EnqueueJob}
+    control = None
     if isinstance(body, dict) and isinstance(body.get("definition"), Mapping):
         definition = body["definition"]  # EnqueueJob {id?, definition, debug?, control?}
+        control = body.get("control")
     else:
         definition = body
-    submitted = await api.submit_definition(request, queue, definition)
+    submitted = await api.submit_definition(request, queue, definition, control=control)
     cq_state, cq_reason = submitted.state.cq_state
     return web.json_response(
         {
@@ -271,7 +275,7 @@ async def cancel(request: web.Request) -> web.Response:
     before = await api.load_job(request, queue, jid)
     if before.finished:
         return web.json_response({"message": "Job already Finished", "jobId": jid})
-    await jobs.cancel(request.app[LOG], queue, jid, message)
+    await api.cancel_and_notify(request, queue, jid, message, before)
     return web.json_response({"success": True, "jobId": jid, "namespace": namespace})
 
 

@@ -6,6 +6,7 @@ and ``ASMAN_*`` variables onto these fields (docs/reference/http-api.md lists th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from asman.errors import ConfigError, InvalidQueueName
 from asman.log.connection import LogConfig
 from asman.log.definition import DefinitionLimits
 from asman.log.subjects import validate_queue
+from asman.peer.callbacks import CallbackSettings
+from asman.peer.netguard import UrlPolicy
 
 __all__ = ["GatewayConfig", "GatewayLimits"]
 
@@ -98,6 +101,10 @@ class GatewayConfig:
     (``/j/<id>/…``) search for a job id; ``()`` (the default) searches none, and those routes
     answer 400. A job id is computed from its definition, so on an exposed queue whoever
     knows (or guesses) a definition finds its job and its outputs: expose only public queues.
+
+    ``allow_urls`` are the loopback or private destinations the gateway's ``queued``
+    callbacks may reach anyway (``UrlPolicy.parse``; by default public addresses only: a
+    callback URL comes from whoever submits). ``callbacks`` says how they are delivered.
     """
 
     log: LogConfig
@@ -112,6 +119,8 @@ class GatewayConfig:
     trust_forwarded: bool = False
     public_url: str | None = None
     exposed_queues: tuple[str, ...] = ()
+    allow_urls: tuple[str, ...] = ()
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
     presign_expires_s: int = 3600
     name: str = "gateway"
     poll_s: float = 5.0
@@ -142,11 +151,17 @@ class GatewayConfig:
                 raise ConfigError(f"exposed queue: {exc}") from exc
         if len(set(self.exposed_queues)) != len(self.exposed_queues):
             raise ConfigError(f"exposed queues {self.exposed_queues!r} name a queue twice")
+        self.url_policy()  # checks the entries
         if not 1 <= self.presign_expires_s <= 7 * 24 * 3600:
             raise ConfigError("presign_expires_s must be between 1 s and 7 days")
         for name in ("poll_s", "sse_ping_s", "shutdown_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"gateway {name} must be > 0")
+
+    def url_policy(self) -> UrlPolicy:
+        """Where the gateway's callbacks may go besides public addresses."""
+        policy = UrlPolicy.parse(self.allow_urls)
+        return dataclasses.replace(policy, who="the gateway", command="asman gateway")
 
     @property
     def address(self) -> str:

@@ -162,7 +162,35 @@ def _schemas() -> dict[str, Any]:
         "SubmitRequest": {
             "type": "object",
             "required": ["definition"],
-            "properties": {"definition": _ref("Definition"), "rerun": {"type": "boolean"}},
+            "properties": {
+                "definition": _ref("Definition"),
+                "rerun": {"type": "boolean"},
+                "control": _ref("Control"),
+            },
+            "additionalProperties": False,
+        },
+        "Callback": {
+            "type": "object",
+            "description": "POST a signed JSON body to url (docs/guide.md, Callbacks); "
+            "payload comes back as the body's config",
+            "required": ["url"],
+            "properties": {"url": {"type": "string", "format": "uri"}, "payload": {}},
+            "additionalProperties": False,
+        },
+        "Control": {
+            "type": "object",
+            "description": "How the queue treats the job (compute-queues' control); not "
+            "part of the job id",
+            "properties": {
+                "namespace": {"type": "string"},
+                "callbacks": {
+                    "type": "object",
+                    "properties": {"queued": _ref("Callback"), "finished": _ref("Callback")},
+                    "additionalProperties": False,
+                },
+                "maxDuration": {},
+                "outputs": {},
+            },
             "additionalProperties": False,
         },
         "Output": {
@@ -217,6 +245,7 @@ def _schemas() -> dict[str, Any]:
                 "submitter": {"type": "string"},
                 "via": {"type": "string"},
                 "seq": {"type": "integer"},
+                "control": _ref("Control"),
                 "result": {"oneOf": [_ref("Result"), {"type": "null"}]},
                 "waiting": _ref("Waiting"),
                 "definition": _ref("Definition"),
@@ -602,7 +631,7 @@ def _compat() -> dict[str, Any]:
                             "properties": {
                                 "definition": _ref("Definition"),
                                 "id": {"type": "string"},
-                                "control": {"type": "object"},
+                                "control": _ref("Control"),
                                 "debug": {"type": "boolean"},
                             },
                         },

@@ -1,10 +1,10 @@
 """The gateway's application state, typed with ``web.AppKey``.
 
 ``CONFIG``, ``LIMITER`` and ``METRICS`` are set by ``create_app``; ``LOG``, ``BLOBS``,
-``FOLLOWERS`` (the job streams' shared readers) and ``TMP_DIR`` by the resources context
-(``cleanup_ctx``) once the log is connected; ``CLOSING``
-is set when the server shuts down, so event streams end at once instead of holding the
-shutdown for their whole timeout.
+``FOLLOWERS`` (the job streams' shared readers), ``CALLBACKS`` and ``TMP_DIR`` by the
+resources context (``cleanup_ctx``) once the log is connected; ``CLOSING`` is set when the
+server shuts down, so event streams end at once instead of holding the shutdown for their
+whole timeout.
 """
 
 from __future__ import annotations
@@ -20,8 +20,19 @@ from asman.gateway.limits import RateLimiter
 from asman.gateway.metrics import GatewayMetrics
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
+from asman.peer.callbacks import CallbackSender
 
-__all__ = ["BLOBS", "CLOSING", "CONFIG", "FOLLOWERS", "LIMITER", "LOG", "METRICS", "TMP_DIR"]
+__all__ = [
+    "BLOBS",
+    "CALLBACKS",
+    "CLOSING",
+    "CONFIG",
+    "FOLLOWERS",
+    "LIMITER",
+    "LOG",
+    "METRICS",
+    "TMP_DIR",
+]
 
 CONFIG = web.AppKey("config", GatewayConfig)
 LOG = web.AppKey("log", Log)
@@ -31,3 +42,6 @@ LIMITER = web.AppKey("limiter", RateLimiter)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 TMP_DIR = web.AppKey("tmp_dir", Path)
 CLOSING = web.AppKey("closing", asyncio.Event)
+#: sends the callbacks of what the gateway appends (a submission's ``queued``, the
+#: ``finished`` of a queued job it cancels), in the background
+CALLBACKS = web.AppKey("callbacks", CallbackSender)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -35,11 +36,16 @@ from asman.log.logstream import LogChunk
 from asman.log.migrate import Migration, migrate
 from asman.log.objstore import ObjectStoreBlobs
 from asman.log.workers import WorkerInfo
+from asman.peer.callbacks import CallbackSender, CallbackSettings
+from asman.peer.netguard import UrlPolicy
 
 __all__ = ["Client", "FileInput", "Progress", "collect_files", "open_blobs"]
 
 #: Files up to this size are inlined in the definition (compute-queues' threshold).
 INLINE_LIMIT = 200
+
+#: a client's callbacks go where its user says (``Client.callback_sender``)
+ANY_ADDRESS = UrlPolicy.parse(["0.0.0.0/0", "::/0"])
 
 Progress = Callable[[str, int, int], None]
 """``progress(what, done_bytes, total_bytes)``: called as transfers move."""
@@ -194,8 +200,12 @@ class Client:
         files: Sequence[FileInput] = (),
         rerun: bool = False,
         progress: Progress | None = None,
+        control: Mapping[str, Any] | None = None,
+        callbacks: CallbackSender | None = None,
     ) -> jobs.Submitted:
-        """Submit ``definition`` (plus ``files`` as inputs) to ``queue``; idempotent."""
+        """Submit ``definition`` (plus ``files`` as inputs) to ``queue``; idempotent.
+        ``control`` (``asman.log.control``) goes with it; when this puts the job on the queue
+        (created, or run again), ``callbacks`` sends its ``queued`` callback."""
         final = dict(definition)
         if files:
             inputs = dict(final.get("inputs") or {})
@@ -204,7 +214,19 @@ class Client:
                     raise InvalidPath(name, "is both in the definition's inputs and a --file")
                 inputs[name] = ref
             final["inputs"] = inputs
-        return await jobs.submit(self.log, queue, final, rerun=rerun, via="client")
+        sub = await jobs.submit(self.log, queue, final, rerun=rerun, via="client", control=control)
+        if callbacks is not None and (sub.created or sub.requeued):
+            callbacks.queued(queue, sub.job_id, control or {}, sub.state.last_seq)
+        return sub
+
+    def callback_sender(self, settings: CallbackSettings | None = None) -> CallbackSender:
+        """A sender of this client's callbacks, signed with its key. A client's user names
+        the URLs itself, so they may be on any address (a gateway's and a worker's come from
+        others, and are refused on loopback and private addresses); before it ends, it waits
+        for deliveries underway for the whole delivery window."""
+        settings = settings or CallbackSettings()
+        settings = dataclasses.replace(settings, grace_s=settings.window_s)
+        return CallbackSender(self.log.key, ANY_ADDRESS, settings)
 
     # -- read --------------------------------------------------------------------------
 
@@ -244,8 +266,24 @@ class Client:
     async def workers(self, queue: str) -> list[WorkerInfo]:
         return await workers.list_workers(self.log, queue)
 
-    async def cancel(self, queue: str, job_id: str, message: str = "cancelled") -> JobState:
-        return await jobs.cancel(self.log, queue, job_id, message)
+    async def cancel(
+        self,
+        queue: str,
+        job_id: str,
+        message: str = "cancelled",
+        *,
+        callbacks: CallbackSender | None = None,
+    ) -> JobState:
+        """Cancel a job this client submitted; when the cancel finished it (it never ran),
+        ``callbacks`` sends its ``finished`` callback."""
+        before = await self.state(queue, job_id)
+        if before.finished:
+            return before
+        state = await jobs.cancel(self.log, queue, job_id, message)
+        finished_here = state.result is not None and state.result.worker == self.log.peer_id
+        if callbacks is not None and finished_here:
+            callbacks.finished(state)
+        return state
 
     # -- outputs -----------------------------------------------------------------------
 

@@ -1,0 +1,305 @@
+"""Callbacks (webhooks): compute-queues' ``submit_job_post`` and ``webhooks`` functional cases
+(reference/compute-queues.md §8) rewritten against Asman's routes, with a real gateway, a
+real worker and Docker, and a webhook receiver on 127.0.0.1 (``receiver.py``) that verifies
+each signature with the code docs/guide.md gives receivers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from faults import Cli
+from gatewaystack import IMAGE, Gateway, Stack
+from receiver import Receiver, guide_function
+
+from asman.peer.callbacks import CallbackSettings
+
+QUEUE = "hooks"
+#: retries a tenth of a second apart, so a receiver that fails twice is served at once
+FAST = CallbackSettings(first_delay_s=0.1, max_delay_s=0.5, window_s=60, grace_s=5)
+
+verify_asman_callback = guide_function("verify_asman_callback")
+sent_by_the_job_peer = guide_function("sent_by_the_job_peer")
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = await Receiver().start()
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+class Refusals(logging.Handler):
+    """The callback senders' "not sent" lines, each setting an event: a refusal is waited
+    for, never slept on."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        self.seen: dict[str, asyncio.Event] = {
+            "queued": asyncio.Event(),
+            "finished": asyncio.Event(),
+        }
+        self.loop = asyncio.get_running_loop()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        self.lines.append(line)
+        for event, flag in self.seen.items():
+            if line.startswith(f"callback {event} ") and " not sent: " in line:
+                self.loop.call_soon_threadsafe(flag.set)
+
+
+@pytest.fixture
+async def refusals() -> AsyncIterator[Refusals]:
+    handler = Refusals()
+    logger = logging.getLogger("asman.peer.callbacks")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+async def gateway_key(gw: Gateway) -> str:
+    status, info = await gw.json("GET", "/api/v1/info")
+    assert status == 200, info
+    return str(info["peerId"])
+
+
+async def test_submit_job_post_the_queued_callback_is_retried_until_delivered(
+    stack: Stack,
+) -> None:
+    """compute-queues' submit_job_post_test: a REST POST with a namespace and a queued
+    callback; the receiver gets {jobId, queue, namespace, config}. Here the receiver keeps
+    the first attempt waiting until the submission was answered (the answer never waits for
+    the callback), then fails twice: the callback still arrives, retried."""
+    hold = asyncio.Event()
+    receiver = await Receiver(failures=(500, 503), hold=hold).start()
+    try:
+        gw = await stack.gateway(allow_urls=("127.0.0.1",), callbacks=FAST)
+        namespace = f"test{secrets.randbelow(1_000_000)}"
+        payload = {"we": "are good"}
+        definition = {"image": IMAGE, "command": f"echo {secrets.randbelow(1_000_000)}"}
+        enqueue = {
+            "definition": definition,
+            "control": {
+                "namespace": namespace,
+                "callbacks": {"queued": {"url": receiver.url("/test"), "payload": payload}},
+            },
+        }
+        status, body = await gw.json("POST", f"/q/{QUEUE}", json=enqueue)
+        assert status == 200, body
+        assert body["success"] is True
+        hold.set()  # answered while the callback's first attempt may still be waiting
+
+        call = await receiver.delivered("/test")
+        assert call.json == {
+            "event": "queued",
+            "jobId": body["jobId"],
+            "queue": QUEUE,
+            "namespace": namespace,
+            "config": payload,
+        }
+        tries = receiver.attempts("/test")
+        assert [c.status for c in tries] == [500, 503, 200]
+        assert len({c.headers["webhook-id"] for c in tries}) == 1  # one delivery, retried
+
+        key = verify_asman_callback(call.headers, call.body)
+        assert key == await gateway_key(gw)
+        assert await asyncio.to_thread(sent_by_the_job_peer, gw.url, call.json, key)
+        # a forged body does not verify with the same headers
+        with pytest.raises(ValueError, match="signature"):
+            verify_asman_callback(call.headers, call.body.replace(b"test", b"tost"))
+        # the control went with the job and is not part of it
+        status, job = await gw.json("GET", f"/api/v1/queues/{QUEUE}/jobs/{body['jobId']}")
+        assert job["control"] == enqueue["control"] and job["definition"] == definition
+        status, plain = await gw.json("POST", "/api/v1/validate", json={"definition": definition})
+        assert plain["jobId"] == body["jobId"]
+    finally:
+        await receiver.close()
+
+
+@pytest.mark.docker
+async def test_webhooks_queued_and_finished_signed_by_who_did_it(
+    stack: Stack, busybox_image: str, receiver: Receiver
+) -> None:
+    """compute-queues' webhooks_test, and the finished callback compute-queues never sends:
+    the worker that wrote the result sends it, with the state, reason and exit code."""
+    gw = await stack.gateway(allow_urls=("127.0.0.1",), callbacks=FAST)
+    worker = await stack.worker(QUEUE, callbacks=FAST)  # allows 127.0.0.1, as `asman dev`
+    control = {
+        "callbacks": {
+            "queued": {"url": receiver.url("/queued")},
+            "finished": {"url": receiver.url("/finished"), "payload": {"run": 7}},
+        }
+    }
+    definition = {"image": IMAGE, "command": "sh -c 'echo out; exit 3'"}
+    status, body = await gw.json(
+        "POST", f"/api/v1/queues/{QUEUE}/jobs", json={"definition": definition, "control": control}
+    )
+    assert status == 201, body
+    jid = body["jobId"]
+
+    queued = await receiver.delivered("/queued")
+    assert queued.json == {
+        "event": "queued",
+        "jobId": jid,
+        "queue": QUEUE,
+        "namespace": "_",
+        "config": {},
+    }
+    assert verify_asman_callback(queued.headers, queued.body) == await gateway_key(gw)
+
+    finished = await receiver.delivered("/finished")
+    got = finished.json
+    assert {k: got[k] for k in ("event", "jobId", "queue", "namespace", "config")} == {
+        "event": "finished",
+        "jobId": jid,
+        "queue": QUEUE,
+        "namespace": "_",
+        "config": {"run": 7},
+    }
+    # compute-queues' names (a non-zero exit is still Success there) and Asman's
+    assert (got["state"], got["finishedReason"]) == ("Finished", "Success")
+    assert (got["reason"], got["exitCode"]) == ("failed", 3)
+    key = verify_asman_callback(finished.headers, finished.body)
+    assert key == worker.worker_id == got["worker"]
+    job = await gw.wait_job(QUEUE, jid)
+    assert job["result"]["worker"] == key and job["result"]["exitCode"] == 3
+    assert await asyncio.to_thread(sent_by_the_job_peer, gw.url, got, key)
+    assert not await asyncio.to_thread(
+        sent_by_the_job_peer, gw.url, got, await gateway_key(gw)
+    )  # the gateway did not write the result: its key is not the finished sender's
+    # submitting the same job again neither runs it nor calls back again
+    status, again = await gw.json(
+        "POST", f"/api/v1/queues/{QUEUE}/jobs", json={"definition": definition, "control": control}
+    )
+    assert (status, again["cached"]) == (200, True)
+    assert len(receiver.attempts("/queued")) == 1
+
+
+@pytest.mark.docker
+async def test_a_callback_to_a_private_address_is_refused_and_the_job_still_runs(
+    stack: Stack, busybox_image: str, receiver: Receiver, refusals: Refusals
+) -> None:
+    gw = await stack.gateway(callbacks=FAST)  # public addresses only: the default
+    await stack.worker(QUEUE, allow_urls=(), callbacks=FAST)
+    control = {
+        "callbacks": {
+            "queued": {"url": receiver.url("/queued")},
+            "finished": {"url": receiver.url("/finished")},
+        }
+    }
+    definition = {"image": IMAGE, "command": "echo still runs"}
+    status, body = await gw.json(
+        "POST", f"/api/v1/queues/{QUEUE}/jobs", json={"definition": definition, "control": control}
+    )
+    assert status == 201, body
+    job = await gw.wait_job(QUEUE, body["jobId"])
+    assert job["reason"] == "success"
+
+    async with asyncio.timeout(30):
+        await refusals.seen["queued"].wait()
+        await refusals.seen["finished"].wait()
+    assert receiver.calls == []
+    said = "\n".join(refusals.lines)
+    where = f"127.0.0.1:{receiver.port}"
+    assert f"`asman gateway --allow-url {where}`" in said, said
+    assert f"`asman worker --allow-url {where}`" in said, said
+    assert "loopback" in said
+    # logged once each, not once per retry
+    assert sum(" not sent: " in line for line in refusals.lines) == 2, said
+
+
+async def test_cancelling_a_queued_job_sends_finished_from_the_gateway(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """No worker ever ran the job: the gateway's cancel finished it, so the gateway sends
+    the finished callback."""
+    gw = await stack.gateway(allow_urls=("127.0.0.1",), callbacks=FAST)
+    control = {"callbacks": {"finished": {"url": receiver.url("/finished")}}}
+    definition = {"image": IMAGE, "command": "echo never"}
+    status, body = await gw.json(
+        "POST", f"/api/v1/queues/{QUEUE}/jobs", json={"definition": definition, "control": control}
+    )
+    assert status == 201, body
+    status, cancelled = await gw.json(
+        "POST", f"/api/v1/queues/{QUEUE}/jobs/{body['jobId']}/cancel", json={"message": "no"}
+    )
+    assert cancelled["reason"] == "cancelled", cancelled
+    call = await receiver.delivered("/finished")
+    assert (call.json["finishedReason"], call.json["reason"]) == ("Cancelled", "cancelled")
+    assert call.json["exitCode"] is None and call.json["message"] == "no"
+    assert verify_asman_callback(call.headers, call.body) == await gateway_key(gw)
+    # cancelling again changes nothing and calls back nobody
+    status, again = await gw.json("POST", f"/q/{QUEUE}/j/{body['jobId']}/cancel")
+    assert status == 200 and again["message"] == "Job already Finished"
+    assert len(receiver.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("control", "says"),
+    [
+        ({"callbacks": {"queued": {"url": "ftp://example.org/x"}}}, "callbacks.queued.url"),
+        ({"callbacks": {"queued": {"url": "/relative"}}}, "absolute http"),
+        ({"callbacks": {"started": {"url": "https://example.org"}}}, "queued and finished"),
+        ({"callbacks": {"finished": "https://example.org"}}, '{"url"'),
+        ({"namespace": 7}, "control.namespace"),
+        ({"hooks": {}}, "unknown fields ['hooks']"),
+        ("https://example.org", "JSON object"),
+    ],
+)
+async def test_a_bad_control_is_refused_with_what_is_wrong(
+    gateway: Gateway, control: object, says: str
+) -> None:
+    definition = {"image": IMAGE, "command": "echo x"}
+    for path, body in (
+        (f"/api/v1/queues/{QUEUE}/jobs", {"definition": definition, "control": control}),
+        (f"/q/{QUEUE}", {"definition": definition, "control": control}),
+    ):
+        status, answer = await gateway.json("POST", path, json=body)
+        assert status == 400, (path, answer)
+        assert says in answer["error"] and "\n" not in answer["error"], answer
+    status, listing = await gateway.json("GET", f"/api/v1/queues/{QUEUE}/jobs")
+    assert listing["count"] == 0  # nothing reached the log
+
+
+@pytest.mark.docker
+async def test_the_cli_sends_queued_and_the_worker_finished(
+    stack: Stack, busybox_image: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    worker = await stack.worker(QUEUE, callbacks=FAST)
+    cli = Cli(tmp_path / "home", stack.nats.url, verbose=False)
+    (tmp_path / "home").mkdir()
+    done = await asyncio.to_thread(
+        cli.run,
+        "submit",
+        QUEUE,
+        IMAGE,
+        "--on-queued",
+        receiver.url("/queued"),
+        "--on-finished",
+        receiver.url("/finished"),
+        "--",
+        "echo",
+        "from the cli",
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    jid = done.stdout.decode().strip()
+    # the CLI delivered its callback before it exited
+    queued = receiver.attempts("/queued")
+    assert [c.status for c in queued] == [200] and queued[0].json["jobId"] == jid
+    keys = await asyncio.to_thread(cli.run, "keys")
+    cli_key = keys.stdout.decode().strip()
+    assert verify_asman_callback(queued[0].headers, queued[0].body) == cli_key
+
+    finished = await receiver.delivered("/finished")
+    assert finished.json["jobId"] == jid and finished.json["reason"] == "success"
+    assert verify_asman_callback(finished.headers, finished.body) == worker.worker_id
