@@ -261,17 +261,18 @@ async def submit_job(request: web.Request) -> web.Response:
 async def validate(request: web.Request) -> web.Response:
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
     if not isinstance(body, dict) or "definition" not in body:
-        raise InvalidInput('the body must be {"definition": {...}}')
-    unknown = set(body) - {"definition"}
+        raise InvalidInput('the body must be {"definition": {...}, "control": {...}}')
+    unknown = set(body) - {"definition", "control"}
     if unknown:
         raise InvalidInput(f"unknown body fields: {', '.join(sorted(unknown))}")
     definition = body["definition"]
     if not isinstance(definition, Mapping):
         raise InvalidDefinition("", "a job definition must be a JSON object")
     clean = validate_definition(definition, request.app[CONFIG].limits.definition_limits())
-    return web.json_response(
-        {"jobId": job_id(clean), "class": image_class(clean), "definition": clean}
-    )
+    answer = {"jobId": job_id(clean), "class": image_class(clean), "definition": clean}
+    if body.get("control") is not None:
+        answer["control"] = validate_control(body["control"])
+    return web.json_response(answer)
 
 
 async def list_queue(request: web.Request) -> web.Response:

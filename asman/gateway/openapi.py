@@ -369,7 +369,10 @@ def _native() -> dict[str, Any]:
                             "schema": {
                                 "type": "object",
                                 "required": ["definition"],
-                                "properties": {"definition": _ref("Definition")},
+                                "properties": {
+                                    "definition": _ref("Definition"),
+                                    "control": _ref("Control"),
+                                },
                             }
                         }
                     },
