@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 
 
 def guide_function(name: str) -> Any:
