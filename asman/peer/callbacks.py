@@ -80,13 +80,16 @@ class CallbackSettings:
     """How callbacks are delivered: retried until ``window_s`` after the first attempt,
     waiting ``first_delay_s`` doubled after each failure up to ``max_delay_s``; each POST
     may take ``timeout_s``. When its owner stops, the sender gives deliveries still
-    underway ``grace_s``, then abandons them (and says so)."""
+    underway ``grace_s``, then abandons them (and says so). At most ``max_pending``
+    deliveries are underway at once; a callback beyond them is not sent (and said so), so a
+    flood of submissions naming dead receivers cannot grow a gateway without bound."""
 
     window_s: float = 600.0
     first_delay_s: float = 1.0
     max_delay_s: float = 60.0
     timeout_s: float = 10.0
     grace_s: float = 10.0
+    max_pending: int = 10_000
 
 
 def _json(body: Mapping[str, Any]) -> bytes:
@@ -247,9 +250,19 @@ class CallbackSender:
         return self.send("finished", callback, body, f"finished-{state.job_id}-{state.last_seq}")
 
     def send(self, event: str, callback: Callback, body: Mapping[str, Any], delivery: str) -> bool:
+        """Deliver ``body`` to the callback's URL in the background; False when it cannot
+        be (the sender is closed, or has ``max_pending`` deliveries underway)."""
+        job = str(body.get("jobId", ""))[:12]
         if self._tg is None:
+            logger.warning("callback %s job=%s not sent: the sender is closed", event, job)
+            return False
+        if len(self._pending) >= self.settings.max_pending:
+            self.failed += 1
             logger.warning(
-                "callback %s of job %s not sent: the sender is closed", event, body.get("jobId")
+                "callback %s job=%s not sent: %d callbacks are being delivered already",
+                event,
+                job,
+                len(self._pending),
             )
             return False
         task = self._tg.create_task(self._deliver(event, callback.url, _json(body), delivery))

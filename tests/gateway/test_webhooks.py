@@ -303,3 +303,33 @@ async def test_the_cli_sends_queued_and_the_worker_finished(
     finished = await receiver.delivered("/finished")
     assert finished.json["jobId"] == jid and finished.json["reason"] == "success"
     assert verify_asman_callback(finished.headers, finished.body) == worker.worker_id
+
+
+async def test_deliveries_are_bounded_and_abandoned_ones_are_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sender holds at most ``max_pending`` deliveries; when its owner stops, one still
+    underway gets the grace, then is abandoned, and each is logged once."""
+    from asman.log.keys import PeerKey
+    from asman.peer.callbacks import CallbackSender
+    from asman.peer.netguard import UrlPolicy
+
+    caplog.set_level(logging.INFO, "asman.peer.callbacks")
+    hold = asyncio.Event()
+    receiver = await Receiver(hold=hold).start()
+    settings = CallbackSettings(max_pending=1, grace_s=0.2, first_delay_s=0.1)
+    control = {"callbacks": {"queued": {"url": receiver.url()}}}
+    try:
+        async with CallbackSender(
+            PeerKey.generate(), UrlPolicy.parse(["127.0.0.1"]), settings
+        ) as s:
+            assert s.queued("q", "a" * 64, control, 1)
+            assert not s.queued("q", "b" * 64, control, 1)  # one is underway already
+            await receiver.arrived.wait()
+        lines = [r.getMessage() for r in caplog.records]
+        assert any("job=bbbbbbbbbbbb not sent: 1 callbacks are being" in x for x in lines), lines
+        assert any("job=aaaaaaaaaaaa to http://127.0.0.1" in x and "abandoned" in x for x in lines)
+        assert s.delivered == 0 and s.failed == 2
+    finally:
+        hold.set()
+        await receiver.close()
