@@ -146,11 +146,16 @@ async def submit(
         kwargs.pop("memory"),
         kwargs.pop("tags"),
     )
-    callbacks = {
-        event: {"url": url}
-        for event, url in (("queued", on_queued), ("finished", on_finished))
-        if url is not None
-    }
+    callbacks: dict[str, Any] = {}
+    for event, url in (("queued", on_queued), ("finished", on_finished)):
+        if url is not None:
+            try:
+                validate_control({"callbacks": {event: {"url": url}}})
+            except InvalidInput:
+                raise InvalidInput(
+                    f"--on-{event} {url[:200]!r} is not an absolute http:// or https:// URL"
+                ) from None
+            callbacks[event] = {"url": url}
     control = validate_control({"callbacks": callbacks} if callbacks else None)
     inputs = collect_files(files)
     async with Client.connect(settings) as client, client.callback_sender() as sender:

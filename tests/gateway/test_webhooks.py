@@ -333,3 +333,14 @@ async def test_deliveries_are_bounded_and_abandoned_ones_are_said(
     finally:
         hold.set()
         await receiver.close()
+
+
+def test_the_cli_refuses_a_callback_that_is_not_a_url(tmp_path: Path) -> None:
+    cli = Cli(tmp_path, "nats://127.0.0.1:1", verbose=False)  # refused before connecting
+    done = cli.run("submit", "q", IMAGE, "--on-finished", "ftp://example.org/x", "--", "true")
+    assert done.returncode == 2
+    said = done.stderr.decode()
+    assert (
+        said == "asman: --on-finished 'ftp://example.org/x' is not an absolute http:// or "
+        "https:// URL\n"
+    ), said
