@@ -49,6 +49,7 @@ from asman.log import subjects, wire
 from asman.log.events import CheckedEvent, RawEvent, Rules
 from asman.log.filtered import read_filtered
 from asman.log.keys import PeerKey
+from asman.log.policy import PolicyBook
 
 __all__ = ["Log", "LogConfig", "translate_errors"]
 
@@ -259,6 +260,10 @@ class Log:
         self.session = secrets.token_hex(8)
         #: how long a heartbeat lives: the workers stream's max age (its creator's setting)
         self.heartbeat_ttl_ms = int(config.heartbeat_ttl_s * 1000)
+        #: the policies of the owner-bound queues this peer has looked at (asman.log.policy)
+        self.policies = PolicyBook(self._read_policy, self.wake_on)
+        #: a worker certificate this peer's claims carry (``asman worker --cert``)
+        self.cert: bytes | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -329,8 +334,12 @@ class Log:
         # with it): it folds with its configured numbers, which the operator keeps equal to
         # the deployment's (docs/operations.md, "Confined credentials")
 
+    async def _read_policy(self, subject: str, start: int) -> list[RawEvent]:
+        return await self.read_subject(subjects.JOBS_STREAM, subject, start)
+
     async def close(self) -> None:
         self._closed = True
+        await self.policies.close()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
@@ -360,6 +369,7 @@ class Log:
 
     async def _on_reconnected(self) -> None:
         logger.info("reconnected to NATS")
+        self.policies.invalidate()  # a policy change may have been missed while away
         for cb in list(self._reconnect_callbacks):
             try:
                 await cb()
@@ -413,6 +423,8 @@ class Log:
                 discard=DiscardPolicy.NEW,
                 discard_new_per_subject=True,
                 allow_direct=True,
+                # queue policies outlive the retention of jobs (Nats-TTL: never)
+                allow_msg_ttl=True,
                 duplicate_window=min(120.0, float(c.retention_s)),
                 metadata=rules_metadata(rules),
             ),
@@ -500,10 +512,11 @@ class Log:
             except nats.js.errors.APIError as exc:
                 if exc.err_code != ERR_STREAM_CONFIG_CHANGED:
                     raise
+                assert cfg.name is not None
                 if not self.config.update_streams:
                     logger.debug("stream %s exists with other settings; left as it is", cfg.name)
+                    await self._enable_msg_ttl(cfg)
                     return
-                assert cfg.name is not None
                 existing = await self.js.stream_info(cfg.name)
                 # the protocol's numbers are the deployment's: never rewritten by a peer
                 cfg.metadata = existing.config.metadata or cfg.metadata
@@ -516,18 +529,42 @@ class Log:
                 logger.info("updating stream %s to the configured settings", cfg.name)
                 await self.js.update_stream(cfg)
 
+    async def _enable_msg_ttl(self, cfg: StreamConfig) -> None:
+        """Turn on per-message TTLs on a stream created before Asman needed them (queue
+        policies, kept with ``Nats-TTL: never``). Additive and safe: nothing else changes,
+        and a server that refuses leaves the stream as it was."""
+        if not cfg.allow_msg_ttl or cfg.name is None:
+            return
+        existing = await self.js.stream_info(cfg.name)
+        if existing.config.allow_msg_ttl:
+            return
+        existing.config.allow_msg_ttl = True
+        try:
+            await self.js.update_stream(existing.config)
+            logger.info("stream %s: per-message TTLs turned on (queue policies)", cfg.name)
+        except nats.js.errors.APIError as exc:
+            logger.warning("stream %s: cannot turn on per-message TTLs: %s", cfg.name, exc)
+
     # -- events ------------------------------------------------------------------------
 
-    async def append(self, subject: str, event: dict[str, Any], *, expected_last_seq: int) -> int:
+    async def append(
+        self,
+        subject: str,
+        event: dict[str, Any],
+        *,
+        expected_last_seq: int,
+        ttl: str | None = None,
+    ) -> int:
         """Sign ``event`` and append it to ``subject`` by compare-and-set on the subject's
         last sequence (0 = the subject must be empty); returns its stream sequence.
 
         The event is chained: it names ``expected_last_seq`` as ``prev``, so the fold
         refuses it anywhere else (a replay). ``Conflict`` when someone wrote first.
+        ``ttl`` is a per-message TTL (``"never"``: kept past the stream's max age).
         """
         body = {**event, "prev": expected_last_seq}
         data = wire.seal(self.key, subject, body)
-        return await self._publish_event(subject, body, data, expected_last_seq)
+        return await self._publish_event(subject, body, data, expected_last_seq, ttl)
 
     async def append_checked(
         self,
@@ -549,9 +586,16 @@ class Log:
         return CheckedEvent(seq, opened, "", None, len(data))
 
     async def _publish_event(
-        self, subject: str, event: dict[str, Any], data: bytes, expected_last_seq: int
+        self,
+        subject: str,
+        event: dict[str, Any],
+        data: bytes,
+        expected_last_seq: int,
+        ttl: str | None = None,
     ) -> int:
         headers = {subjects.HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq)}
+        if ttl is not None:
+            headers[subjects.HDR_TTL] = ttl
         what = f"appending {event.get('type', 'event')} to {subject}"
         with translate_errors(what, self):
             replies = await self._reply_inbox()

@@ -61,6 +61,7 @@ from asman.errors import EnvelopeError, InvalidDefinition
 from asman.log import wire
 from asman.log.definition import job_id as definition_job_id
 from asman.log.definition import parse_duration_ms
+from asman.log.policy import Policy, PolicyView, check_cert
 
 __all__ = [
     "FINISH_REASONS",
@@ -257,6 +258,8 @@ class Challenge:
     seq: int
     ts: int | None  # server time; None while only known first-hand
     proc: str = ""  # the challenger's process under its key
+    certifier: str = ""  # the challenger's certificate (a policy trusting certified workers)
+    cert_until: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +274,10 @@ class Lease:
     challenge: Challenge | None = None
     #: the holder's process under its key: processes sharing a key are different holders
     proc: str = ""
+    #: the certificate the holder claimed with (a queue policy trusting certified workers):
+    #: its certifier and its end (server time)
+    certifier: str = ""
+    cert_until: int = 0
 
     def held_by(self, signer: str, proc: str) -> bool:
         return signer == self.worker and proc == self.proc
@@ -419,7 +426,9 @@ class _Event:
         return value if type(value) is int else 0
 
 
-def _submitted(ev: _Event, queue: str, job: str, rules: Rules) -> tuple[JobState | None, str]:
+def _submitted(
+    ev: _Event, queue: str, job: str, rules: Rules, policy: Policy | None
+) -> tuple[JobState | None, str]:
     if ev.kind != "submitted":
         return None, "the first event of a job must be 'submitted'"
     definition_json = _text(ev.body, "definition")
@@ -432,6 +441,12 @@ def _submitted(ev: _Event, queue: str, job: str, rules: Rules) -> tuple[JobState
         return None, f"definition has no job id: {exc}"
     if computed != job:
         return None, f"definition hashes to job {computed[:12]}, not to this job"
+    if policy is not None:
+        if not policy.may_submit(ev.signer):
+            return None, f"the queue's policy does not let {ev.signer[:12]} submit"
+        over = policy.ceilings.refusal(definition)
+        if over:
+            return None, f"the queue's policy refuses the job: {over}"
     job_class = _text(ev.body, "class", "cpu")
     return (
         JobState(
@@ -462,7 +477,16 @@ def _resolve(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
         return state, ""
     c = lease.challenge
     attempt = state.claims + 1
-    taken = Lease(c.by, attempt, c.ts, c.seq, state.life_ms, proc=c.proc)
+    taken = Lease(
+        c.by,
+        attempt,
+        c.ts,
+        c.seq,
+        state.life_ms,
+        proc=c.proc,
+        certifier=c.certifier,
+        cert_until=c.cert_until,
+    )
     note = f"the lease of {lease.worker[:12]} passed to {c.by[:12]} (challenge unanswered)"
     return (
         replace(
@@ -485,9 +509,52 @@ def _holder_answers(state: JobState, ev: _Event) -> tuple[JobState, str]:
     return replace(state, lease=replace(lease, challenge=None)), ""
 
 
-def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
-    """Apply one verified, chained event to an existing job. Returns (new state, "" if
-    accepted else why not)."""
+def _claim_trust(policy: Policy | None, ev: _Event, queue: str) -> tuple[str, str, int]:
+    """Whether a claim counts under ``policy``: ("", certifier, certificate end) when it
+    does (certifier "" when the signer needs no certificate), else (why not, "", 0)."""
+    if policy is None or policy.workers is None or ev.signer in policy.workers:
+        return "", "", 0
+    refused = (
+        f"the queue's policy does not trust {ev.signer[:12]} as a worker "
+        "(not listed, and no valid certificate)"
+    )
+    cert_data = ev.body.get("cert")
+    if cert_data is None or not policy.certifiers:
+        return refused, "", 0
+    try:
+        cert = check_cert(cert_data)
+    except ValueError as exc:
+        return f"{refused}: {exc}", "", 0
+    now = ev.ts if ev.ts is not None else now_ms()
+    if (
+        cert.certifier not in policy.certifiers
+        or cert.worker != ev.signer
+        or (cert.queue is not None and cert.queue != queue)
+        or cert.until_ms <= now
+    ):
+        return f"{refused}: the certificate is not one this queue accepts now", "", 0
+    return "", cert.certifier, cert.until_ms
+
+
+def holder_trusted(policy: Policy | None, lease: Lease, ts: int | None) -> bool:
+    """Whether ``policy`` trusts the holder of ``lease`` at server time ``ts``."""
+    if policy is None or policy.workers is None or lease.worker in policy.workers:
+        return True
+    if not lease.certifier or lease.certifier not in policy.certifiers:
+        return False
+    return ts is None or ts < lease.cert_until
+
+
+def _may_administer(state: JobState, signer: str, policy: Policy | None) -> bool:
+    return signer == state.submitter or (policy is not None and policy.is_admin(signer))
+
+
+def _apply(
+    state: JobState, ev: _Event, rules: Rules, policy: Policy | None = None
+) -> tuple[JobState, str]:
+    """Apply one verified, chained event to an existing job, under the queue policy in
+    force at the event's time (None: an open queue). Returns (new state, "" if accepted
+    else why not)."""
     kind, signer = ev.kind, ev.signer
     lease = state.lease
     if kind == "submitted":
@@ -495,9 +562,21 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
     if kind == "claimed":
         if state.finished:
             return state, "job is finished"
+        why, certifier, cert_until = _claim_trust(policy, ev, state.queue)
+        if why:
+            return state, why
         if lease is None:
             attempt = state.claims + 1
-            new = Lease(signer, attempt, ev.ts, ev.seq, state.life_ms, proc=ev.proc)
+            new = Lease(
+                signer,
+                attempt,
+                ev.ts,
+                ev.seq,
+                state.life_ms,
+                proc=ev.proc,
+                certifier=certifier,
+                cert_until=cert_until,
+            )
             return (
                 replace(
                     state,
@@ -513,13 +592,13 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
             return state, "the signer already holds the lease"
         if lease.challenge is not None:
             return state, "a challenge is already pending"
-        challenge = Challenge(signer, ev.seq, ev.ts, ev.proc)
+        challenge = Challenge(signer, ev.seq, ev.ts, ev.proc, certifier, cert_until)
         return replace(state, lease=replace(lease, challenge=challenge)), ""
     if kind == "cancel":
         if state.finished:
             return state, "job is finished"
-        if signer != state.submitter:
-            return state, "only the submitter may cancel the job"
+        if not _may_administer(state, signer, policy):
+            return state, "only the submitter (or a queue admin) may cancel the job"
         message = _text(ev.body, "message", "cancelled")[:MAX_MESSAGE]
         if state.state == "queued":
             result = Result("cancelled", signer, state.claims, ev.when, message=message)
@@ -540,8 +619,8 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
         if not state.finished:
             return state, "only a finished job can be requeued"
         assert state.result is not None
-        if state.result.is_result and signer != state.submitter:
-            return state, "only the submitter may re-run a job that has a result"
+        if state.result.is_result and not _may_administer(state, signer, policy):
+            return state, "only the submitter (or a queue admin) may re-run a job that has a result"
         return (
             replace(
                 state,
@@ -563,6 +642,8 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
         return state, "no live claim"
     if not lease.held_by(signer, ev.proc):
         return state, f"only the lease holder may write '{kind}'"
+    if not holder_trusted(policy, lease, ev.ts):
+        return state, f"the queue's policy no longer trusts {signer[:12]} as a worker"
     if kind != "renewed" and _int(ev.body, "attempt") != lease.attempt:
         return state, "the event is for another attempt"
     state, why = _holder_answers(state, ev)
@@ -629,10 +710,11 @@ def fold(
     subject: str,
     events: Iterable[RawEvent],
     rules: Rules = DEFAULT_RULES,
+    policy: PolicyView | None = None,
 ) -> JobState | None:
     """The state of a job from its raw events, oldest first. None when nothing valid exists."""
     return fold_checked(
-        queue, job_id, subject, (check_event(raw, subject) for raw in events), rules
+        queue, job_id, subject, (check_event(raw, subject) for raw in events), rules, policy
     )
 
 
@@ -642,11 +724,12 @@ def fold_checked(
     subject: str,
     events: Iterable[CheckedEvent],
     rules: Rules = DEFAULT_RULES,
+    policy: PolicyView | None = None,
 ) -> JobState | None:
     """``fold`` over events already verified by ``check_event`` (or known first-hand: an
     event this peer signed and the log accepted). Rejected events are counted, and logged
     once for the whole fold."""
-    folder = JobFold(queue, job_id, subject, rules)
+    folder = JobFold(queue, job_id, subject, rules, policy)
     for checked in events:
         if folder.full:
             break
@@ -655,11 +738,30 @@ def fold_checked(
     return folder.state()
 
 
+def _hand_on(state: JobState, policy: Policy | None, ts: int | None) -> JobState:
+    """A job whose holder ``policy`` no longer trusts at server time ``ts`` goes back to the
+    queue (the attempt is not counted): a revoked worker's job is handed on."""
+    lease = state.lease
+    if policy is None or lease is None or state.finished:
+        return state
+    if holder_trusted(policy, lease, ts):
+        return state
+    return replace(
+        state,
+        state="queued",
+        lease=None,
+        started_ms=None,
+        claims=max(0, state.claims - 1),
+        extra={**state.extra, "revoked": lease.worker},
+    )
+
+
 def _category(why: str, opened: bool) -> str:
     """A short name for a rejection, for the aggregated warning."""
     if not opened:
         return "bad signature" if "signature" in why else "not a signed event of this job"
     for words, name in (
+        ("queue's policy", "refused by the queue's policy"),
         ("out of chain", "out of chain"),
         ("wire v", "other wire version"),
         ("hashes to", "definition not of this job"),
@@ -702,15 +804,28 @@ class JobFold:
         "_state",
         "full",
         "job_id",
+        "policy",
         "queue",
         "rules",
         "subject",
     )
 
-    def __init__(self, queue: str, job_id: str, subject: str, rules: Rules = DEFAULT_RULES) -> None:
+    def __init__(
+        self,
+        queue: str,
+        job_id: str,
+        subject: str,
+        rules: Rules = DEFAULT_RULES,
+        policy: PolicyView | None = None,
+    ) -> None:
         self.queue = queue
         self.job_id = job_id
         self.subject = subject
+        #: the queue's policy versions (None or empty: an open queue)
+        self.policy = policy if policy is not None and policy.versions else None
+        current = self.policy.current if self.policy else None
+        if current is not None and current.lease_ms is not None:
+            rules = replace(rules, lease_ms=current.lease_ms)
         self.rules = rules
         self.full = False  # the history reached a limit: nothing more is read
         self._state: JobState | None = None
@@ -787,11 +902,14 @@ class JobFold:
                     f"out of chain: names {body.get('prev')!r} as the message before it, "
                     f"which was {prev} (a replay, or an append without compare-and-set)"
                 )
-            elif self._state is None:
-                self._state, why = _submitted(ev, self.queue, self.job_id, rules)
             else:
-                self._state, note = _resolve(self._state, ev, rules)
-                self._state, why = _apply(self._state, ev, rules)
+                policy = self.policy.at(checked.ts) if self.policy else None
+                if self._state is None:
+                    self._state, why = _submitted(ev, self.queue, self.job_id, rules, policy)
+                else:
+                    self._state = _hand_on(self._state, policy, checked.ts)
+                    self._state, note = _resolve(self._state, ev, rules)
+                    self._state, why = _apply(self._state, ev, rules, policy)
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
             why = str(exc) or type(exc).__name__
         if why:
@@ -825,13 +943,17 @@ class JobFold:
         if self._state is None:
             return None
         if self._cached is None:
-            self._cached = replace(
-                self._state,
-                last_seq=self._last_seq,
-                history=tuple(self._history),
-                rejected=self._rejected,
-                events=self._count,
-                history_bytes=self._bytes,
+            self._cached = _hand_on(
+                replace(
+                    self._state,
+                    last_seq=self._last_seq,
+                    history=tuple(self._history),
+                    rejected=self._rejected,
+                    events=self._count,
+                    history_bytes=self._bytes,
+                ),
+                self.policy.current if self.policy else None,
+                now_ms(),
             )
         return self._cached
 

@@ -20,6 +20,7 @@ from asman.errors import (
     AsmanError,
     Conflict,
     HistoryFull,
+    InvalidInput,
     JobNotFound,
     LogError,
     UnauthorizedSigner,
@@ -120,8 +121,20 @@ class JobHistory:
             self._fold.add(event)
             self.last_seq = event.seq
 
+    async def _policy(self) -> None:
+        """Fold under the queue's latest policy: when it changed since the fold began, the
+        history is folded again from the start (rare: an owner changed the policy)."""
+        view = await self.log.policies.get(self.queue)
+        known = self._fold.policy
+        if (view.version if view else 0) == (known.version if known else 0):
+            return
+        self._fold = JobFold(self.queue, self.job_id, self.subject, self.log.rules, view)
+        self.last_seq = 0
+        self._unknown_from = 0
+
     async def read(self) -> JobState | None:
         """Read and verify what was appended since the last read; the job's state now."""
+        await self._policy()
         start = self._unknown_from or self.last_seq + 1
         if self._fold.full and not self._unknown_from:
             return self.state()  # the history reached its limit: nothing more is read
@@ -248,6 +261,7 @@ async def submit(
     jid = job_id(clean)
     job_class = image_class(clean)
     subject = subjects.job_subject(queue, jid)
+    await _check_submit(log, queue, clean)
     event = {
         "type": "submitted",
         "ts": now_ms(),
@@ -276,6 +290,9 @@ async def submit(
             created = True
             # on an empty subject our event is the first: its state needs no read back
             state = await history.appended(own, expected)
+            if state is None:  # refused: the queue's policy changed under us
+                log.policies.invalidate()
+                await _check_submit(log, queue, clean)
         if state is not None:
             break
         # the subject holds only invalid messages (noise, or a forged first event): append
@@ -300,6 +317,28 @@ async def submit(
     return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
 
 
+async def _check_submit(log: Log, queue: str, definition: Mapping[str, Any]) -> None:
+    """Refuse, with what to do, a submission the queue's policy would ignore."""
+    view = await log.policies.get(queue)
+    policy = view.current if view else None
+    if policy is None:
+        return
+    me = log.peer_id
+    if not policy.may_submit(me):
+        raise UnauthorizedSigner(
+            f"queue {queue}'s policy lets only listed keys submit, and yours ({me[:12]}…) is "
+            f"not one: ask its owner to run `asman queue policy set {queue} --submitter {me}`"
+        )
+    over = policy.ceilings.refusal(definition)
+    if over:
+        raise InvalidInput(f"queue {queue}'s policy refuses this job: {over}")
+
+
+async def _is_admin(log: Log, queue: str) -> bool:
+    view = await log.policies.get(queue)
+    return view is not None and view.current is not None and view.current.is_admin(log.peer_id)
+
+
 async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = None) -> JobState:
     """Run a finished job again (an explicit choice). A job not finished is left as it is.
     Only the submitter may re-run a job that has a result (``UnauthorizedSigner``)."""
@@ -309,7 +348,11 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
         if not state.finished:
             break
         assert state.result is not None
-        if state.result.is_result and state.submitter != log.peer_id:
+        if (
+            state.result.is_result
+            and state.submitter != log.peer_id
+            and not await _is_admin(log, queue)
+        ):
             raise UnauthorizedSigner(
                 f"job {job} has a result ({state.result.reason}), and only the peer that "
                 f"submitted it ({state.submitter[:12]}…) may run it again; this peer is "
@@ -346,9 +389,10 @@ async def cancel(
     for _ in range(CAS_RETRIES):
         if state.finished or (state.cancel_requested and not force):
             return state
-        if state.submitter != log.peer_id:
+        if state.submitter != log.peer_id and not await _is_admin(log, queue):
             raise UnauthorizedSigner(
-                f"only the peer that submitted job {job} may cancel it (submitter "
+                f"only the peer that submitted job {job} (or an admin of its queue) may "
+                f"cancel it (submitter "
                 f"{state.submitter[:12]}…, this peer {log.peer_id[:12]}…)",
                 subject,
             )
@@ -379,9 +423,13 @@ async def list_jobs(log: Log, queue: str) -> list[JobState]:
     for ev in events:
         by_subject[ev.subject].append(ev)
     out = []
+    policy = await log.policies.get(queue)
     for subject, evs in by_subject.items():
-        q, jid = subjects.job_id_from_subject(subject)
-        state = fold(q, jid, subject, evs, log.rules)
+        try:
+            q, jid = subjects.job_id_from_subject(subject)
+        except AsmanError:  # the queue's policy, or junk on a subject that is no job's
+            continue
+        state = fold(q, jid, subject, evs, log.rules, policy)
         if state is not None:
             out.append(state)
     out.sort(key=lambda s: s.submitted_ms)
@@ -442,11 +490,21 @@ async def watch_queue(log: Log, queue: str) -> AsyncIterator[JobState]:
     async for _ in _notifications(log, flt):
         new = await log.read_subject(subjects.JOBS_STREAM, flt, next_seq)
         touched: dict[str, None] = {}
+        policy = await log.policies.get(queue)
+        if policy is not None and any(
+            (f.policy.version if f.policy else 0) != policy.version for f in by_subject.values()
+        ):  # the policy changed: fold every job again under it
+            by_subject.clear()
+            new = await log.read_subject(subjects.JOBS_STREAM, flt)
         for ev in new:
             folder = by_subject.get(ev.subject)
             if folder is None:
-                q, jid = subjects.job_id_from_subject(ev.subject)
-                folder = by_subject[ev.subject] = JobFold(q, jid, ev.subject, log.rules)
+                try:
+                    q, jid = subjects.job_id_from_subject(ev.subject)
+                except AsmanError:  # the queue's policy, or junk that is no job's
+                    next_seq = ev.seq + 1
+                    continue
+                folder = by_subject[ev.subject] = JobFold(q, jid, ev.subject, log.rules, policy)
             folder.add(check_event(ev, ev.subject))
             touched[ev.subject] = None
             next_seq = ev.seq + 1
