@@ -379,14 +379,60 @@ def new_queue_name() -> str:
 
 
 @queue.command("new")
+@click.option(
+    "--private",
+    is_flag=True,
+    help="Bind the name to this key and write a policy: only this key submits and works "
+    "until you change it (`asman queue trust`, `asman queue policy set`).",
+)
 @click.option("--json", "as_json", is_flag=True)
-def queue_new(as_json: bool) -> None:
+@log_options
+@asyncmain
+async def queue_new(private: bool, as_json: bool, **kwargs: Any) -> None:
     """Print a new unguessable queue name."""
-    name = new_queue_name()
+    if not private:
+        name = new_queue_name()
+        if as_json:
+            emit_json({"queue": name})
+        else:
+            click.echo(name)
+        return
+    from asman.log import queues
+    from asman.log.policy import Policy, new_private_queue
+    from asman.peer.client import Client
+
+    async with Client.connect(settings_from(kwargs)) as client:
+        me = client.peer_id
+        name = new_private_queue(me)
+        written = await queues.write_policy(
+            client.log,
+            name,
+            lambda _: Policy(
+                queue=name,
+                version=0,
+                owner=me,
+                signer=me,
+                submitters=frozenset({me}),
+                workers=frozenset({me}),
+            ),
+        )
     if as_json:
-        emit_json({"queue": name})
+        emit_json({"queue": name, "policy": written.to_json()})
     else:
         click.echo(name)
+        click.echo(
+            f"private: only your key ({me[:12]}…) submits and works; add a worker with "
+            f"`asman queue trust {name} KEY`",
+            err=True,
+        )
+
+
+from asman.cli.queues import certify, policy_group, trust, untrust  # noqa: E402
+
+queue.add_command(policy_group)
+queue.add_command(trust)
+queue.add_command(untrust)
+main.add_command(certify)
 
 
 @main.command()
@@ -473,6 +519,19 @@ def keys(key_file: str | None, create: bool, as_json: bool) -> None:
 
 
 # -- worker, gateway, dev ----------------------------------------------------------------
+
+
+def _read_cert(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    from asman.log.policy import check_cert
+
+    data = Path(path).read_bytes()[:8192]
+    try:
+        check_cert(data)
+    except ValueError as exc:
+        raise InvalidInput(f"--cert {path}: {exc}; make one with `asman certify`") from None
+    return data
 
 
 def parse_gpus(value: str | None) -> tuple[str, ...]:
@@ -610,6 +669,13 @@ def parse_gpus(value: str | None) -> tuple[str, ...]:
     show_default=True,
     help="Ceiling for the log kept of one job (the rest is counted, not kept).",
 )
+@click.option(
+    "--cert",
+    envvar="ASMAN_CERT",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A worker certificate (`asman certify`) for queues that trust its certifier.",
+)
 @log_options
 def worker(
     queues: tuple[str, ...],
@@ -631,6 +697,7 @@ def worker(
     max_output_bytes: str,
     max_outputs: int,
     max_log_bytes: str,
+    cert: str | None,
     **kwargs: Any,
 ) -> None:
     """Join QUEUES and run their jobs in hardened containers."""
@@ -658,6 +725,7 @@ def worker(
         drain_grace_s=parse_duration_ms(drain_grace, "--drain-grace") / 1000,
         allow_urls=allow_urls,
         procs=procs,
+        cert=_read_cert(cert),
     )
     if procs > 1:
         root = click.get_current_context().find_root().params

@@ -535,7 +535,7 @@ def keys_list(values: Iterable[str], what: str) -> list[str]:
         except InvalidInput:
             raise InvalidInput(
                 f"{what} {v!r} is not a key: give a peer id (64 lower-case hex characters, "
-                "as `asman key show` prints it)"
+                "as `asman keys` prints it)"
             ) from None
     return out
 
