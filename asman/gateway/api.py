@@ -36,6 +36,7 @@ from asman.log.definition import (
 )
 from asman.log.events import JobState, OutputFile, now_ms
 from asman.log.logstream import LogChunk, read_logs
+from asman.log.policy import summarize
 from asman.log.workers import list_workers
 
 __all__ = [
@@ -346,6 +347,21 @@ async def get_workers(request: web.Request) -> web.Response:
     return web.json_response({"queue": queue, "workers": [worker_view(w) for w in workers]})
 
 
+async def get_policy(request: web.Request) -> web.Response:
+    """The queue's policy (asman.log.policy): open, not yet written, or its latest version."""
+    queue = queue_param(request)
+    view = await request.app[LOG].policies.get(queue)
+    policy = view.current if view else None
+    return web.json_response(
+        {
+            "queue": queue,
+            "ownerBound": view is not None,
+            "summary": summarize(view),
+            "policy": policy.to_json() if policy else None,
+        }
+    )
+
+
 async def get_metrics(request: web.Request) -> web.Response:
     queue = queue_param(request)
     log = request.app[LOG]
@@ -482,6 +498,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(f"{q}/jobs", list_queue)
     r.add_post(f"{q}/jobs", submit_job)
     r.add_get(f"{q}/workers", get_workers)
+    r.add_get(f"{q}/policy", get_policy)
     r.add_get(f"{q}/metrics", get_metrics)
     r.add_get(f"{q}/events", queue_stream, allow_head=False)
     r.add_get(j, get_job)

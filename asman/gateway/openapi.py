@@ -187,6 +187,11 @@ def _schemas() -> dict[str, Any]:
                 "durationMs": nullable_int,
                 "message": {"type": "string"},
                 "worker": {"type": "string"},
+                "trustedWorker": {
+                    "type": "boolean",
+                    "description": "run by a worker the queue's policy trusts (false on an "
+                    "open queue, where any worker's result counts)",
+                },
                 "attempt": {"type": "integer"},
                 "finishedMs": {"type": "integer"},
                 "outputs": {"type": "array", "items": _ref("Output")},
@@ -402,7 +407,7 @@ def _native() -> dict[str, Any]:
                     "200": _json(
                         _ref("Job"), "The job existed (queued, running, or a cached result)"
                     ),
-                    **_errors(400, 413),
+                    **_errors(400, 403, 413),
                 },
                 QUEUE,
                 body=submit_body,
@@ -418,6 +423,27 @@ def _native() -> dict[str, Any]:
                             "properties": {"workers": {"type": "array", "items": _ref("Worker")}},
                         },
                         "The workers",
+                    ),
+                    **_errors(400),
+                },
+                QUEUE,
+            )
+        },
+        f"{q}/policy": {
+            "get": _op(
+                "The queue's policy: open, not written yet, or its latest version",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "queue": {"type": "string"},
+                                "ownerBound": {"type": "boolean"},
+                                "summary": {"type": "string"},
+                                "policy": {"type": ["object", "null"]},
+                            },
+                        },
+                        "The policy",
                     ),
                     **_errors(400),
                 },

@@ -51,6 +51,7 @@ def result_view(result: Result, base: str) -> dict[str, Any]:
         "durationMs": result.duration_ms,
         "message": result.message,
         "worker": result.worker,
+        "trustedWorker": result.vetted,
         "attempt": result.attempt,
         "finishedMs": result.finished_ms,
         "outputs": [

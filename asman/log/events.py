@@ -242,6 +242,9 @@ class Result:
     outputs: tuple[OutputFile, ...] = ()
     log: Blob | None = None
     manifest: Blob | None = None
+    #: the worker was one the queue's policy trusts (listed or certified) when it wrote the
+    #: result; False on an open queue, where any worker's result counts
+    vetted: bool = False
 
     @property
     def is_result(self) -> bool:
@@ -662,6 +665,8 @@ def _apply(
         return replace(state, started_ms=ev.when), ""
     if kind == "finished":
         result = _parse_result(ev.body, signer, lease.attempt, ev.when)
+        if policy is not None and policy.workers is not None:
+            result = replace(result, vetted=True)
         if lease.attempt > rules.max_attempts and result.reason != "worker_lost":
             return state, (
                 f"attempt {lease.attempt} is past the {rules.max_attempts} allowed: "
