@@ -548,6 +548,15 @@ def holder_trusted(policy: Policy | None, lease: Lease, ts: int | None) -> bool:
     return ts is None or ts < lease.cert_until
 
 
+def past_retention(state: JobState, policy: Policy | None, at_ms: int | None) -> bool:
+    """A finished job older than its queue's retention (``Policy.retention_ms``, counted from
+    its result): no longer listed, and anyone may run it again."""
+    if policy is None or policy.retention_ms is None or state.result is None:
+        return False
+    now = at_ms if at_ms is not None else now_ms()
+    return now - state.result.finished_ms > policy.retention_ms
+
+
 def _may_administer(state: JobState, signer: str, policy: Policy | None) -> bool:
     return signer == state.submitter or (policy is not None and policy.is_admin(signer))
 
@@ -622,7 +631,11 @@ def _apply(
         if not state.finished:
             return state, "only a finished job can be requeued"
         assert state.result is not None
-        if state.result.is_result and not _may_administer(state, signer, policy):
+        if (
+            state.result.is_result
+            and not _may_administer(state, signer, policy)
+            and not past_retention(state, policy, ev.ts)
+        ):
             return state, "only the submitter (or a queue admin) may re-run a job that has a result"
         return (
             replace(

@@ -36,6 +36,7 @@ from asman.log.events import (
     check_event,
     fold,
     now_ms,
+    past_retention,
 )
 
 __all__ = [
@@ -304,7 +305,9 @@ async def submit(
     requeued = False
     if state.finished and not created:
         assert state.result is not None
-        if state.result.is_result and not rerun:
+        view = await log.policies.get(queue)
+        stale = past_retention(state, view.current if view else None, None)
+        if state.result.is_result and not rerun and not stale:
             logger.info("job=%s queue=%s cached reason=%s", jid, queue, state.result.reason)
             return Submitted(queue, jid, state, created=False, cached=True, requeued=False)
         state = await requeue(log, queue, jid, _state=state)
@@ -334,6 +337,11 @@ async def _check_submit(log: Log, queue: str, definition: Mapping[str, Any]) -> 
         raise InvalidInput(f"queue {queue}'s policy refuses this job: {over}")
 
 
+async def _stale(log: Log, state: JobState) -> bool:
+    view = await log.policies.get(state.queue)
+    return past_retention(state, view.current if view else None, None)
+
+
 async def _is_admin(log: Log, queue: str) -> bool:
     view = await log.policies.get(queue)
     return view is not None and view.current is not None and view.current.is_admin(log.peer_id)
@@ -352,6 +360,7 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
             state.result.is_result
             and state.submitter != log.peer_id
             and not await _is_admin(log, queue)
+            and not await _stale(log, state)
         ):
             raise UnauthorizedSigner(
                 f"job {job} has a result ({state.result.reason}), and only the peer that "
@@ -424,13 +433,14 @@ async def list_jobs(log: Log, queue: str) -> list[JobState]:
         by_subject[ev.subject].append(ev)
     out = []
     policy = await log.policies.get(queue)
+    current = policy.current if policy else None  # its retention hides older results
     for subject, evs in by_subject.items():
         try:
             q, jid = subjects.job_id_from_subject(subject)
         except AsmanError:  # the queue's policy, or junk on a subject that is no job's
             continue
         state = fold(q, jid, subject, evs, log.rules, policy)
-        if state is not None:
+        if state is not None and not past_retention(state, current, None):
             out.append(state)
     out.sort(key=lambda s: s.submitted_ms)
     return out

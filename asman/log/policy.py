@@ -543,7 +543,7 @@ def keys_list(values: Iterable[str], what: str) -> list[str]:
 def worker_standing(
     view: PolicyView | None, key: str, cert: bytes | None, queue: str, now_ms: int
 ) -> str:
-    """"" when ``view``'s latest policy counts the claims of the worker ``key`` (with its
+    """ "" when ``view``'s latest policy counts the claims of the worker ``key`` (with its
     certificate ``cert``), else the one line its operator needs: what to ask the owner."""
     p = view.current if view else None
     if p is None or p.workers is None or key in p.workers:

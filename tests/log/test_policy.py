@@ -292,3 +292,29 @@ async def test_an_untrusted_worker_is_told_what_to_ask(make_log: MakeLog) -> Non
                 await dispatcher.check_policies()
     finally:
         await dispatcher.close()
+
+
+async def test_results_past_the_queue_retention_are_unlisted_and_run_again(
+    make_log: MakeLog,
+) -> None:
+    owner, worker, other = await make_log(), await make_log(), await make_log()
+    queue = new_private_queue(owner.peer_id)
+    await queues.write_policy(
+        owner,
+        queue,
+        lambda _: private(owner.peer_id, submitters=None, workers=None, retention_ms=60_000),
+    )
+    sub = await jobs.submit(owner, queue, DEF)
+    lease = await claim_waiting(worker, queue)
+    # a result from two minutes ago (its time is the worker's)
+    old = {"type": "finished", "reason": "success", "exit_code": 0, "attempt": lease.attempt}
+    await worker.append(
+        lease.subject,
+        {**old, "proc": worker.session, "ts": now_ms() - 120_000},
+        expected_last_seq=lease.last_seq,
+    )
+    state = await jobs.read_job(owner, queue, sub.job_id)
+    assert state is not None and state.reason == "success"
+    assert await jobs.list_jobs(owner, queue) == []
+    again = await jobs.submit(other, queue, DEF)  # not the submitter, yet it runs again
+    assert again.requeued and again.state.state == "queued"
