@@ -23,6 +23,8 @@ __all__ = ["certify", "policy_group", "trust", "untrust"]
 def _keys_or_anyone(value: str, what: str) -> frozenset[str] | None:
     if value.strip().lower() == "anyone":
         return None
+    if value.strip().lower() == "none":
+        return frozenset()
     return frozenset(keys_list([v.strip() for v in value.split(",") if v.strip()], what))
 
 
@@ -131,9 +133,13 @@ async def policy_show(queue: str, as_json: bool, **kwargs: Any) -> None:
 
 @policy_group.command("set")
 @click.argument("queue")
-@click.option("--submit", default=None, help="Who may submit: 'anyone' or KEY,KEY…")
+@click.option("--submit", default=None, help="Who may submit: 'anyone', 'none' or KEY,KEY…")
 @click.option("--submitter", multiple=True, help="Add a key that may submit.")
-@click.option("--workers", default=None, help="Whose results count: 'anyone' or KEY,KEY…")
+@click.option(
+    "--workers",
+    default=None,
+    help="Whose results count: 'anyone', 'none' (only certified ones) or KEY,KEY…",
+)
 @click.option("--admin", multiple=True, help="Add an admin key (cancel anything, change this).")
 @click.option("--remove-admin", multiple=True, help="Remove an admin key.")
 @click.option("--certifier", multiple=True, help="Trust workers certified by this key.")
