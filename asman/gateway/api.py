@@ -55,6 +55,7 @@ __all__ = [
     "public_base",
     "queue_param",
     "submit_definition",
+    "submitted_response",
 ]
 
 PREFIX = "/api/v1"
@@ -93,14 +94,22 @@ async def load_job(request: web.Request, queue: str, job: str) -> JobState:
 
 
 async def submit_definition(
-    request: web.Request, queue: str, definition: Any, *, rerun: bool = False
+    request: web.Request,
+    queue: str,
+    definition: Any,
+    *,
+    rerun: bool = False,
+    signed: jobs.SignedEvent | None = None,
 ) -> jobs.Submitted:
-    """Validate ``definition`` with the gateway's limits and submit it, signed by the gateway."""
+    """Validate ``definition`` with the gateway's limits and submit it, signed by the gateway
+    (or, with ``signed``, by the key that signed that very submission)."""
     config = request.app[CONFIG]
     if not isinstance(definition, Mapping):
         raise InvalidDefinition("", "a job definition must be a JSON object")
     clean = validate_definition(definition, config.limits.definition_limits())
-    submitted = await jobs.submit(request.app[LOG], queue, clean, rerun=rerun, via=config.name)
+    submitted = await jobs.submit(
+        request.app[LOG], queue, clean, rerun=rerun, via=config.name, signed=signed
+    )
     if submitted.created:
         outcome = "created"
     elif submitted.cached:
@@ -230,12 +239,16 @@ async def submit_job(request: web.Request) -> web.Response:
     submitted = await submit_definition(
         request, queue, body["definition"], rerun=_bool(body.get("rerun"), "rerun")
     )
-    view = job_view(submitted.state, job_base(queue, submitted.job_id), history=False)
+    return submitted_response(submitted)
+
+
+def submitted_response(submitted: jobs.Submitted) -> web.Response:
+    """The answer to a submission: the job, ``201`` when it is new."""
+    base = job_base(submitted.queue, submitted.job_id)
+    view = job_view(submitted.state, base, history=False)
     view.update(created=submitted.created, cached=submitted.cached, requeued=submitted.requeued)
     return web.json_response(
-        view,
-        status=201 if submitted.created else 200,
-        headers={"Location": job_base(queue, submitted.job_id)},
+        view, status=201 if submitted.created else 200, headers={"Location": base}
     )
 
 

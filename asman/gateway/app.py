@@ -25,7 +25,7 @@ from pathlib import Path
 from aiohttp import web
 
 from asman.errors import ConfigError
-from asman.gateway import api, compat
+from asman.gateway import api, compat, signing
 from asman.gateway.config import GatewayConfig
 from asman.gateway.follow import Followers
 from asman.gateway.limits import RateLimiter
@@ -122,6 +122,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/openapi.json", openapi)
     api.add_routes(app)
+    signing.add_routes(app)
     compat.add_routes(app)
     return app
 

@@ -16,6 +16,7 @@ __all__ = ["openapi_document"]
 JSON = "application/json"
 QUEUE_RE = "^[A-Za-z0-9_-]{1,64}$"
 SHA_RE = "^[0-9a-f]{64}$"
+B64URL_RE = "^[A-Za-z0-9_-]*={0,2}$"
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -31,6 +32,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "Bad input: the body says what is wrong",
         403: "This gateway may not do that (e.g. cancel a job another peer submitted)",
         404: "Not found",
+        409: "The job moved on since the event was prepared: prepare and sign again",
         413: "Body over its limit",
         429: "Rate limited (see Retry-After)",
         503: "The log (NATS) cannot be reached",
@@ -163,6 +165,62 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["definition"],
             "properties": {"definition": _ref("Definition"), "rerun": {"type": "boolean"}},
+            "additionalProperties": False,
+        },
+        "PrepareSubmit": {
+            "type": "object",
+            "required": ["definition", "key"],
+            "properties": {
+                "definition": _ref("Definition"),
+                "key": {
+                    "type": "string",
+                    "pattern": SHA_RE,
+                    "description": "Your Ed25519 public key: its 32 raw bytes in hex",
+                },
+            },
+            "additionalProperties": False,
+        },
+        "PrepareCancel": {
+            "type": "object",
+            "required": ["key"],
+            "properties": {
+                "key": {"type": "string", "pattern": SHA_RE},
+                "message": {"type": "string", "maxLength": 1000},
+            },
+            "additionalProperties": False,
+        },
+        "Prepared": {
+            "type": "object",
+            "description": "An event for your key to sign: sign the bytes of toSign (Ed25519) "
+            "and send protected, payload and the signature to commit",
+            "required": ["jobId", "event", "protected", "payload", "toSign", "commit"],
+            "properties": {
+                "queue": {"type": "string"},
+                "jobId": {"type": "string"},
+                "subject": {"type": "string"},
+                "signer": {"type": "string"},
+                "event": {"type": "object", "description": "The event, as readers will see it"},
+                "protected": {"type": "string", "description": "base64url"},
+                "payload": {"type": "string", "description": "base64url"},
+                "toSign": {
+                    "type": "string",
+                    "description": "base64url of the COSE Sig_structure: the bytes to sign",
+                },
+                "commit": {"type": "string", "description": "Where to send the signed event"},
+            },
+        },
+        "SignedEvent": {
+            "type": "object",
+            "required": ["protected", "payload", "signature"],
+            "properties": {
+                "protected": {"type": "string", "pattern": B64URL_RE},
+                "payload": {"type": "string", "pattern": B64URL_RE},
+                "signature": {
+                    "type": "string",
+                    "pattern": B64URL_RE,
+                    "description": "base64url of the 64-byte Ed25519 signature of toSign",
+                },
+            },
             "additionalProperties": False,
         },
         "Output": {
@@ -481,7 +539,8 @@ def _native() -> dict[str, Any]:
         },
         f"{j}/cancel": {
             "post": _op(
-                "Cancel a job submitted through this gateway",
+                "Cancel a job this gateway submitted (signed by its own key; a job "
+                "submitted with your own key: cancel/prepare, then signed)",
                 {
                     "200": _json(_ref("Job"), "The job after the cancel"),
                     **_errors(400, 403, 404, 413),
@@ -500,6 +559,40 @@ def _native() -> dict[str, Any]:
                         }
                     },
                 },
+            )
+        },
+        f"{q}/jobs/prepare": {
+            "post": _op(
+                "Prepare a submission for your own key to sign (nothing is written)",
+                {"200": _json(_ref("Prepared"), "The event to sign"), **_errors(400, 413)},
+                QUEUE,
+                body={"required": True, "content": {JSON: {"schema": _ref("PrepareSubmit")}}},
+            )
+        },
+        f"{j}/cancel/prepare": {
+            "post": _op(
+                "Prepare a cancel for the key that submitted the job to sign (nothing is "
+                "written; 403 for another key)",
+                {
+                    "200": _json(_ref("Prepared"), "The event to sign"),
+                    **_errors(400, 403, 404, 413),
+                },
+                QUEUE,
+                JOB,
+                body={"required": True, "content": {JSON: {"schema": _ref("PrepareCancel")}}},
+            )
+        },
+        f"{j}/signed": {
+            "post": _op(
+                "Append a submission or cancel signed by your key (from a prepare)",
+                {
+                    "201": _json(_ref("Job"), "A new job (a submission)"),
+                    "200": _json(_ref("Job"), "The job after the event"),
+                    **_errors(400, 403, 404, 409, 413),
+                },
+                QUEUE,
+                JOB,
+                body={"required": True, "content": {JSON: {"schema": _ref("SignedEvent")}}},
             )
         },
         f"{j}/logs": {

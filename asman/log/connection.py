@@ -585,6 +585,15 @@ class Log:
         seq = await self._publish_event(subject, body, data, expected_last_seq)
         return CheckedEvent(seq, opened, "", None, len(data))
 
+    async def append_signed(
+        self, subject: str, envelope: bytes, opened: wire.Opened, *, expected_last_seq: int
+    ) -> CheckedEvent:
+        """Append an envelope another key signed (``opened`` is what ``wire.open_envelope``
+        gave for it on ``subject``), as it is, by compare-and-set on ``expected_last_seq``.
+        ``Conflict`` when someone wrote first; the caller checked the event."""
+        seq = await self._publish_event(subject, opened.event, envelope, expected_last_seq)
+        return CheckedEvent(seq, opened, "", None, len(envelope))
+
     async def _publish_event(
         self,
         subject: str,

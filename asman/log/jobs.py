@@ -3,6 +3,13 @@
 Submit is idempotent: the ``submitted`` event is a compare-and-set on an empty subject, and
 the job's waiting-index entry is written again each time it is found queued, so submitting
 again is always safe and repairs a job whose entry was never written (or was overwritten).
+
+Submit and cancel also append events signed by a key this peer does not hold (a browser's,
+through the gateway): ``prepare_submit`` / ``prepare_cancel`` build the event and the bytes
+that key signs, and ``submit`` / ``cancel`` with ``signed=`` append the verified envelope as it
+is, by the same compare-and-set, once they have checked it is the very event they would write.
+Its ``prev`` is signed, so it can go nowhere else: when the job moved on, ``Conflict`` says to
+prepare and sign again.
 """
 
 from __future__ import annotations
@@ -38,17 +45,25 @@ from asman.log.events import (
     now_ms,
     past_retention,
 )
+from asman.log.keys import peer_id_to_bytes
 
 __all__ = [
+    "SIGNED_TS_WINDOW_MS",
     "JobHistory",
+    "Prepared",
+    "SignedEvent",
     "Submitted",
     "cancel",
+    "cancel_event",
     "list_jobs",
     "mark_done",
     "mark_waiting",
+    "prepare_cancel",
+    "prepare_submit",
     "read_job",
     "requeue",
     "submit",
+    "submitted_event",
     "wait_finished",
     "watch_job",
     "watch_queue",
@@ -58,6 +73,9 @@ logger = logging.getLogger(__name__)
 
 CAS_RETRIES = 16
 WATCH_POLL_S = 5.0
+#: How far the ``ts`` of an event signed elsewhere may be from this peer's clock (the peer
+#: that prepared it wrote it, moments before it was signed).
+SIGNED_TS_WINDOW_MS = 10 * 60 * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +94,141 @@ class Submitted:
 def definition_text(definition: Mapping[str, Any]) -> str:
     """The definition as stored on the log: compact JSON, keys in the submitter's order."""
     return json.dumps(definition, separators=(",", ":"), ensure_ascii=False)
+
+
+def submitted_event(clean: Mapping[str, Any], via: str = "") -> dict[str, Any]:
+    """The ``submitted`` event of a validated definition (without ``prev``)."""
+    return {
+        "type": "submitted",
+        "ts": now_ms(),
+        "definition": definition_text(clean),
+        "class": image_class(clean),
+        "via": via,
+    }
+
+
+def cancel_event(message: str) -> dict[str, Any]:
+    """A ``cancel`` event (without ``prev``)."""
+    return {"type": "cancel", "ts": now_ms(), "message": message}
+
+
+@dataclass(frozen=True, slots=True)
+class SignedEvent:
+    """An event signed by a key this peer does not hold (a browser's, through the gateway),
+    verified as every reader verifies it. ``submit`` and ``cancel`` append it as it is."""
+
+    envelope: bytes
+    opened: wire.Opened
+
+    @classmethod
+    def verify(
+        cls, protected: bytes, payload: bytes, signature: bytes, subject: str
+    ) -> SignedEvent:
+        """The envelope of these parts (``wire.to_sign`` made the first two), verified on
+        ``subject`` as any reader verifies it: an ``EnvelopeError`` when it does not."""
+        envelope = wire.assemble(protected, payload, signature)
+        return cls(envelope, wire.open_envelope(envelope, subject))
+
+    @property
+    def signer(self) -> str:
+        return self.opened.signer
+
+    @property
+    def kind(self) -> str:
+        kind = self.opened.event.get("type")
+        return kind if isinstance(kind, str) else ""
+
+    @property
+    def prev(self) -> int:
+        prev = self.opened.event.get("prev")
+        return prev if type(prev) is int else -1
+
+    def check(self, subject: str, expected: Mapping[str, Any]) -> None:
+        """``InvalidInput`` unless this is ``expected`` (the event this peer would write) for
+        ``subject``, with a ``ts`` of its own near this peer's clock and a ``prev``."""
+        event = self.opened.event
+        if self.opened.protected_sub != subject:
+            raise InvalidInput(
+                f"the signed event is for {self.opened.protected_sub!r}, not for {subject!r}"
+            )
+        if event.get("v") != wire.SCHEMA_VERSION:
+            raise InvalidInput(
+                f"the signed event's 'v' is {event.get('v')!r}: events are wire "
+                f"v{wire.SCHEMA_VERSION}; prepare it again"
+            )
+        if self.prev < 0:
+            raise InvalidInput(
+                "the signed event's 'prev' must be the sequence of the job's last message "
+                f"(a whole number), got {event.get('prev')!r}; prepare it again"
+            )
+        ts, now = event.get("ts"), now_ms()
+        if type(ts) is not int or abs(ts - now) > SIGNED_TS_WINDOW_MS:
+            raise InvalidInput(
+                f"the signed event's 'ts' ({str(ts)[:20]}) is not within "
+                f"{SIGNED_TS_WINDOW_MS // 60_000} minutes of now: prepare and sign it again"
+            )
+        fixed = {"v", "prev", "ts"}
+        unknown = sorted(k for k in event if k not in expected and k not in fixed)
+        differ = sorted(k for k in expected if k not in fixed and event.get(k) != expected[k])
+        if unknown or differ:
+            what = []
+            if differ:
+                what.append(f"its {', '.join(differ)} differ from what this peer writes")
+            if unknown:
+                what.append(f"it has fields this peer does not write: {', '.join(unknown)}")
+            raise InvalidInput(
+                f"the signed event is not the {expected.get('type')} this peer would append: "
+                f"{'; '.join(what)}"[:500]
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An event for a key this peer does not hold to sign: ``event`` is what readers will
+    see (with ``v`` and ``prev``), ``unsigned.data`` the exact bytes to sign."""
+
+    queue: str
+    job_id: str
+    subject: str
+    signer: str
+    event: dict[str, Any]
+    unsigned: wire.ToSign
+
+
+def _prepared(queue: str, job: str, signer: str, event: dict[str, Any]) -> Prepared:
+    subject = subjects.job_subject(queue, job)
+    unsigned = wire.to_sign(peer_id_to_bytes(signer), subject, event)
+    return Prepared(queue, job, subject, signer, {"v": wire.SCHEMA_VERSION, **event}, unsigned)
+
+
+def _stale(job: str, last_seq: int, signed: SignedEvent) -> Conflict:
+    return Conflict(
+        f"job {job} moved on since its event was prepared (it follows message {signed.prev}, "
+        f"the job's last is now {last_seq}): prepare and sign it again"
+    )
+
+
+def _not_yours(job: str, submitter: str, signer: str) -> UnauthorizedSigner:
+    return UnauthorizedSigner(
+        f"job {job[:12]}… belongs to another key: only the key that submitted it "
+        f"({submitter[:12]}…) may cancel it, and this one is {signer[:12]}…"
+    )
+
+
+async def _append(
+    log: Log,
+    subject: str,
+    event: dict[str, Any],
+    expected_last_seq: int,
+    signed: SignedEvent | None,
+) -> CheckedEvent:
+    """Our ``event``, signed by this peer, or the ``signed`` one as it is (its ``prev`` is
+    ``expected_last_seq``: the callers check)."""
+    if signed is None:
+        return await log.append_checked(subject, event, expected_last_seq=expected_last_seq)
+    return await log.append_signed(
+        subject, signed.envelope, signed.opened, expected_last_seq=expected_last_seq
+    )
 
 
 class JobHistory:
@@ -249,6 +402,7 @@ async def submit(
     *,
     rerun: bool = False,
     via: str = "",
+    signed: SignedEvent | None = None,
 ) -> Submitted:
     """Put a job on ``queue``. Safe to repeat; see the module docstring.
 
@@ -256,27 +410,29 @@ async def submit(
     from cache; one that finished for another reason (error, cancelled, worker_lost) is run
     again. ``rerun=True`` runs it again whatever the reason (only its submitter may re-run a
     job that has a result).
+
+    ``signed``: the ``submitted`` event signed by another key (``prepare_submit``), appended
+    in place of this peer's own; ``InvalidInput`` when it is not this definition's, ``Conflict``
+    when the job's subject moved on since it was prepared.
     """
     subjects.validate_queue(queue)
     clean = validate_definition(definition)
     jid = job_id(clean)
-    job_class = image_class(clean)
     subject = subjects.job_subject(queue, jid)
-    await _check_submit(log, queue, clean)
-    event = {
-        "type": "submitted",
-        "ts": now_ms(),
-        "definition": definition_text(clean),
-        "class": job_class,
-        "via": via,
-    }
+    submitter = signed.signer if signed is not None else log.peer_id
+    await _check_submit(log, queue, clean, submitter)
+    event = submitted_event(clean, via)
+    if signed is not None:
+        signed.check(subject, event)
     created = False
-    expected = 0
+    expected = signed.prev if signed is not None else 0
     state: JobState | None = None
     history = JobHistory(log, queue, jid)
     for _ in range(CAS_RETRIES):
+        if signed is not None and expected != signed.prev:
+            raise _stale(jid, expected, signed)
         try:
-            own = await log.append_checked(subject, event, expected_last_seq=expected)
+            own = await _append(log, subject, event, expected, signed)
         except Conflict:
             state = await history.read()
         except HistoryFull as exc:
@@ -293,7 +449,7 @@ async def submit(
             state = await history.appended(own, expected)
             if state is None:  # refused: the queue's policy changed under us
                 log.policies.invalidate()
-                await _check_submit(log, queue, clean)
+                await _check_submit(log, queue, clean, submitter)
         if state is not None:
             break
         # the subject holds only invalid messages (noise, or a forged first event): append
@@ -320,13 +476,13 @@ async def submit(
     return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
 
 
-async def _check_submit(log: Log, queue: str, definition: Mapping[str, Any]) -> None:
-    """Refuse, with what to do, a submission the queue's policy would ignore."""
+async def _check_submit(log: Log, queue: str, definition: Mapping[str, Any], me: str) -> None:
+    """Refuse, with what to do, a submission by the key ``me`` the queue's policy would
+    ignore."""
     view = await log.policies.get(queue)
     policy = view.current if view else None
     if policy is None:
         return
-    me = log.peer_id
     if not policy.may_submit(me):
         raise UnauthorizedSigner(
             f"queue {queue}'s policy lets only listed keys submit, and yours ({me[:12]}…) is "
@@ -337,7 +493,7 @@ async def _check_submit(log: Log, queue: str, definition: Mapping[str, Any]) -> 
         raise InvalidInput(f"queue {queue}'s policy refuses this job: {over}")
 
 
-async def _stale(log: Log, state: JobState) -> bool:
+async def _past_retention(log: Log, state: JobState) -> bool:
     view = await log.policies.get(state.queue)
     return past_retention(state, view.current if view else None, None)
 
@@ -345,6 +501,32 @@ async def _stale(log: Log, state: JobState) -> bool:
 async def _is_admin(log: Log, queue: str) -> bool:
     view = await log.policies.get(queue)
     return view is not None and view.current is not None and view.current.is_admin(log.peer_id)
+
+
+async def prepare_submit(
+    log: Log, queue: str, definition: Mapping[str, Any], *, signer: str, via: str = ""
+) -> Prepared:
+    """The ``submitted`` event of ``definition`` for the key ``signer`` (a peer id) to sign,
+    then to ``submit(..., signed=...)``. It follows the subject's last message when that
+    holds only junk (as ``submit`` does); a job that exists is found by the submit."""
+    subjects.validate_queue(queue)
+    clean = validate_definition(definition)
+    jid = job_id(clean)
+    history = JobHistory(log, queue, jid)
+    state = await history.read()
+    prev = history.last_seq if state is None else 0
+    return _prepared(queue, jid, signer, {**submitted_event(clean, via), "prev": prev})
+
+
+async def prepare_cancel(
+    log: Log, queue: str, job: str, message: str = "cancelled", *, signer: str
+) -> Prepared:
+    """The ``cancel`` event of a job for the key ``signer`` (a peer id) to sign, then to
+    ``cancel(..., signed=...)``; ``UnauthorizedSigner`` when that key did not submit it."""
+    state = await _require(log, queue, job)
+    if state.submitter != signer:
+        raise _not_yours(job, state.submitter, signer)
+    return _prepared(queue, job, signer, {**cancel_event(message), "prev": state.last_seq})
 
 
 async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = None) -> JobState:
@@ -360,7 +542,7 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
             state.result.is_result
             and state.submitter != log.peer_id
             and not await _is_admin(log, queue)
-            and not await _stale(log, state)
+            and not await _past_retention(log, state)
         ):
             raise UnauthorizedSigner(
                 f"job {job} has a result ({state.result.reason}), and only the peer that "
@@ -381,7 +563,13 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
 
 
 async def cancel(
-    log: Log, queue: str, job: str, message: str = "cancelled", *, force: bool = False
+    log: Log,
+    queue: str,
+    job: str,
+    message: str = "cancelled",
+    *,
+    force: bool = False,
+    signed: SignedEvent | None = None,
 ) -> JobState:
     """Cancel a job. Queued: finished as cancelled at once. Running: its worker is asked to
     stop the container and finishes it as cancelled. Finished: nothing changes.
@@ -389,8 +577,15 @@ async def cancel(
     ``force`` on a running job whose cancel request is older than the lease grace
     (``Rules.lease_ms``, server time) finishes it as cancelled without its worker: the worker
     is gone or will not stop. Earlier, the log refuses it and the state is returned as is.
+
+    ``signed``: the ``cancel`` event signed by another key (``prepare_cancel``), appended in
+    place of this peer's own; ``InvalidInput`` when it is not this cancel,
+    ``UnauthorizedSigner`` when its key did not submit the job, ``Conflict`` when the job
+    moved on since it was prepared.
     """
     subject = subjects.job_subject(queue, job)
+    if signed is not None:
+        signed.check(subject, cancel_event(message))
     history = JobHistory(log, queue, job)
     state = await history.read()
     if state is None:
@@ -398,7 +593,12 @@ async def cancel(
     for _ in range(CAS_RETRIES):
         if state.finished or (state.cancel_requested and not force):
             return state
-        if state.submitter != log.peer_id and not await _is_admin(log, queue):
+        if signed is not None:
+            if state.submitter != signed.signer:
+                raise _not_yours(job, state.submitter, signed.signer)
+            if state.last_seq != signed.prev:
+                raise _stale(job, state.last_seq, signed)
+        elif state.submitter != log.peer_id and not await _is_admin(log, queue):
             raise UnauthorizedSigner(
                 f"only the peer that submitted job {job} (or an admin of its queue) may "
                 f"cancel it (submitter "
@@ -407,11 +607,7 @@ async def cancel(
             )
         requested = state.cancel_requested
         try:
-            own = await log.append_checked(
-                subject,
-                {"type": "cancel", "ts": now_ms(), "message": message},
-                expected_last_seq=state.last_seq,
-            )
+            own = await _append(log, subject, cancel_event(message), state.last_seq, signed)
         except Conflict:
             new = await history.read()
             assert new is not None
