@@ -368,3 +368,39 @@ async def test_without_ed25519_the_page_lets_the_gateway_sign_and_says_so(
         await pg.click("#cancel")
         await pg.wait_for_selector("#state[data-state='cancelled']")
         await shot(pg, "keys-fallback")
+
+
+async def test_the_page_shows_the_queue_policy_and_marks_a_trusted_worker(
+    stack: Stack, busybox_image: str, page: Any
+) -> None:
+    import dataclasses
+
+    from asman.log import queues
+    from asman.log.policy import Policy, new_private_queue
+
+    gw = await stack.gateway()
+    owner = await stack.peer()
+    queue = new_private_queue(owner.peer_id)
+    worker = await stack.worker(queue)
+    me = owner.peer_id
+    await queues.write_policy(
+        owner,
+        queue,
+        lambda _: dataclasses.replace(
+            Policy(queue, 0, me, me), workers=frozenset({worker.log.peer_id})
+        ),
+    )
+    definition = {"image": IMAGE, "command": "echo vetted"}
+    await page.goto(job_link(gw.url, definition, queue=queue))
+    await page.wait_for_selector("#policy-note:has-text('results from 1 listed worker')")
+    await page.click("#run")
+    await page.wait_for_selector("#state[data-state='success']")
+    await page.wait_for_selector("#worker:has-text('trusted by the queue')")
+    await shot(page, "policy-trusted")
+
+    await stack.worker("openq")
+    await page.goto(job_link(gw.url, definition, queue="openq"))
+    await page.wait_for_selector("#policy-note:has-text('open (no policy)')")
+    await page.click("#run")
+    await page.wait_for_selector("#state[data-state='success']")
+    await page.wait_for_selector("#worker:has-text('not vetted')")

@@ -301,6 +301,8 @@
     el.exitCode.textContent = result && result.exitCode !== null ? String(result.exitCode) : "–";
     el.duration.textContent = result ? fmtDuration(result.durationMs) : "–";
     el.worker.textContent = view.worker ? short(view.worker) : "–";
+    if (result && result.trustedWorker) el.worker.textContent += " ✓ trusted by the queue";
+    else if (result && view.worker) el.worker.textContent += " (any worker: not vetted)";
     el.worker.title = view.worker || "";
     el.submitter.textContent = whose(view.submitter);
     el.submitter.title = view.submitter || "";
@@ -574,8 +576,10 @@
       return;
     }
     try {
-      const res = await call("GET", `${API}/queues/${encodeURIComponent(queue)}/workers`);
+      const q = `${API}/queues/${encodeURIComponent(queue)}`;
+      const [res, policy] = await Promise.all([call("GET", `${q}/workers`), call("GET", `${q}/policy`)]);
       renderWorkers(res.workers, queue);
+      $("policy-note").textContent = `Queue: ${policy.summary}`;
     } catch (err) {
       el.workersNote.textContent = err.message;
     }
