@@ -438,9 +438,13 @@ class PolicyBook:
     """The policies of the queues a peer works with, kept current.
 
     Open queues (names not bound to an owner) cost nothing: they are never read. An
-    owner-bound queue's policy subject is read once and then re-read on every message
-    published on it (a core subscription) and after a reconnect.
+    owner-bound queue's policy subject is read once and then again only after a message was
+    published on it (a core subscription sets its ``dirty`` event) or a reconnect. At most
+    ``MAX_WATCHED`` queues are followed so; past that (a gateway serving many private queues),
+    a policy is read at each use.
     """
+
+    MAX_WATCHED = 4096
 
     def __init__(
         self,
@@ -451,12 +455,8 @@ class PolicyBook:
         self._watch = watch
         self._chains: dict[str, PolicyChain] = {}
         self._dirty: dict[str, asyncio.Event] = {}
-        self._stops: list[Callable[[], Awaitable[None]]] = []
         self._locks: dict[str, asyncio.Lock] = {}
-        self._listeners: list[Callable[[str, PolicyView], None]] = []
-
-    def on_change(self, cb: Callable[[str, PolicyView], None]) -> None:
-        self._listeners.append(cb)
+        self._stops: list[Callable[[], Awaitable[None]]] = []
 
     def known(self, queue: str) -> PolicyView | None:
         """The view as last read (None: never read, or an open queue)."""
@@ -467,35 +467,37 @@ class PolicyBook:
         """The queue's policy versions (None for a queue that cannot carry one)."""
         if not is_owner_bound(queue):
             return None
+        if queue not in self._chains and (
+            self._watch is None or len(self._chains) >= self.MAX_WATCHED
+        ):
+            once = PolicyChain(queue)
+            await self._catch_up(once)
+            return once.view()
         lock = self._locks.setdefault(queue, asyncio.Lock())
         async with lock:
             chain = self._chains.get(queue)
-            dirty = self._dirty.get(queue)
             if chain is None:
-                chain = PolicyChain(queue)
+                assert self._watch is not None
                 dirty = asyncio.Event()
                 dirty.set()
-                if self._watch is not None:
-                    self._stops.append(await self._watch(chain.subject, dirty))
-                    self._dirty[queue] = dirty
-                self._chains[queue] = chain
-            if dirty is None or dirty.is_set():
-                if dirty is not None:
-                    dirty.clear()
-                before = len(chain.versions)
-                for raw in await self._read(chain.subject, chain.last_seq + 1):
-                    why = chain.add(raw.seq, raw.data, raw.ts)
-                    if why:
-                        logger.warning(
-                            "queue %s: policy message %d ignored: %s", queue, raw.seq, why
-                        )
-                if self._watch is None:
-                    # no subscription (a one-shot read): read again next time
-                    del self._chains[queue]
-                elif len(chain.versions) != before:
-                    for cb in self._listeners:
-                        cb(queue, chain.view())
+                chain = PolicyChain(queue)
+                self._stops.append(await self._watch(chain.subject, dirty))
+                self._chains[queue], self._dirty[queue] = chain, dirty
+            dirty = self._dirty[queue]
+            if dirty.is_set():
+                dirty.clear()  # a message from now on sets it again
+                try:
+                    await self._catch_up(chain)
+                except BaseException:
+                    dirty.set()  # read again next time
+                    raise
             return chain.view()
+
+    async def _catch_up(self, chain: PolicyChain) -> None:
+        for raw in await self._read(chain.subject, chain.last_seq + 1):
+            why = chain.add(raw.seq, raw.data, raw.ts)
+            if why:
+                logger.warning("queue %s: policy message %d ignored: %s", chain.queue, raw.seq, why)
 
     def invalidate(self) -> None:
         """Read every policy again at the next ``get`` (after a reconnect)."""
