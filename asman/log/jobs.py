@@ -40,6 +40,7 @@ from asman.log.events import (
     JobFold,
     JobState,
     RawEvent,
+    Rules,
     check_event,
     fold,
     now_ms,
@@ -269,6 +270,12 @@ class JobHistory:
     def state(self) -> JobState | None:
         """The fold of the events known so far."""
         return self._fold.state()
+
+    @property
+    def rules(self) -> Rules:
+        """The protocol's numbers this job is folded with: the deployment's, with the lease
+        TTL of its queue's policy when it sets one."""
+        return self._fold.rules
 
     def _add(self, event: CheckedEvent) -> None:
         if event.seq > self.last_seq:  # a concurrent read may have brought it already

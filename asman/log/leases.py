@@ -573,10 +573,10 @@ async def _take_over(
             if c is None or c.by != log.peer_id or c.proc != log.session:
                 logger.info("job=%s the holder answered our challenge", state.job_id)
                 return None
-            due = lease.challenge_due_ms(log.rules)
+            due = lease.challenge_due_ms(history.rules)
             if due is None:
                 continue  # our challenge is read back with its server time next
-            grace_s = log.rules.lease_ms / 1000
+            grace_s = history.rules.lease_ms / 1000
             if acked is not None:
                 wait_s = max(0.0, acked + grace_s - time.monotonic())
             else:

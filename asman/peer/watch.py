@@ -72,7 +72,7 @@ async def watch_lease(running: Running) -> None:
     lease = running.lease
     wake = asyncio.Event()
     stop_sub: Callable[[], Awaitable[None]] | None = None
-    ttl = lease.log.rules.lease_ms / 1000
+    ttl = lease.history.rules.lease_ms / 1000  # the queue's own, when its policy says
     # the waiting index says the job runs (a job that ends sooner never needs saying so:
     # its index entry goes from waiting to done)
     await lease.announce()

@@ -318,3 +318,17 @@ async def test_results_past_the_queue_retention_are_unlisted_and_run_again(
     assert await jobs.list_jobs(owner, queue) == []
     again = await jobs.submit(other, queue, DEF)  # not the submitter, yet it runs again
     assert again.requeued and again.state.state == "queued"
+
+
+async def test_the_queue_lease_ttl_is_the_one_holders_and_challengers_use(
+    make_log: MakeLog,
+) -> None:
+    owner, worker = await make_log(), await make_log()
+    queue = new_private_queue(owner.peer_id)
+    await queues.write_policy(
+        owner, queue, lambda _: private(owner.peer_id, workers=None, lease_ms=1_500)
+    )
+    assert owner.rules.lease_ms == 30_000  # the deployment's
+    await jobs.submit(owner, queue, DEF)
+    lease = await claim_waiting(worker, queue)
+    assert lease.history.rules.lease_ms == 1_500  # what its watch answers challenges within
