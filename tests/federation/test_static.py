@@ -27,6 +27,7 @@ from topology import DEPLOY, NATS, localize
 from asman.cli import main as cli
 from asman.gateway import api, compat
 from asman.log import subjects
+from asman.log.callout import init_secrets
 from asman.log.server import NatsServer, free_port
 
 COMPOSE = DEPLOY / "compose"
@@ -41,8 +42,24 @@ LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 MONITOR_KEYS = ("http", "https", "http_port", "https_port", "monitor_port", "http_host")
 
 
+#: config fragments other configs include (checked through them)
+FRAGMENTS = ("permissions.conf", "public.conf", "auth.conf")
+
+
 def conf_files() -> list[Path]:
-    return sorted(p for p in NATS.rglob("*.conf") if p.name != "permissions.conf")
+    return sorted(p for p in NATS.rglob("*.conf") if p.name not in FRAGMENTS)
+
+
+def with_public_secrets(path: Path, tmp: Path) -> Path:
+    """``path`` itself, or for a config that includes deploy/nats/public (its secrets are
+    never checked in), the same file in a copy of deploy/nats with secrets made by
+    `asman callout init` (``init_secrets``)."""
+    if "public.conf" not in path.read_text():
+        return path
+    copy = tmp / "nats"
+    shutil.copytree(NATS, copy, ignore=shutil.ignore_patterns("secrets"))
+    init_secrets(copy / "public" / "secrets")
+    return copy / path.relative_to(NATS)
 
 
 def monitor_settings(text: str) -> dict[str, str]:
@@ -126,7 +143,8 @@ def node_names(config: str) -> list[str]:
 
 
 @pytest.mark.parametrize("path", conf_files(), ids=lambda p: str(p.relative_to(NATS)))
-def test_every_nats_config_is_valid(path: Path, nats_binary: str) -> None:
+def test_every_nats_config_is_valid(path: Path, nats_binary: str, tmp_path: Path) -> None:
+    path = with_public_secrets(path, tmp_path)
     result = subprocess.run(
         [nats_binary, "-t", "-c", str(path)], capture_output=True, text=True, timeout=30
     )
