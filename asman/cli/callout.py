@@ -30,8 +30,8 @@ def callout() -> None:
     "--admin-password",
     envvar="ASMAN_ADMIN_PASSWORD",
     default=None,
-    help="The trusted admin user's password (letters and digits) [default: a random one, "
-    "kept once made].",
+    help="The trusted admin user's password (letters, digits, '-', '_') [default: a random "
+    "one, kept once made].",
 )
 def callout_init(secrets_dir: str, admin_password: str | None) -> None:
     """Make the secrets in SECRETS_DIR: the issuer's seed, the callout's and the admin's

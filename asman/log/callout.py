@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -55,6 +56,7 @@ CALLOUT_PASSWORD_FILE = "callout.password"
 ADMIN_PASSWORD_FILE = "admin.password"
 AUTH_CONF = "auth.conf"
 RETRY_S = 1.0
+_PASSWORD_RE = re.compile(r"[A-Za-z0-9_-]{8,256}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +104,11 @@ def init_secrets(folder: Path, *, admin_password: str | None = None) -> list[str
     for name, make in made.items():
         path = folder / name
         given = admin_password if name == ADMIN_PASSWORD_FILE else None
-        if given is not None and not given.isalnum():
-            raise ConfigError("the admin password must be letters and digits only")
+        if given is not None and not _PASSWORD_RE.fullmatch(given):
+            raise ConfigError(
+                "the admin password must be 8 or more letters, digits, '-' or '_' (it goes "
+                "into NATS URLs and config)"
+            )
         if path.exists() and (given is None or path.read_text().strip() == given):
             continue
         _write_private(path, (given or make()) + "\n")
