@@ -160,10 +160,17 @@ async def test_anonymous_and_malformed_connections_are_refused(public: Public) -
     assert "refused client=" in public.callout.text()
 
 
-async def test_a_refused_capability_says_which_queues_it_named(public: Public) -> None:
+async def test_a_refused_capability_says_which_queues_it_named(
+    public: Public, tmp_path: Path
+) -> None:
     """With the callout gone the server admits no stranger: the client says which queue names
     it presented and what the server admits, in one line (not 'cannot reach NATS')."""
     public.callout.stop()
+    (tmp_path / "home").mkdir()
+    run = await asyncio.to_thread(Cli(tmp_path / "home", public.url).run, "jobs", "ls", "alpha")
+    told = run.stderr.decode()
+    assert run.returncode == 3 and told.count("\n") == 1, told
+    assert "named queue(s) alpha: it admits only connections that name valid queues" in told
     config = LogConfig(servers=(public.url,), queues=("alpha", "beta"))
     with pytest.raises(NotAdmitted) as refused:
         async with Log(config, PeerKey.generate()):
