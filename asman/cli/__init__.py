@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from asman import __version__
+from asman.cli.callout import callout
 from asman.cli.options import (
     AsmanGroup,
     asyncmain,
@@ -116,8 +117,8 @@ async def submit(
     from asman.peer.client import Client, collect_files
     from asman.render import Transfer, print_logs, result_json
 
-    settings = settings_from(kwargs)
     validate_queue(queue)
+    settings = settings_from(kwargs, (queue,))
     definition = build_definition(
         image,
         command,
@@ -200,7 +201,7 @@ async def watch(queue: str, job: str | None, once: bool, **kwargs: Any) -> None:
     from asman.peer.client import Client
     from asman.render import watch_queue
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         await watch_queue(client, queue, job, once=once, stop=stop_on_signals())
 
 
@@ -219,7 +220,7 @@ async def jobs_ls(queue: str, as_json: bool, **kwargs: Any) -> None:
     from asman.peer.client import Client
     from asman.render import jobs_table, state_json
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         states = await client.jobs(queue)
     if as_json:
         emit_json([state_json(s) for s in states])
@@ -238,7 +239,7 @@ async def jobs_show(queue: str, job: str, as_json: bool, **kwargs: Any) -> None:
     from asman.peer.client import Client
     from asman.render import show_job, state_json
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         state = await client.state(queue, job)
     if as_json:
         emit_json(state_json(state, full=True))
@@ -258,7 +259,7 @@ async def jobs_logs(queue: str, job: str, follow: bool, as_json: bool, **kwargs:
     from asman.peer.client import Client
     from asman.render import print_logs
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         if follow and not as_json:
             await print_logs(client, queue, job)
             return
@@ -304,7 +305,7 @@ async def jobs_outputs(
     from asman.peer.client import Client
     from asman.render import Transfer
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         state = await client.state(queue, job)
         target = Path(dest) if dest else Path("outputs") / job[:12]
         with Transfer(enabled=not as_json) as progress:
@@ -327,7 +328,7 @@ async def jobs_cancel(queue: str, job: str, as_json: bool, **kwargs: Any) -> Non
     from asman.peer.client import Client
     from asman.render import state_json
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         state = await client.cancel(queue, job)
     if as_json:
         emit_json(state_json(state))
@@ -397,13 +398,17 @@ async def queue_new(private: bool, as_json: bool, **kwargs: Any) -> None:
         else:
             click.echo(name)
         return
+    import dataclasses
+
     from asman.log import queues
+    from asman.log.keys import PeerKey
     from asman.log.policy import Policy, new_private_queue
     from asman.peer.client import Client
 
-    async with Client.connect(settings_from(kwargs)) as client:
-        me = client.peer_id
-        name = new_private_queue(me)
+    settings = settings_from(kwargs)
+    me = PeerKey.load_or_create(settings.key_file).peer_id
+    name = new_private_queue(me)  # named when connecting (a public server admits it)
+    async with Client.connect(dataclasses.replace(settings, queues=(name,))) as client:
         written = await queues.write_policy(
             client.log,
             name,
@@ -704,7 +709,7 @@ def worker(
     from asman.peer.supervisor import Supervisor, serve_worker
     from asman.peer.worker import WorkerConfig
 
-    settings = settings_from(kwargs)
+    settings = settings_from(kwargs, queues)
     config = WorkerConfig(
         queues=queues,
         data_dir=Path(data_dir) if data_dir else default_data_dir(os.environ) / "worker",
@@ -838,6 +843,9 @@ def dev(
         new_queue=new_queue_name,
     )
     raise SystemExit(run_async(run_dev(options)))
+
+
+main.add_command(callout)  # asman callout init|serve (asman/cli/callout.py)
 
 
 def entrypoint() -> None:

@@ -89,7 +89,7 @@ async def _change(kwargs: dict[str, Any], queue: str, change: Callable[[Policy],
     from asman.peer.client import Client
 
     validate_queue(queue)
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         me = client.peer_id
 
         def apply(current: Policy | None) -> Policy:
@@ -123,7 +123,7 @@ async def policy_show(queue: str, as_json: bool, **kwargs: Any) -> None:
     from asman.peer.client import Client
 
     validate_queue(queue)
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         view = await queues.read_policy(client.log, queue)
     if as_json:
         emit_json(_policy_json(queue, view))

@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from types import TracebackType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -42,6 +42,7 @@ from asman.errors import (
     LogError,
     LogUnavailable,
     MessageTooLarge,
+    NotAdmitted,
     WireVersionMismatch,
 )
 from asman.escape import one_line
@@ -49,6 +50,7 @@ from asman.log import subjects, wire
 from asman.log.events import CheckedEvent, RawEvent, Rules
 from asman.log.filtered import read_filtered
 from asman.log.keys import PeerKey
+from asman.log.permissions import MAX_QUEUES, Capability
 from asman.log.policy import PolicyBook
 
 __all__ = ["Log", "LogConfig", "translate_errors"]
@@ -111,8 +113,20 @@ class LogConfig:
     # receive this connection's own publishes on its subscriptions; a worker turns it off
     # (it never needs its own waiting-index entries or job events back)
     echo: bool = True
+    # the queues this peer uses: with no credentials given, the connection names them, and
+    # on a server that requires auth (deploy/nats/public) its auth callout admits the
+    # connection for exactly these queues; the peer then runs confined (reads "consumer",
+    # its own inbox, no stream management)
+    queues: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if len(self.queues) > MAX_QUEUES:
+            raise ConfigError(
+                f"{len(self.queues)} queues: one connection names at most {MAX_QUEUES}; run "
+                "more workers, each for fewer queues"
+            )
+        for queue in self.queues:
+            subjects.validate_queue(queue)
         if self.reads not in ("direct", "consumer"):
             raise ConfigError(f"reads must be 'direct' or 'consumer', not {self.reads!r}")
         if self.lease_ttl_s < 0.5:
@@ -264,6 +278,10 @@ class Log:
         self.policies = PolicyBook(self._read_policy, self.wake_on)
         #: a worker certificate this peer's claims carry (``asman worker --cert``)
         self.cert: bytes | None = None
+        #: admitted by the server's auth callout for ``config.queues`` only (then ``config``
+        #: is the confined one: filtered reads, the capability's inbox, no stream management)
+        self.confined = False
+        self._refused = False  # the server answered "Authorization Violation" while connecting
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -305,16 +323,38 @@ class Log:
             options["user_credentials"] = self.config.creds
         if self.config.inbox_prefix:
             options["inbox_prefix"] = self.config.inbox_prefix
+        capability = self._capability()
+        if capability is not None:
+            # sent only to a server that requires auth (nats-py sends credentials when the
+            # server's INFO says auth_required): an open server never sees them
+            options["user"] = capability.user
+            options["password"] = capability.password
+            options["inbox_prefix"] = capability.inbox_prefix
+        self._refused = False
         try:
             self._nc = await nats.connect(**options)
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+            if self._refused:
+                raise self._not_admitted(servers, capability) from exc
             raise LogUnavailable(
                 f"cannot reach NATS at {_shown(servers)}: start one with `asman dev`, or "
                 "pass --nats URL (env ASMAN_NATS_URL)"
             ) from exc
         except nats.errors.Error as exc:
+            if self._refused or "authorization violation" in str(exc).lower():
+                raise self._not_admitted(servers, capability) from exc
             raise LogUnavailable(f"cannot connect to NATS at {_shown(servers)}: {exc}") from exc
         self._nc.options["max_reconnect_attempts"] = -1
+        if capability is not None and _auth_required(self._nc):
+            # admitted by the server's auth callout for these queues only
+            self.confined = True
+            self.config = replace(
+                self.config,
+                reads="consumer",
+                manage_streams=False,
+                update_streams=False,
+                inbox_prefix=capability.inbox_prefix,
+            )
         self._js = self._nc.jetstream(
             domain=self.config.domain, timeout=self.config.request_timeout_s
         )
@@ -347,8 +387,37 @@ class Log:
             with contextlib.suppress(Exception):
                 await nc.close()
 
+    def _capability(self) -> Capability | None:
+        """What this connection presents when it was given queues and no credentials."""
+        if not self.config.queues or self.config.creds:
+            return None
+        if any(urlsplit(url).username is not None for url in self.config.servers):
+            return None
+        return Capability.new(self.config.queues)
+
+    def _not_admitted(self, servers: list[str], capability: Capability | None) -> NotAdmitted:
+        where = f"the NATS server at {_shown(servers)} refused this connection"
+        logins = "(--nats nats://USER:PASSWORD@HOST:4222, or --creds FILE)"
+        if capability is not None:
+            named = ", ".join(capability.queues)
+            return NotAdmitted(
+                f"{where}, which named queue(s) {named}: it admits only connections that name "
+                "valid queues, through its auth callout (is `asman callout` running?), or that "
+                f"log in {logins}",
+                capability.queues,
+            )
+        if self.config.creds or any(urlsplit(u).username is not None for u in servers):
+            return NotAdmitted(f"{where}: it does not accept the credentials given {logins}")
+        return NotAdmitted(
+            f"{where}: it requires a login {logins}, or a command that names its queues"
+        )
+
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)
+        if "authorization violation" in text.lower() or isinstance(
+            exc, nats.errors.AuthorizationError
+        ):
+            self._refused = True
         if "permissions violation" in text.lower():
             self._denied = (time.monotonic(), text.removeprefix("nats: "))
             logger.warning("NATS refused a permission: %s", one_line(text))
@@ -885,6 +954,13 @@ class _Replies:
                 raise nats.errors.TimeoutError from None
         finally:
             del self._single[token]
+
+
+def _auth_required(nc: NATS) -> bool:
+    """Whether the server we are connected to requires auth (its INFO; nats-py keeps it in a
+    private attribute, read here only)."""
+    info = getattr(nc, "_server_info", None) or {}
+    return bool(info.get("auth_required"))
 
 
 def _shown(servers: Iterable[str]) -> str:

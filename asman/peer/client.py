@@ -24,9 +24,9 @@ from types import TracebackType
 from typing import Any
 
 from asman.config import ClientSettings
-from asman.errors import BlobCorrupt, ConfigError, InvalidInput, InvalidPath
+from asman.errors import BlobCorrupt, BlobError, ConfigError, InvalidInput, InvalidPath
 from asman.log import jobs, logstream, workers
-from asman.log.blobs import BlobStore
+from asman.log.blobs import BlobInfo, BlobStore
 from asman.log.connection import Log, LogConfig
 from asman.log.definition import validate_relative_path
 from asman.log.events import JobState, OutputFile
@@ -36,7 +36,7 @@ from asman.log.migrate import Migration, migrate
 from asman.log.objstore import ObjectStoreBlobs
 from asman.log.workers import WorkerInfo
 
-__all__ = ["Client", "FileInput", "Progress", "collect_files", "open_blobs"]
+__all__ = ["Client", "FileInput", "NoBlobStore", "Progress", "collect_files", "open_blobs"]
 
 #: Files up to this size are inlined in the definition (compute-queues' threshold).
 INLINE_LIMIT = 200
@@ -83,8 +83,53 @@ def collect_files(specs: Iterable[str]) -> list[FileInput]:
     return out
 
 
+class NoBlobStore:
+    """The blob store of a peer admitted for its queues only (``Log.confined``) and given no
+    S3 store: the server's object store is one bucket for every queue, so the auth callout
+    does not open it. Small inputs, outputs and logs travel inline and need no store;
+    anything larger fails with this one line."""
+
+    MESSAGE = (
+        "this NATS server admits this connection for its queues only, and its object store "
+        "holds every queue's blobs, so it is not open to it: give an S3 store for blobs "
+        "(--blobs s3+https://HOST/BUCKET, env ASMAN_BLOBS; docs/operations.md, 'A public "
+        "server')"
+    )
+
+    def _refuse(self, sha256: str = "") -> BlobError:
+        return BlobError(self.MESSAGE, key=sha256)
+
+    async def put_file(self, path: Path, *, sha256: str | None = None) -> BlobInfo:
+        raise self._refuse(sha256 or "")
+
+    async def put_bytes(self, data: bytes) -> BlobInfo:
+        raise self._refuse()
+
+    async def get_to_file(
+        self, sha256: str, dest: Path, *, max_size: int | None = None
+    ) -> BlobInfo:
+        raise self._refuse(sha256)
+
+    async def get_bytes(self, sha256: str, *, max_size: int) -> bytes:
+        raise self._refuse(sha256)
+
+    async def exists(self, sha256: str) -> BlobInfo | None:
+        raise self._refuse(sha256)
+
+    async def presigned_get(
+        self, sha256: str, *, expires_s: int = 3600, filename: str | None = None
+    ) -> str | None:
+        return None
+
+    async def presigned_put(self, sha256: str, *, expires_s: int = 3600) -> str | None:
+        return None
+
+
 async def open_blobs(settings: ClientSettings, log: Log) -> BlobStore:
-    """The blob store the settings name: the object store unless an S3 URL is given."""
+    """The blob store the settings name: the object store unless an S3 URL is given (none
+    for a peer the server admitted for its queues only: ``NoBlobStore``)."""
+    if settings.blobs.url is None and log.confined:
+        return NoBlobStore()
     if settings.blobs.url is None:
         store = ObjectStoreBlobs(
             log.js, replicas=settings.replicas, max_bytes=settings.blob_max_bytes
@@ -129,6 +174,7 @@ def log_config(settings: ClientSettings, *, name: str = "asman", echo: bool = Tr
         update_streams=settings.update_streams,
         reads=settings.reads,
         inbox_prefix=settings.inbox_prefix,
+        queues=settings.queues,
     )
 
 
