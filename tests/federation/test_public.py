@@ -393,3 +393,36 @@ def test_a_stranger_runs_a_job_with_the_cli_and_nothing_but_the_url(
         cli.stop_all()
     assert cli.procs[0].returncode == 0, cli.log("worker.log")
     assert "did not answer in time" not in cli.log("worker.log")
+
+
+def test_a_private_queue_on_a_public_server(
+    public: Public, tmp_path: Path, busybox_image: str
+) -> None:
+    """Capabilities and policies together: the owner makes a private queue and trusts one
+    worker, all through the CLI given only the URL; a stranger's worker that knows the name
+    runs nothing, the trusted one runs the job."""
+    homes = {name: tmp_path / name for name in ("owner", "trusted", "stranger")}
+    for home in homes.values():
+        home.mkdir()
+    owner, trusted, stranger = (Cli(home, public.url) for home in homes.values())
+    try:
+        made = owner.run("queue", "new", "--private", "--json")
+        assert made.returncode == 0, made.stderr.decode()
+        queue = json.loads(made.stdout)["queue"]
+        key = trusted.run("keys", "--create").stdout.decode().strip()
+        assert owner.run("queue", "trust", queue, key).returncode == 0
+        shown = owner.run("queue", "policy", "show", queue, "--json")
+        assert json.loads(shown.stdout)["policy"]["workers"] == sorted(
+            [key, json.loads(made.stdout)["policy"]["owner"]]
+        )
+        stranger.start("worker", queue, "--data-dir", str(tmp_path / "ws"), log="w.log")
+        trusted.start("worker", queue, "--data-dir", str(tmp_path / "wt"), log="w.log")
+        run = owner.run("submit", queue, busybox_image, "--wait", "--json", "--", "echo", "ok")
+        assert run.returncode == 0, (run.stderr.decode(), trusted.log("w.log"))
+        job = json.loads(run.stdout)["job_id"]
+        state = json.loads(owner.run("jobs", "show", queue, job, "--json").stdout)
+        assert state["reason"] == "success" and state["worker"] == key, state
+    finally:
+        for c in (owner, trusted, stranger):
+            c.stop_all()
+    assert "trusts only its listed workers" in stranger.log("w.log")
