@@ -20,6 +20,7 @@ from asman.errors import (
     AsmanError,
     Conflict,
     HistoryFull,
+    InvalidInput,
     JobNotFound,
     LogError,
     UnauthorizedSigner,
@@ -28,19 +29,24 @@ from asman.log import subjects, wire
 from asman.log.connection import DONE_TTL, Log
 from asman.log.definition import JobSpec, image_class, job_id, validate_definition
 from asman.log.events import (
+    ALL_NAMESPACES,
+    DEFAULT_NAMESPACE,
     CheckedEvent,
+    Hold,
     JobFold,
     JobState,
     RawEvent,
     check_event,
     fold,
     now_ms,
+    validate_namespace,
 )
 
 __all__ = [
     "JobHistory",
     "Submitted",
     "cancel",
+    "hold",
     "list_jobs",
     "mark_done",
     "mark_waiting",
@@ -61,7 +67,11 @@ WATCH_POLL_S = 5.0
 @dataclass(frozen=True, slots=True)
 class Submitted:
     """What ``submit`` did: ``created`` a new job, found it ``cached`` (finished with a
-    result), ``requeued`` a finished one, or found it already queued or running."""
+    result), ``requeued`` a finished one, or found it already queued or running.
+
+    ``namespace`` is the one the submission holds the job for; ``hold`` is this peer's hold
+    of the job for it (None for a cached result, or a job that is being cancelled), and
+    ``replacing`` the jobs it replaces there (``asman.log.namespaces``)."""
 
     queue: str
     job_id: str
@@ -69,6 +79,11 @@ class Submitted:
     created: bool
     cached: bool
     requeued: bool
+    namespace: str = DEFAULT_NAMESPACE
+    hold: Hold | None = None
+    #: this submission wrote ``hold`` (it did not find it there)
+    held_now: bool = False
+    replacing: tuple[Any, ...] = ()
 
 
 def definition_text(definition: Mapping[str, Any]) -> str:
@@ -235,6 +250,7 @@ async def submit(
     *,
     rerun: bool = False,
     via: str = "",
+    namespace: str | None = None,
 ) -> Submitted:
     """Put a job on ``queue``. Safe to repeat; see the module docstring.
 
@@ -242,8 +258,13 @@ async def submit(
     from cache; one that finished for another reason (error, cancelled, worker_lost) is run
     again. ``rerun=True`` runs it again whatever the reason (only its submitter may re-run a
     job that has a result).
+
+    The job is held for ``namespace`` (``_`` when None) by this peer: a job that exists gets
+    a ``hold`` event when this peer does not hold it for that namespace yet. Replacing the
+    other jobs of a namespace is ``asman.log.namespaces.submit``'s.
     """
     subjects.validate_queue(queue)
+    ns = DEFAULT_NAMESPACE if namespace is None else validate_namespace(namespace)
     clean = validate_definition(definition)
     jid = job_id(clean)
     job_class = image_class(clean)
@@ -255,6 +276,8 @@ async def submit(
         "class": job_class,
         "via": via,
     }
+    if ns != DEFAULT_NAMESPACE:
+        event["namespace"] = ns
     created = False
     expected = 0
     state: JobState | None = None
@@ -289,22 +312,85 @@ async def submit(
         assert state.result is not None
         if state.result.is_result and not rerun:
             logger.info("job=%s queue=%s cached reason=%s", jid, queue, state.result.reason)
-            return Submitted(queue, jid, state, created=False, cached=True, requeued=False)
-        state = await requeue(log, queue, jid, _state=state)
+            return Submitted(
+                queue, jid, state, created=False, cached=True, requeued=False, namespace=ns
+            )
+        state = await requeue(log, queue, jid, _state=state, namespace=ns)
         requeued = True
+    before = None if created or requeued else state.hold_of(log.peer_id, ns)
+    if not created and not requeued:
+        state = await hold(log, queue, jid, ns, _history=history)
     if state.state == "queued":
         await mark_waiting(
             log, queue, state.job_class, jid, state.last_seq, **entry_hints(state.definition)
         )
     logger.info("job=%s queue=%s submitted created=%s", jid, queue, created)
-    return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
+    return Submitted(
+        queue,
+        jid,
+        state,
+        created=created,
+        cached=False,
+        requeued=requeued,
+        namespace=ns,
+        hold=(mine := state.hold_of(log.peer_id, ns)),
+        held_now=mine is not None and mine != before,
+    )
 
 
-async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = None) -> JobState:
-    """Run a finished job again (an explicit choice). A job not finished is left as it is.
-    Only the submitter may re-run a job that has a result (``UnauthorizedSigner``)."""
+async def hold(
+    log: Log,
+    queue: str,
+    job: str,
+    namespace: str,
+    *,
+    again: bool = False,
+    _history: JobHistory | None = None,
+) -> JobState:
+    """Hold the job for ``namespace`` (compute-queues §3.4): a ``hold`` event, unless this
+    peer holds it for that namespace already (``again``: then too, so that its hold is the
+    newest). A finished job, or one being cancelled, is left as it is."""
+    validate_namespace(namespace)
+    history = _history or JobHistory(log, queue, job)
+    state = history.state() or await history.read()
+    if state is None:
+        raise JobNotFound(queue, job)
+    event = {"type": "hold", "namespace": namespace}
+    for _ in range(CAS_RETRIES):
+        if state.finished or state.cancel_requested:
+            return state
+        if state.hold_of(log.peer_id, namespace) is not None and not again:
+            return state
+        try:
+            own = await log.append_checked(
+                history.subject, {**event, "ts": now_ms()}, expected_last_seq=state.last_seq
+            )
+        except Conflict:
+            new = await history.read()
+        else:
+            new = await history.appended(own, state.last_seq)
+            again = False
+        assert new is not None
+        state = new
+    return state
+
+
+async def requeue(
+    log: Log,
+    queue: str,
+    job: str,
+    *,
+    _state: JobState | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> JobState:
+    """Run a finished job again (an explicit choice), held for ``namespace`` by this peer.
+    A job not finished is left as it is. Only the submitter may re-run a job that has a
+    result (``UnauthorizedSigner``)."""
     state = _state or await _require(log, queue, job)
     subject = subjects.job_subject(queue, job)
+    event: dict[str, Any] = {"type": "requeued"}
+    if namespace != DEFAULT_NAMESPACE:
+        event["namespace"] = validate_namespace(namespace)
     for _ in range(CAS_RETRIES):
         if not state.finished:
             break
@@ -317,9 +403,7 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
                 subject,
             )
         with contextlib.suppress(Conflict):
-            await log.append(
-                subject, {"type": "requeued", "ts": now_ms()}, expected_last_seq=state.last_seq
-            )
+            await log.append(subject, {**event, "ts": now_ms()}, expected_last_seq=state.last_seq)
         state = await _require(log, queue, job)
     if state.state == "queued":
         await mark_waiting(
@@ -329,16 +413,38 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
 
 
 async def cancel(
-    log: Log, queue: str, job: str, message: str = "cancelled", *, force: bool = False
+    log: Log,
+    queue: str,
+    job: str,
+    message: str = "cancelled",
+    *,
+    force: bool = False,
+    namespace: str | None = None,
+    replaced_by: str | None = None,
+    hold_seq: int | None = None,
 ) -> JobState:
     """Cancel a job. Queued: finished as cancelled at once. Running: its worker is asked to
     stop the container and finishes it as cancelled. Finished: nothing changes.
+
+    ``namespace`` (compute-queues §3.4) removes only the holds of that name (``*``: of every
+    name) that this peer may remove: its own, or any when it submitted the job; the job is
+    cancelled only when no namespace holds it any more, else it goes on. A namespace that
+    does not hold the job is ``InvalidInput``; one held only by other peers is
+    ``UnauthorizedSigner``. ``replaced_by`` names the job that replaces this one in its
+    namespace (its result then reads ``JobReplacedByClient`` in compute-queues' terms): then
+    only this peer's own hold goes, and with ``hold_seq`` only while it is the hold of that
+    sequence (a job held again since is left as it is). Without a namespace, only the
+    submitter may cancel, and every hold goes at once.
 
     ``force`` on a running job whose cancel request is older than the lease grace
     (``Rules.lease_ms``, server time) finishes it as cancelled without its worker: the worker
     is gone or will not stop. Earlier, the log refuses it and the state is returned as is.
     """
     subject = subjects.job_subject(queue, job)
+    if namespace is not None:
+        validate_namespace(namespace, allow_all=True)
+    if replaced_by is not None:
+        subjects.validate_job_id(replaced_by)
     history = JobHistory(log, queue, job)
     state = await history.read()
     if state is None:
@@ -346,19 +452,33 @@ async def cancel(
     for _ in range(CAS_RETRIES):
         if state.finished or (state.cancel_requested and not force):
             return state
-        if state.submitter != log.peer_id:
+        event: dict[str, Any] = {"type": "cancel", "ts": now_ms(), "message": message}
+        requested = state.cancel_requested
+        if requested:
+            if log.peer_id not in (state.submitter, state.cancel_by):
+                raise UnauthorizedSigner(
+                    f"only the peer that submitted job {job} (submitter "
+                    f"{state.submitter[:12]}…), or the one that asked to cancel it, may "
+                    f"force its cancel; this peer is {log.peer_id[:12]}…",
+                    subject,
+                )
+        elif namespace is not None and replaced_by is not None:
+            mine = state.hold_of(log.peer_id, namespace)
+            if mine is None or hold_seq not in (None, mine.seq):
+                return state  # not ours, or held again since: not replaced
+            event.update(namespace=namespace, replaced_by=replaced_by, hold=mine.seq)
+        elif namespace is not None:
+            _check_release(log, state, namespace, subject)
+            event["namespace"] = namespace
+        elif state.submitter != log.peer_id:
             raise UnauthorizedSigner(
                 f"only the peer that submitted job {job} may cancel it (submitter "
-                f"{state.submitter[:12]}…, this peer {log.peer_id[:12]}…)",
+                f"{state.submitter[:12]}…, this peer {log.peer_id[:12]}…); a peer that "
+                "holds it for a namespace may cancel that namespace",
                 subject,
             )
-        requested = state.cancel_requested
         try:
-            own = await log.append_checked(
-                subject,
-                {"type": "cancel", "ts": now_ms(), "message": message},
-                expected_last_seq=state.last_seq,
-            )
+            own = await log.append_checked(subject, event, expected_last_seq=state.last_seq)
         except Conflict:
             new = await history.read()
             assert new is not None
@@ -367,9 +487,27 @@ async def cancel(
         new = await history.appended(own, state.last_seq)
         assert new is not None
         state = new
-        if requested:
-            return state  # a force: accepted or not, the log has decided
+        if requested or namespace is not None:
+            return state  # a force, or a namespace removed: the log has decided
     return state
+
+
+def _check_release(log: Log, state: JobState, namespace: str, subject: str) -> None:
+    """Raise unless this peer may remove some hold of ``namespace`` (``*``: any) on the job."""
+    named = [h for h in state.holds if namespace in (ALL_NAMESPACES, h.namespace)]
+    if not named:
+        held = ", ".join(repr(n) for n in state.namespaces) or "none"
+        raise InvalidInput(
+            f"namespace {namespace!r} does not hold job {state.job_id} (its namespaces: "
+            f"{held}): name one of them, or '*' for all"
+        )
+    if log.peer_id != state.submitter and all(h.key != log.peer_id for h in named):
+        raise UnauthorizedSigner(
+            f"namespace {named[0].namespace!r} of job {state.job_id} was added by another "
+            f"peer ({named[0].key[:12]}…): only that peer, or the job's submitter "
+            f"({state.submitter[:12]}…), may remove it; this peer is {log.peer_id[:12]}…",
+            subject,
+        )
 
 
 async def list_jobs(log: Log, queue: str) -> list[JobState]:
