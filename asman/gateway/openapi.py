@@ -16,6 +16,7 @@ __all__ = ["openapi_document"]
 JSON = "application/json"
 QUEUE_RE = "^[A-Za-z0-9_-]{1,64}$"
 SHA_RE = "^[0-9a-f]{64}$"
+NAMESPACE = {"type": "string", "minLength": 1, "maxLength": 256}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -162,7 +163,15 @@ def _schemas() -> dict[str, Any]:
         "SubmitRequest": {
             "type": "object",
             "required": ["definition"],
-            "properties": {"definition": _ref("Definition"), "rerun": {"type": "boolean"}},
+            "properties": {
+                "definition": _ref("Definition"),
+                "rerun": {"type": "boolean"},
+                "namespace": {
+                    **NAMESPACE,
+                    "description": "Hold the job for this namespace (compute-queues'); "
+                    "a newer job in it replaces this one",
+                },
+            },
             "additionalProperties": False,
         },
         "Output": {
@@ -189,6 +198,7 @@ def _schemas() -> dict[str, Any]:
                 "worker": {"type": "string"},
                 "attempt": {"type": "integer"},
                 "finishedMs": {"type": "integer"},
+                "replacedBy": nullable_str,
                 "outputs": {"type": "array", "items": _ref("Output")},
                 "log": {"type": ["object", "null"]},
             },
@@ -214,6 +224,7 @@ def _schemas() -> dict[str, Any]:
                 "attempts": {"type": "integer"},
                 "worker": nullable_str,
                 "cancelRequested": {"type": "boolean"},
+                "namespaces": {"type": "array", "items": {"type": "string"}},
                 "submitter": {"type": "string"},
                 "via": {"type": "string"},
                 "seq": {"type": "integer"},
@@ -236,6 +247,7 @@ def _schemas() -> dict[str, Any]:
                 "submittedMs": {"type": "integer"},
                 "finishedMs": nullable_int,
                 "exitCode": nullable_int,
+                "namespaces": {"type": "array", "items": {"type": "string"}},
                 "seq": {"type": "integer"},
             },
         },
@@ -468,7 +480,14 @@ def _native() -> dict[str, Any]:
                         JSON: {
                             "schema": {
                                 "type": "object",
-                                "properties": {"message": {"type": "string", "maxLength": 1000}},
+                                "properties": {
+                                    "message": {"type": "string", "maxLength": 1000},
+                                    "namespace": {
+                                        **NAMESPACE,
+                                        "description": "Remove only this namespace ('*': "
+                                        "all); the job is cancelled once none holds it",
+                                    },
+                                },
                                 "additionalProperties": False,
                             }
                         }
@@ -602,7 +621,10 @@ def _compat() -> dict[str, Any]:
                             "properties": {
                                 "definition": _ref("Definition"),
                                 "id": {"type": "string"},
-                                "control": {"type": "object"},
+                                "control": {
+                                    "type": "object",
+                                    "properties": {"namespace": NAMESPACE},
+                                },
                                 "debug": {"type": "boolean"},
                             },
                         },
@@ -670,18 +692,40 @@ def _compat() -> dict[str, Any]:
     }
     paths["/q/{queue}/j/{job}/{namespace}/cancel"] = {
         "post": _op(
-            "Cancel (the namespace is ignored)",
+            "Remove one namespace from the job ('*': all); cancelled once none holds it",
             {"200": _json({"type": "object"}, "Cancelled"), **_errors(400, 403, 404)},
             QUEUE,
             JOB,
-            _param(
-                "namespace",
-                "path",
-                {"type": "string", "pattern": "^[A-Za-z0-9_*-]{1,64}$"},
-                "Ignored",
-            ),
+            _param("namespace", "path", NAMESPACE, "The namespace to remove"),
             tag=cq,
         )
+    }
+    paths["/q/{queue}/j/{job}/namespaces.json"] = {
+        "get": _op(
+            "{data: [namespace]}: the namespaces holding the job ([] for an unknown one)",
+            {"200": _json(data, "Namespaces"), **_errors(400)},
+            QUEUE,
+            JOB,
+            tag=cq,
+        )
+    }
+    copy_body = {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["queue"],
+                    "properties": {
+                        "queue": {"type": "string", "pattern": QUEUE_RE},
+                        "control": {
+                            "type": "object",
+                            "properties": {"namespace": NAMESPACE},
+                        },
+                    },
+                }
+            }
+        },
     }
     for prefix, extra, for_cancel in (
         ("/q/{queue}/j/{job}", [QUEUE, JOB], [QUEUE, JOB]),
@@ -744,13 +788,25 @@ def _compat() -> dict[str, Any]:
             }
         paths[f"{prefix}/cancel"] = {
             "post": _op(
-                "Cancel: {success, jobId, namespace}",
+                "Remove a namespace from the job: {success, jobId, namespace}; the job is "
+                "cancelled once none holds it",
                 {
                     "200": _json({"type": "object"}, "Cancelled, or already finished"),
                     **_errors(400, 403, 404),
                 },
                 *for_cancel,
-                _param("namespace", "query", {"type": "string"}, "Ignored", False),
+                _param(
+                    "namespace", "query", NAMESPACE, "The namespace to remove ('_', '*')", False
+                ),
+                tag=cq,
+            )
+        }
+        paths[f"{prefix}/copy"] = {
+            "post": _op(
+                "Submit the same job to another queue: {success, jobId}",
+                {"200": _json({"type": "object"}, "Copied"), **_errors(400, 404, 413)},
+                *extra,
+                body=copy_body,
                 tag=cq,
             )
         }
