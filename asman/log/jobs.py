@@ -487,6 +487,11 @@ async def cancel(
         new = await history.appended(own, state.last_seq)
         assert new is not None
         state = new
+        if namespace is not None and state.state == "queued":
+            # other namespaces hold it: it waits on, and its entry names its new last event
+            await mark_waiting(
+                log, queue, state.job_class, job, state.last_seq, **entry_hints(state.definition)
+            )
         if requested or namespace is not None:
             return state  # a force, or a namespace removed: the log has decided
     return state

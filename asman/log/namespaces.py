@@ -148,6 +148,15 @@ async def submit(
         # held for the namespace before another of our jobs: this submission is the newest
         # intent, so its hold must become the newest
         state = await jobs.hold(log, queue, sub.job_id, ns, again=True)
+        if state.state == "queued":
+            await jobs.mark_waiting(
+                log,
+                queue,
+                state.job_class,
+                sub.job_id,
+                state.last_seq,
+                **jobs.entry_hints(state.definition),
+            )
         mine = state.hold_of(log.peer_id, ns)
         sub = replace(sub, state=state, hold=mine, held_now=mine is not None)
     held = [*others, *([(sub.state, mine)] if mine is not None else [])]
