@@ -177,6 +177,23 @@ async def test_a_replaced_job_runs_on_for_its_grace(stack: Stack) -> None:
     assert gone[-1].ts - held[0].ts >= 1_500
 
 
+async def test_a_gateway_that_stops_does_the_replacements_still_in_their_grace(
+    stack: Stack,
+) -> None:
+    """Nothing but the gateway keeps a grace's timer: when it stops, the jobs it was about
+    to replace are released at once rather than left running in the namespace."""
+    gw = await stack.gateway(replace_grace=ReplaceGrace(((0, 600_000),)))  # ten minutes
+    peer = await stack.peer()
+    older = await submit_in(gw, "stopping", sleeper(), "n")
+    await submit_in(gw, "stopping", sleeper(), "n")
+    assert await namespaces_of(gw, "stopping", older) == ["n"]
+    gw.stop.set()
+    assert gw.task is not None
+    await asyncio.wait_for(asyncio.shield(gw.task), 30)
+    ended = await until(peer, "stopping", older, lambda s: s.finished, timeout=10)
+    assert ended.cq_state == ("Finished", "JobReplacedByClient")
+
+
 async def test_a_cancel_names_only_a_namespace_that_holds_the_job(gateway: Gateway) -> None:
     jid = await submit_in(gateway, "q", sleeper(), "a")
     status, got = await gateway.json("POST", f"/q/q/j/{jid}/cancel")  # '_' does not hold it
