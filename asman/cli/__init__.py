@@ -38,6 +38,7 @@ from asman.config import (
 )
 from asman.errors import AsmanError, InvalidInput
 from asman.log.definition import parse_duration_ms, parse_size_bytes
+from asman.log.events import validate_namespace
 from asman.logsetup import configure_logging
 from asman.peer.caps import DEFAULT_OUTPUT_FILES, DEFAULT_PIDS
 
@@ -98,6 +99,12 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     "characters of the job id].",
 )
 @click.option("--rerun", is_flag=True, help="Run again even if a result is cached.")
+@click.option(
+    "--namespace",
+    default=None,
+    help="Hold the job for this namespace: a newer job you submit there replaces it "
+    "(compute-queues' control.namespace) [default: _, which replaces nothing].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @log_options
 @asyncmain
@@ -109,16 +116,24 @@ async def submit(
     wait: bool,
     outputs_dir: str | None,
     rerun: bool,
+    namespace: str | None,
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Put a job on QUEUE: run IMAGE [-- CMD...]. Prints the job id."""
+    """Put a job on QUEUE: run IMAGE [-- CMD...]. Prints the job id.
+
+    With --namespace, the jobs you submitted earlier to that namespace of QUEUE are
+    replaced: each is cancelled once no other namespace holds it, after compute-queues'
+    grace (none for a job up to 20 s old, 4 s past that, 8 s past a minute), which this
+    command waits for."""
     from asman.log.subjects import validate_queue
     from asman.peer.client import Client, collect_files
     from asman.render import Transfer, print_logs, result_json
 
     validate_queue(queue)
     settings = settings_from(kwargs, (queue,))
+    if namespace is not None:
+        validate_namespace(namespace)
     definition = build_definition(
         image,
         command,
@@ -135,8 +150,21 @@ async def submit(
     async with Client.connect(settings) as client:
         with Transfer(enabled=not as_json) as progress:
             sub = await client.submit(
-                queue, definition, files=inputs, rerun=rerun, progress=progress.update
+                queue,
+                definition,
+                files=inputs,
+                rerun=rerun,
+                progress=progress.update,
+                namespace=namespace,
             )
+        if not as_json:
+            for r in sub.replacing:
+                grace = f", in {r.delay_ms / 1000:g} s" if r.delay_ms else ""
+                click.echo(
+                    f"(replaces job {r.job_id[:12]} in namespace {r.namespace!r}{grace})", err=True
+                )
+        # replaced jobs first (their graces are seconds; the logs are replayed from the start)
+        await client.replace(sub.replacing)
         if not wait:
             if as_json:
                 emit_json(
@@ -146,6 +174,8 @@ async def submit(
                         "created": sub.created,
                         "cached": sub.cached,
                         "state": sub.state.state,
+                        "namespace": sub.namespace,
+                        "replaced": [r.job_id for r in sub.replacing],
                     }
                 )
             else:
@@ -320,22 +350,35 @@ async def jobs_outputs(
 @jobs.command("cancel")
 @click.argument("queue")
 @click.argument("job")
+@click.option(
+    "--namespace",
+    default=None,
+    help="Remove only this namespace from the job ('*': every one you may); it is "
+    "cancelled once no namespace holds it.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @log_options
 @asyncmain
-async def jobs_cancel(queue: str, job: str, as_json: bool, **kwargs: Any) -> None:
+async def jobs_cancel(
+    queue: str, job: str, namespace: str | None, as_json: bool, **kwargs: Any
+) -> None:
     """Cancel a job you submitted (a running one is stopped by its worker)."""
     from asman.peer.client import Client
     from asman.render import state_json
 
+    if namespace is not None:
+        validate_namespace(namespace, allow_all=True)
     async with Client.connect(settings_from(kwargs, (queue,))) as client:
-        state = await client.cancel(queue, job)
+        state = await client.cancel(queue, job, namespace=namespace)
     if as_json:
         emit_json(state_json(state))
     elif state.finished:
         click.echo(f"{job[:12]}: {state.reason}")
-    else:
+    elif state.cancel_requested:
         click.echo(f"{job[:12]}: cancel requested; its worker is stopping it")
+    else:
+        held = ", ".join(state.namespaces)
+        click.echo(f"{job[:12]}: {state.state}, still held by namespace(s) {held}")
 
 
 @main.command()

@@ -19,14 +19,14 @@ from asman.errors import InvalidDefinition, InvalidInput, JobNotFound
 from asman.gateway import files, sse
 from asman.gateway.limits import read_json
 from asman.gateway.metrics import CONTENT_TYPE, queue_metrics
-from asman.gateway.state import BLOBS, CLOSING, CONFIG, FOLLOWERS, LOG, METRICS
+from asman.gateway.state import BLOBS, CLOSING, CONFIG, FOLLOWERS, LOG, METRICS, REPLACER
 from asman.gateway.views import (
     chunk_view,
     job_summary,
     job_view,
     worker_view,
 )
-from asman.log import jobs, subjects
+from asman.log import jobs, namespaces, subjects
 from asman.log.definition import (
     DataRef,
     image_class,
@@ -34,7 +34,7 @@ from asman.log.definition import (
     validate_definition,
     validate_relative_path,
 )
-from asman.log.events import JobState, OutputFile, now_ms
+from asman.log.events import JobState, OutputFile, now_ms, validate_namespace
 from asman.log.logstream import LogChunk, read_logs
 from asman.log.policy import summarize
 from asman.log.workers import list_workers
@@ -100,16 +100,27 @@ async def submit_definition(
     *,
     rerun: bool = False,
     signed: jobs.SignedEvent | None = None,
+    namespace: str | None = None,
 ) -> jobs.Submitted:
     """Validate ``definition`` with the gateway's limits and submit it, signed by the gateway
-    (or, with ``signed``, by the key that signed that very submission)."""
+    (or, with ``signed``, by the key that signed that very submission), held for
+    ``namespace``; the jobs it replaces there are released in the background, each after
+    its grace (``asman.log.namespaces``)."""
     config = request.app[CONFIG]
     if not isinstance(definition, Mapping):
         raise InvalidDefinition("", "a job definition must be a JSON object")
     clean = validate_definition(definition, config.limits.definition_limits())
-    submitted = await jobs.submit(
-        request.app[LOG], queue, clean, rerun=rerun, via=config.name, signed=signed
+    submitted = await namespaces.submit(
+        request.app[LOG],
+        queue,
+        clean,
+        namespace=namespace,
+        rerun=rerun,
+        via=config.name,
+        grace=config.replace_grace,
+        signed=signed,
     )
+    request.app[REPLACER].schedule(submitted.replacing)
     if submitted.created:
         outcome = "created"
     elif submitted.cached:
@@ -217,6 +228,10 @@ def _json_type(value: Any) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
+def _namespace(value: Any, *, allow_all: bool = False) -> str | None:
+    return None if value is None else validate_namespace(value, allow_all=allow_all)
+
+
 def _bool(value: Any, name: str) -> bool:
     if value is None:
         return False
@@ -232,12 +247,18 @@ async def submit_job(request: web.Request) -> web.Response:
     queue = queue_param(request)
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
     if not isinstance(body, dict) or "definition" not in body:
-        raise InvalidInput('the body must be {"definition": {...}, "rerun": false}')
-    unknown = set(body) - {"definition", "rerun"}
+        raise InvalidInput(
+            'the body must be {"definition": {...}, "rerun": false, "namespace": "..."}'
+        )
+    unknown = set(body) - {"definition", "rerun", "namespace"}
     if unknown:
         raise InvalidInput(f"unknown body fields: {', '.join(sorted(unknown))}")
     submitted = await submit_definition(
-        request, queue, body["definition"], rerun=_bool(body.get("rerun"), "rerun")
+        request,
+        queue,
+        body["definition"],
+        rerun=_bool(body.get("rerun"), "rerun"),
+        namespace=_namespace(body.get("namespace")),
     )
     return submitted_response(submitted)
 
@@ -292,19 +313,21 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     queue, job = queue_param(request), job_param(request)
     message = "cancelled through the gateway"
+    namespace = None
     if request.can_read_body:
         body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
         if not isinstance(body, dict):
-            raise InvalidInput('the body must be {"message": "..."} or empty')
-        unknown = set(body) - {"message"}
+            raise InvalidInput('the body must be {"message": "...", "namespace": "..."} or empty')
+        unknown = set(body) - {"message", "namespace"}
         if unknown:
             raise InvalidInput(
                 f"unknown body fields: {', '.join(sorted(unknown))[:200]}; "
-                'the body is {"message": "..."} or empty'
+                'the body is {"message": "...", "namespace": "..."} or empty'
             )
         if body.get("message") is not None:
             message = check_message(body["message"])
-    state = await jobs.cancel(request.app[LOG], queue, job, message)
+        namespace = _namespace(body.get("namespace"), allow_all=True)
+    state = await jobs.cancel(request.app[LOG], queue, job, message, namespace=namespace)
     return web.json_response(job_view(state, job_base(queue, job), history=False))
 
 

@@ -9,7 +9,8 @@ as many as you like; any of them answers any request the same.
 1. stop accepting connections (the listening socket is closed);
 2. ``CLOSING`` is set, so event streams end at once;
 3. requests in flight get ``shutdown_timeout_s`` to finish, then are cancelled;
-4. the resources context closes the blob store's temp dir and drains the log connection.
+4. the resources context does the namespace replacements still in their grace at once,
+   closes the blob store's temp dir and drains the log connection.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ from asman.gateway.state import (
     LIMITER,
     LOG,
     METRICS,
+    REPLACER,
     TMP_DIR,
 )
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
 from asman.log.keys import PeerKey
+from asman.log.namespaces import Replacer
 from asman.log.objstore import ObjectStoreBlobs
 
 __all__ = ["GatewayConfig", "create_app", "serve"]
@@ -79,11 +82,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="asman-gateway-"))
         app[TMP_DIR] = tmp
         app[FOLLOWERS] = followers = Followers(log, poll_s=config.poll_s)
+        app[REPLACER] = replacer = Replacer(log)
         app[METRICS].followers.set_function(lambda: len(followers))
         logger.info("gateway %s connected as peer %s", config.name, log.peer_id)
         try:
             yield
         finally:
+            await replacer.close()
             await followers.close()
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 

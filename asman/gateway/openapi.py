@@ -17,6 +17,7 @@ JSON = "application/json"
 QUEUE_RE = "^[A-Za-z0-9_-]{1,64}$"
 SHA_RE = "^[0-9a-f]{64}$"
 B64URL_RE = "^[A-Za-z0-9_-]*={0,2}$"
+NAMESPACE = {"type": "string", "minLength": 1, "maxLength": 256}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -164,7 +165,15 @@ def _schemas() -> dict[str, Any]:
         "SubmitRequest": {
             "type": "object",
             "required": ["definition"],
-            "properties": {"definition": _ref("Definition"), "rerun": {"type": "boolean"}},
+            "properties": {
+                "definition": _ref("Definition"),
+                "rerun": {"type": "boolean"},
+                "namespace": {
+                    **NAMESPACE,
+                    "description": "Hold the job for this namespace (compute-queues'); "
+                    "a newer job in it replaces this one",
+                },
+            },
             "additionalProperties": False,
         },
         "PrepareSubmit": {
@@ -252,6 +261,7 @@ def _schemas() -> dict[str, Any]:
                 },
                 "attempt": {"type": "integer"},
                 "finishedMs": {"type": "integer"},
+                "replacedBy": nullable_str,
                 "outputs": {"type": "array", "items": _ref("Output")},
                 "log": {"type": ["object", "null"]},
             },
@@ -277,6 +287,7 @@ def _schemas() -> dict[str, Any]:
                 "attempts": {"type": "integer"},
                 "worker": nullable_str,
                 "cancelRequested": {"type": "boolean"},
+                "namespaces": {"type": "array", "items": {"type": "string"}},
                 "submitter": {"type": "string"},
                 "via": {"type": "string"},
                 "seq": {"type": "integer"},
@@ -299,6 +310,7 @@ def _schemas() -> dict[str, Any]:
                 "submittedMs": {"type": "integer"},
                 "finishedMs": nullable_int,
                 "exitCode": nullable_int,
+                "namespaces": {"type": "array", "items": {"type": "string"}},
                 "seq": {"type": "integer"},
             },
         },
@@ -553,7 +565,14 @@ def _native() -> dict[str, Any]:
                         JSON: {
                             "schema": {
                                 "type": "object",
-                                "properties": {"message": {"type": "string", "maxLength": 1000}},
+                                "properties": {
+                                    "message": {"type": "string", "maxLength": 1000},
+                                    "namespace": {
+                                        **NAMESPACE,
+                                        "description": "Remove only this namespace ('*': "
+                                        "all); the job is cancelled once none holds it",
+                                    },
+                                },
                                 "additionalProperties": False,
                             }
                         }
@@ -721,7 +740,10 @@ def _compat() -> dict[str, Any]:
                             "properties": {
                                 "definition": _ref("Definition"),
                                 "id": {"type": "string"},
-                                "control": {"type": "object"},
+                                "control": {
+                                    "type": "object",
+                                    "properties": {"namespace": NAMESPACE},
+                                },
                                 "debug": {"type": "boolean"},
                             },
                         },
@@ -789,18 +811,40 @@ def _compat() -> dict[str, Any]:
     }
     paths["/q/{queue}/j/{job}/{namespace}/cancel"] = {
         "post": _op(
-            "Cancel (the namespace is ignored)",
+            "Remove one namespace from the job ('*': all); cancelled once none holds it",
             {"200": _json({"type": "object"}, "Cancelled"), **_errors(400, 403, 404)},
             QUEUE,
             JOB,
-            _param(
-                "namespace",
-                "path",
-                {"type": "string", "pattern": "^[A-Za-z0-9_*-]{1,64}$"},
-                "Ignored",
-            ),
+            _param("namespace", "path", NAMESPACE, "The namespace to remove"),
             tag=cq,
         )
+    }
+    paths["/q/{queue}/j/{job}/namespaces.json"] = {
+        "get": _op(
+            "{data: [namespace]}: the namespaces holding the job ([] for an unknown one)",
+            {"200": _json(data, "Namespaces"), **_errors(400)},
+            QUEUE,
+            JOB,
+            tag=cq,
+        )
+    }
+    copy_body = {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["queue"],
+                    "properties": {
+                        "queue": {"type": "string", "pattern": QUEUE_RE},
+                        "control": {
+                            "type": "object",
+                            "properties": {"namespace": NAMESPACE},
+                        },
+                    },
+                }
+            }
+        },
     }
     for prefix, extra, for_cancel in (
         ("/q/{queue}/j/{job}", [QUEUE, JOB], [QUEUE, JOB]),
@@ -863,13 +907,25 @@ def _compat() -> dict[str, Any]:
             }
         paths[f"{prefix}/cancel"] = {
             "post": _op(
-                "Cancel: {success, jobId, namespace}",
+                "Remove a namespace from the job: {success, jobId, namespace}; the job is "
+                "cancelled once none holds it",
                 {
                     "200": _json({"type": "object"}, "Cancelled, or already finished"),
                     **_errors(400, 403, 404),
                 },
                 *for_cancel,
-                _param("namespace", "query", {"type": "string"}, "Ignored", False),
+                _param(
+                    "namespace", "query", NAMESPACE, "The namespace to remove ('_', '*')", False
+                ),
+                tag=cq,
+            )
+        }
+        paths[f"{prefix}/copy"] = {
+            "post": _op(
+                "Submit the same job to another queue: {success, jobId}",
+                {"200": _json({"type": "object"}, "Copied"), **_errors(400, 404, 413)},
+                *extra,
+                body=copy_body,
                 tag=cq,
             )
         }

@@ -1,7 +1,8 @@
 """The gateway's application state, typed with ``web.AppKey``.
 
 ``CONFIG``, ``LIMITER`` and ``METRICS`` are set by ``create_app``; ``LOG``, ``BLOBS``,
-``FOLLOWERS`` (the job streams' shared readers) and ``TMP_DIR`` by the resources context
+``FOLLOWERS`` (the job streams' shared readers), ``REPLACER`` (releases jobs replaced in
+their namespace, after their grace) and ``TMP_DIR`` by the resources context
 (``cleanup_ctx``) once the log is connected; ``CLOSING``
 is set when the server shuts down, so event streams end at once instead of holding the
 shutdown for their whole timeout.
@@ -20,8 +21,19 @@ from asman.gateway.limits import RateLimiter
 from asman.gateway.metrics import GatewayMetrics
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
+from asman.log.namespaces import Replacer
 
-__all__ = ["BLOBS", "CLOSING", "CONFIG", "FOLLOWERS", "LIMITER", "LOG", "METRICS", "TMP_DIR"]
+__all__ = [
+    "BLOBS",
+    "CLOSING",
+    "CONFIG",
+    "FOLLOWERS",
+    "LIMITER",
+    "LOG",
+    "METRICS",
+    "REPLACER",
+    "TMP_DIR",
+]
 
 CONFIG = web.AppKey("config", GatewayConfig)
 LOG = web.AppKey("log", Log)
@@ -30,4 +42,5 @@ FOLLOWERS = web.AppKey("followers", Followers)
 LIMITER = web.AppKey("limiter", RateLimiter)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 TMP_DIR = web.AppKey("tmp_dir", Path)
+REPLACER = web.AppKey("replacer", Replacer)
 CLOSING = web.AppKey("closing", asyncio.Event)

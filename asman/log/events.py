@@ -27,22 +27,34 @@ Who may sign what, and what the fold does otherwise (docs/architecture.md has th
 
 ============  ==================================================================
 submitted     anyone, as the first valid event; the definition must hash to the job id.
-              Its signer is the job's *submitter*
+              Its signer is the job's *submitter*. Holds the job for its ``namespace``
+              (``_`` when it names none)
+hold          anyone, on a job not finished and not being cancelled: holds it for the
+              signer's ``namespace`` (again: the signer's hold becomes the newest)
 claimed       anyone, on a job not finished: takes a queued job (attempt = claims + 1),
               or challenges the holder of a running one (one challenge at a time)
 renewed       the holder (answers a challenge), or the challenger past the grace (takes
               the lease over)
 started       the holder, same attempt
-cancel        the submitter: a queued job is finished ``cancelled``; a running one gets a
-              cancel request; a second cancel ``lease_ms`` after the request, with the job
-              still unfinished, finishes it ``cancelled``
+cancel        with a ``namespace`` (or ``*``): removes the holds of that name the signer
+              may remove: its own, or any when it is the submitter. A stranger's key
+              removes nothing it did not add. With ``replaced_by`` (the job that replaced
+              this one in the namespace) only the signer's own hold goes, and with
+              ``hold`` only if it is still the hold of that sequence. When no hold is
+              left the job is cancelled as below.
+              Without a namespace: the submitter only, every hold at once. Cancelling:
+              a queued job is finished ``cancelled``; a running one gets a cancel
+              request; a second cancel ``lease_ms`` after the request (by the submitter
+              or the key that requested it), with the job still unfinished, finishes it
+              ``cancelled``
 finished      the holder, same attempt; a holder whose attempt is past ``max_attempts``
               (it took a dead worker's job over once too often) may only write
               ``worker_lost``
 released      the holder: the job goes back to queued, the attempt is not counted (a
               draining worker); on a job with a cancel request it finishes it ``cancelled``
 requeued      on a finished job: anyone when it finished without a result (``error``,
-              ``cancelled``, ``worker_lost``); only the submitter when it has one
+              ``cancelled``, ``worker_lost``); only the submitter when it has one. Holds
+              the job for the signer's ``namespace``
 ============  ==================================================================
 """
 
@@ -57,19 +69,22 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from asman.errors import EnvelopeError, InvalidDefinition
+from asman.errors import EnvelopeError, InvalidDefinition, InvalidInput
 from asman.log import wire
 from asman.log.definition import job_id as definition_job_id
 from asman.log.definition import parse_duration_ms
 from asman.log.policy import Policy, PolicyView, check_cert
 
 __all__ = [
+    "ALL_NAMESPACES",
+    "DEFAULT_NAMESPACE",
     "FINISH_REASONS",
     "RESULT_REASONS",
     "Blob",
     "Challenge",
     "CheckedEvent",
     "HistoryEntry",
+    "Hold",
     "JobFold",
     "JobState",
     "Lease",
@@ -81,6 +96,7 @@ __all__ = [
     "fold",
     "fold_checked",
     "now_ms",
+    "validate_namespace",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +116,45 @@ RESULT_REASONS: frozenset[str] = frozenset({"success", "failed", "timed_out"})
 
 MAX_MESSAGE = 4096
 OVER_LIMIT = "history over limit"
+
+#: compute-queues' default namespace: the one a job is held by when its submission names none
+DEFAULT_NAMESPACE = "_"
+#: in a cancel, every namespace (the ones the signer may remove)
+ALL_NAMESPACES = "*"
+MAX_NAMESPACE = 256
+
+
+def validate_namespace(value: object, *, allow_all: bool = False) -> str:
+    """A namespace as compute-queues takes it (``control.namespace``, ``?namespace=``): any
+    text of 1 to 256 characters without control characters. ``*`` means every namespace,
+    so it names one only in a cancel (``allow_all``)."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"a namespace must be text, got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_NAMESPACE:
+        raise InvalidInput(
+            f"namespace {value[:40]!r} must be 1 to {MAX_NAMESPACE} characters long, "
+            f"not {len(value)}"
+        )
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 or 0xD800 <= ord(c) < 0xE000 for c in value):
+        raise InvalidInput(f"namespace {value[:40]!r} holds a control character: remove it")
+    if value == ALL_NAMESPACES and not allow_all:
+        raise InvalidInput(
+            "namespace '*' means every namespace: it can cancel, not hold a job; "
+            "submit with another name"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A namespace holding a job (compute-queues §3.4): added by ``key`` with the event at
+    stream sequence ``seq``. Sequences are one order for the whole stream, so of two holds
+    with one name and one key, the higher ``seq`` is the newer submission."""
+
+    namespace: str
+    key: str
+    seq: int
+
 
 _TES = {
     "queued": "QUEUED",
@@ -245,6 +300,9 @@ class Result:
     #: the worker was one the queue's policy trusts (listed or certified) when it wrote the
     #: result; False on an open queue, where any worker's result counts
     vetted: bool = False
+    #: a ``cancelled`` job that a newer job replaced in its namespace (compute-queues'
+    #: ``JobReplacedByClient``): that job's id
+    replaced_by: str | None = None
 
     @property
     def is_result(self) -> bool:
@@ -334,10 +392,28 @@ class JobState:
     events: int = 0
     history_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the namespaces holding the job, oldest hold first (compute-queues §3.4)
+    holds: tuple[Hold, ...] = ()
+    #: the key whose cancel asked a running job to stop (it may force the cancel too)
+    cancel_by: str = ""
+    #: the job that replaced this one in its last namespace (carried into its result)
+    replaced_by: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.state == "finished"
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """The names of the namespaces holding the job, sorted, each once."""
+        return tuple(sorted({h.namespace for h in self.holds}))
+
+    def hold_of(self, key: str, namespace: str) -> Hold | None:
+        """``key``'s hold of the job for ``namespace``, if it has one."""
+        for h in self.holds:
+            if h.key == key and h.namespace == namespace:
+                return h
+        return None
 
     @property
     def reason(self) -> str | None:
@@ -354,8 +430,11 @@ class JobState:
 
     @property
     def cq_state(self) -> tuple[str, str | None]:
-        """compute-queues' (state, finishedReason)."""
+        """compute-queues' (state, finishedReason). A job cancelled because a newer one
+        replaced it in its namespace is ``JobReplacedByClient``."""
         if self.result:
+            if self.result.reason == "cancelled" and self.result.replaced_by:
+                return "Finished", "JobReplacedByClient"
             return "Finished", _CQ_REASON[self.result.reason]
         return ("Running" if self.state == "running" else "Queued"), None
 
@@ -451,6 +530,7 @@ def _submitted(
         if over:
             return None, f"the queue's policy refuses the job: {over}"
     job_class = _text(ev.body, "class", "cpu")
+    namespace = _namespace(ev.body)
     return (
         JobState(
             queue=queue,
@@ -464,7 +544,103 @@ def _submitted(
             last_seq=ev.seq,
             job_class=job_class if job_class in ("cpu", "gpu") else "cpu",
             life_ms=rules.life_ms(definition),
+            holds=(Hold(namespace, ev.signer, ev.seq),),
         ),
+        "",
+    )
+
+
+def _namespace(body: Mapping[str, Any], *, allow_all: bool = False) -> str:
+    """The event's ``namespace`` (``_`` when it names none)."""
+    try:
+        return validate_namespace(body.get("namespace", DEFAULT_NAMESPACE), allow_all=allow_all)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _with_hold(state: JobState, namespace: str, signer: str, seq: int) -> tuple[Hold, ...]:
+    """The job's holds with ``signer``'s for ``namespace`` made the newest."""
+    kept = tuple(h for h in state.holds if not (h.key == signer and h.namespace == namespace))
+    return (*kept, Hold(namespace, signer, seq))
+
+
+def _replaced_by(body: Mapping[str, Any], job: str) -> str | None:
+    value = body.get("replaced_by")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or len(value) != 64
+        or value.strip("0123456789abcdef")
+        or value == job
+    ):
+        raise ValueError("replaced_by must be the id of another job (64 lower-case hex)")
+    return value
+
+
+def _cancel(
+    state: JobState, ev: _Event, rules: Rules, policy: Policy | None = None
+) -> tuple[JobState, str]:
+    """A ``cancel`` on a job not finished (see the module docstring for who may sign it); a
+    queue admin (its policy) may do what the submitter may."""
+    signer = ev.signer
+    admin = policy is not None and policy.is_admin(signer)
+    message = _text(ev.body, "message", "cancelled")[:MAX_MESSAGE]
+    if state.cancel_requested:
+        # a second cancel ends the job without its worker, once that had its grace to stop
+        if signer not in (state.submitter, state.cancel_by) and not admin:
+            return state, "only the submitter (or a queue admin) may cancel the job"
+        if ev.ts is None or state.cancel_ms is None or ev.ts < state.cancel_ms + rules.lease_ms:
+            return state, "a cancel is already requested; the worker is stopping the job"
+        result = Result(
+            "cancelled",
+            signer,
+            state.claims,
+            ev.when,
+            message=f"{message} (the worker did not stop the job in time)",
+            replaced_by=state.replaced_by,
+        )
+        return replace(state, state="finished", result=result, lease=None), ""
+    if "namespace" in ev.body:
+        namespace = _namespace(ev.body, allow_all=True)
+        named = [h for h in state.holds if namespace in (ALL_NAMESPACES, h.namespace)]
+        if not named:
+            return state, f"namespace {namespace!r} does not hold the job"
+        replaced_by = _replaced_by(ev.body, state.job_id)
+        if replaced_by is None:
+            removed = {h for h in named if admin or signer in (state.submitter, h.key)}
+        else:
+            # a replacement moves the signer's own hold to the newer job, and only the
+            # hold it saw (``hold``: its sequence), not one renewed since
+            seen = ev.body.get("hold")
+            removed = {h for h in named if h.key == signer and seen in (None, h.seq)}
+            if not removed and any(h.key == signer for h in named):
+                return state, f"the hold of namespace {namespace!r} was renewed since"
+        if not removed:
+            return state, (
+                f"only the peer that added namespace {named[0].namespace!r}, or the job's "
+                "submitter, may remove it"
+            )
+        left = tuple(h for h in state.holds if h not in removed)
+        if left:
+            return replace(state, holds=left), ""  # others still hold the job: it goes on
+        state = replace(state, holds=(), replaced_by=replaced_by)
+    elif signer != state.submitter and not admin:
+        return state, "only the submitter (or a queue admin) may cancel the job"
+    else:
+        state = replace(state, holds=())
+    if state.state == "queued":
+        result = Result(
+            "cancelled",
+            signer,
+            state.claims,
+            ev.when,
+            message=message,
+            replaced_by=state.replaced_by,
+        )
+        return replace(state, state="finished", result=result, cancel_seq=ev.seq), ""
+    return (
+        replace(state, cancel_requested=True, cancel_seq=ev.seq, cancel_ms=ev.ts, cancel_by=signer),
         "",
     )
 
@@ -606,27 +782,19 @@ def _apply(
             return state, "a challenge is already pending"
         challenge = Challenge(signer, ev.seq, ev.ts, ev.proc, certifier, cert_until)
         return replace(state, lease=replace(lease, challenge=challenge)), ""
+    if kind == "hold":
+        if state.finished:
+            return state, "job is finished"
+        if policy is not None and not policy.may_submit(signer):
+            return state, f"the queue's policy does not let {signer[:12]} submit (nor hold)"
+        if state.cancel_requested:
+            return state, "the job is being cancelled"
+        holds = _with_hold(state, _namespace(ev.body), signer, ev.seq)
+        return replace(state, holds=holds), ""
     if kind == "cancel":
         if state.finished:
             return state, "job is finished"
-        if not _may_administer(state, signer, policy):
-            return state, "only the submitter (or a queue admin) may cancel the job"
-        message = _text(ev.body, "message", "cancelled")[:MAX_MESSAGE]
-        if state.state == "queued":
-            result = Result("cancelled", signer, state.claims, ev.when, message=message)
-            return replace(state, state="finished", result=result, cancel_seq=ev.seq), ""
-        if not state.cancel_requested:
-            return replace(state, cancel_requested=True, cancel_seq=ev.seq, cancel_ms=ev.ts), ""
-        if ev.ts is None or state.cancel_ms is None or ev.ts < state.cancel_ms + rules.lease_ms:
-            return state, "a cancel is already requested; the worker is stopping the job"
-        result = Result(
-            "cancelled",
-            signer,
-            state.claims,
-            ev.when,
-            message=f"{message} (the worker did not stop the job in time)",
-        )
-        return replace(state, state="finished", result=result, lease=None), ""
+        return _cancel(state, ev, rules, policy)
     if kind == "requeued":
         if not state.finished:
             return state, "only a finished job can be requeued"
@@ -647,7 +815,10 @@ def _apply(
                 cancel_requested=False,
                 cancel_seq=None,
                 cancel_ms=None,
+                cancel_by="",
+                replaced_by=None,
                 claims=0,
+                holds=_with_hold(state, _namespace(ev.body), signer, ev.seq),
             ),
             "",
         )
@@ -685,10 +856,19 @@ def _apply(
                 f"attempt {lease.attempt} is past the {rules.max_attempts} allowed: "
                 "only worker_lost may end it"
             )
+        if result.reason == "cancelled" and state.cancel_requested:
+            result = replace(result, replaced_by=state.replaced_by)
         return replace(state, state="finished", result=result, lease=None), ""
     # released
     if state.cancel_requested:
-        result = Result("cancelled", signer, lease.attempt, ev.when, message="cancelled")
+        result = Result(
+            "cancelled",
+            signer,
+            lease.attempt,
+            ev.when,
+            message="cancelled",
+            replaced_by=state.replaced_by,
+        )
         return replace(state, state="finished", result=result, lease=None), ""
     return (
         replace(state, state="queued", lease=None, started_ms=None, claims=state.claims - 1),

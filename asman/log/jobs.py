@@ -36,7 +36,10 @@ from asman.log import subjects, wire
 from asman.log.connection import DONE_TTL, Log
 from asman.log.definition import JobSpec, image_class, job_id, validate_definition
 from asman.log.events import (
+    ALL_NAMESPACES,
+    DEFAULT_NAMESPACE,
     CheckedEvent,
+    Hold,
     JobFold,
     JobState,
     RawEvent,
@@ -45,6 +48,7 @@ from asman.log.events import (
     fold,
     now_ms,
     past_retention,
+    validate_namespace,
 )
 from asman.log.keys import peer_id_to_bytes
 
@@ -56,6 +60,7 @@ __all__ = [
     "Submitted",
     "cancel",
     "cancel_event",
+    "hold",
     "list_jobs",
     "mark_done",
     "mark_waiting",
@@ -82,7 +87,11 @@ SIGNED_TS_WINDOW_MS = 10 * 60 * 1000
 @dataclass(frozen=True, slots=True)
 class Submitted:
     """What ``submit`` did: ``created`` a new job, found it ``cached`` (finished with a
-    result), ``requeued`` a finished one, or found it already queued or running."""
+    result), ``requeued`` a finished one, or found it already queued or running.
+
+    ``namespace`` is the one the submission holds the job for; ``hold`` is this peer's hold
+    of the job for it (None for a cached result, or a job that is being cancelled), and
+    ``replacing`` the jobs it replaces there (``asman.log.namespaces``)."""
 
     queue: str
     job_id: str
@@ -90,6 +99,11 @@ class Submitted:
     created: bool
     cached: bool
     requeued: bool
+    namespace: str = DEFAULT_NAMESPACE
+    hold: Hold | None = None
+    #: this submission wrote ``hold`` (it did not find it there)
+    held_now: bool = False
+    replacing: tuple[Any, ...] = ()
 
 
 def definition_text(definition: Mapping[str, Any]) -> str:
@@ -97,15 +111,21 @@ def definition_text(definition: Mapping[str, Any]) -> str:
     return json.dumps(definition, separators=(",", ":"), ensure_ascii=False)
 
 
-def submitted_event(clean: Mapping[str, Any], via: str = "") -> dict[str, Any]:
-    """The ``submitted`` event of a validated definition (without ``prev``)."""
-    return {
+def submitted_event(
+    clean: Mapping[str, Any], via: str = "", namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any]:
+    """The ``submitted`` event of a validated definition (without ``prev``), held for
+    ``namespace``."""
+    event = {
         "type": "submitted",
         "ts": now_ms(),
         "definition": definition_text(clean),
         "class": image_class(clean),
         "via": via,
     }
+    if namespace != DEFAULT_NAMESPACE:
+        event["namespace"] = namespace
+    return event
 
 
 def cancel_event(message: str) -> dict[str, Any]:
@@ -410,6 +430,7 @@ async def submit(
     rerun: bool = False,
     via: str = "",
     signed: SignedEvent | None = None,
+    namespace: str | None = None,
 ) -> Submitted:
     """Put a job on ``queue``. Safe to repeat; see the module docstring.
 
@@ -421,14 +442,19 @@ async def submit(
     ``signed``: the ``submitted`` event signed by another key (``prepare_submit``), appended
     in place of this peer's own; ``InvalidInput`` when it is not this definition's, ``Conflict``
     when the job's subject moved on since it was prepared.
+
+    The job is held for ``namespace`` (``_`` when None) by this peer: a job that exists gets
+    a ``hold`` event when this peer does not hold it for that namespace yet. Replacing the
+    other jobs of a namespace is ``asman.log.namespaces.submit``'s.
     """
     subjects.validate_queue(queue)
+    ns = DEFAULT_NAMESPACE if namespace is None else validate_namespace(namespace)
     clean = validate_definition(definition)
     jid = job_id(clean)
     subject = subjects.job_subject(queue, jid)
     submitter = signed.signer if signed is not None else log.peer_id
     await _check_submit(log, queue, clean, submitter)
-    event = submitted_event(clean, via)
+    event = submitted_event(clean, via, ns)
     if signed is not None:
         signed.check(subject, event)
     created = False
@@ -472,15 +498,30 @@ async def submit(
         stale = past_retention(state, view.current if view else None, None)
         if state.result.is_result and not rerun and not stale:
             logger.info("job=%s queue=%s cached reason=%s", jid, queue, state.result.reason)
-            return Submitted(queue, jid, state, created=False, cached=True, requeued=False)
-        state = await requeue(log, queue, jid, _state=state)
+            return Submitted(
+                queue, jid, state, created=False, cached=True, requeued=False, namespace=ns
+            )
+        state = await requeue(log, queue, jid, _state=state, namespace=ns)
         requeued = True
+    before = None if created or requeued else state.hold_of(log.peer_id, ns)
+    if not created and not requeued:
+        state = await hold(log, queue, jid, ns, _history=history)
     if state.state == "queued":
         await mark_waiting(
             log, queue, state.job_class, jid, state.last_seq, **entry_hints(state.definition)
         )
     logger.info("job=%s queue=%s submitted created=%s", jid, queue, created)
-    return Submitted(queue, jid, state, created=created, cached=False, requeued=requeued)
+    return Submitted(
+        queue,
+        jid,
+        state,
+        created=created,
+        cached=False,
+        requeued=requeued,
+        namespace=ns,
+        hold=(mine := state.hold_of(log.peer_id, ns)),
+        held_now=mine is not None and mine != before,
+    )
 
 
 async def _check_submit(log: Log, queue: str, definition: Mapping[str, Any], me: str) -> None:
@@ -536,11 +577,59 @@ async def prepare_cancel(
     return _prepared(queue, job, signer, {**cancel_event(message), "prev": state.last_seq})
 
 
-async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = None) -> JobState:
-    """Run a finished job again (an explicit choice). A job not finished is left as it is.
-    Only the submitter may re-run a job that has a result (``UnauthorizedSigner``)."""
+async def hold(
+    log: Log,
+    queue: str,
+    job: str,
+    namespace: str,
+    *,
+    again: bool = False,
+    _history: JobHistory | None = None,
+) -> JobState:
+    """Hold the job for ``namespace`` (compute-queues §3.4): a ``hold`` event, unless this
+    peer holds it for that namespace already (``again``: then too, so that its hold is the
+    newest). A finished job, or one being cancelled, is left as it is."""
+    validate_namespace(namespace)
+    history = _history or JobHistory(log, queue, job)
+    state = history.state() or await history.read()
+    if state is None:
+        raise JobNotFound(queue, job)
+    event = {"type": "hold", "namespace": namespace}
+    for _ in range(CAS_RETRIES):
+        if state.finished or state.cancel_requested:
+            return state
+        if state.hold_of(log.peer_id, namespace) is not None and not again:
+            return state
+        try:
+            own = await log.append_checked(
+                history.subject, {**event, "ts": now_ms()}, expected_last_seq=state.last_seq
+            )
+        except Conflict:
+            new = await history.read()
+        else:
+            new = await history.appended(own, state.last_seq)
+            again = False
+        assert new is not None
+        state = new
+    return state
+
+
+async def requeue(
+    log: Log,
+    queue: str,
+    job: str,
+    *,
+    _state: JobState | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> JobState:
+    """Run a finished job again (an explicit choice), held for ``namespace`` by this peer.
+    A job not finished is left as it is. Only the submitter may re-run a job that has a
+    result (``UnauthorizedSigner``)."""
     state = _state or await _require(log, queue, job)
     subject = subjects.job_subject(queue, job)
+    event: dict[str, Any] = {"type": "requeued"}
+    if namespace != DEFAULT_NAMESPACE:
+        event["namespace"] = validate_namespace(namespace)
     for _ in range(CAS_RETRIES):
         if not state.finished:
             break
@@ -558,9 +647,7 @@ async def requeue(log: Log, queue: str, job: str, *, _state: JobState | None = N
                 subject,
             )
         with contextlib.suppress(Conflict):
-            await log.append(
-                subject, {"type": "requeued", "ts": now_ms()}, expected_last_seq=state.last_seq
-            )
+            await log.append(subject, {**event, "ts": now_ms()}, expected_last_seq=state.last_seq)
         state = await _require(log, queue, job)
     if state.state == "queued":
         await mark_waiting(
@@ -577,9 +664,22 @@ async def cancel(
     *,
     force: bool = False,
     signed: SignedEvent | None = None,
+    namespace: str | None = None,
+    replaced_by: str | None = None,
+    hold_seq: int | None = None,
 ) -> JobState:
     """Cancel a job. Queued: finished as cancelled at once. Running: its worker is asked to
     stop the container and finishes it as cancelled. Finished: nothing changes.
+
+    ``namespace`` (compute-queues §3.4) removes only the holds of that name (``*``: of every
+    name) that this peer may remove: its own, or any when it submitted the job; the job is
+    cancelled only when no namespace holds it any more, else it goes on. A namespace that
+    does not hold the job is ``InvalidInput``; one held only by other peers is
+    ``UnauthorizedSigner``. ``replaced_by`` names the job that replaces this one in its
+    namespace (its result then reads ``JobReplacedByClient`` in compute-queues' terms): then
+    only this peer's own hold goes, and with ``hold_seq`` only while it is the hold of that
+    sequence (a job held again since is left as it is). Without a namespace, only the
+    submitter may cancel, and every hold goes at once.
 
     ``force`` on a running job whose cancel request is older than the lease grace
     (``Rules.lease_ms``, server time) finishes it as cancelled without its worker: the worker
@@ -593,6 +693,10 @@ async def cancel(
     subject = subjects.job_subject(queue, job)
     if signed is not None:
         signed.check(subject, cancel_event(message))
+    if namespace is not None:
+        validate_namespace(namespace, allow_all=True)
+    if replaced_by is not None:
+        subjects.validate_job_id(replaced_by)
     history = JobHistory(log, queue, job)
     state = await history.read()
     if state is None:
@@ -600,21 +704,42 @@ async def cancel(
     for _ in range(CAS_RETRIES):
         if state.finished or (state.cancel_requested and not force):
             return state
+        event: dict[str, Any] = cancel_event(message)
+        requested = state.cancel_requested
         if signed is not None:
             if state.submitter != signed.signer:
                 raise _not_yours(job, state.submitter, signed.signer)
             if state.last_seq != signed.prev:
                 raise _stale(job, state.last_seq, signed)
+        elif requested:
+            if log.peer_id not in (state.submitter, state.cancel_by) and not await _is_admin(
+                log, queue
+            ):
+                raise UnauthorizedSigner(
+                    f"only the peer that submitted job {job} (submitter "
+                    f"{state.submitter[:12]}…), the one that asked to cancel it, or an admin "
+                    f"of its queue may force its cancel; this peer is {log.peer_id[:12]}…",
+                    subject,
+                )
+        elif namespace is not None and replaced_by is not None:
+            mine = state.hold_of(log.peer_id, namespace)
+            if mine is None or hold_seq not in (None, mine.seq):
+                return state  # not ours, or held again since: not replaced
+            event.update(namespace=namespace, replaced_by=replaced_by, hold=mine.seq)
+        elif namespace is not None:
+            if not await _is_admin(log, queue):
+                _check_release(log, state, namespace, subject)
+            event["namespace"] = namespace
         elif state.submitter != log.peer_id and not await _is_admin(log, queue):
             raise UnauthorizedSigner(
                 f"only the peer that submitted job {job} (or an admin of its queue) may "
-                f"cancel it (submitter "
-                f"{state.submitter[:12]}…, this peer {log.peer_id[:12]}…)",
+                f"cancel it (submitter {state.submitter[:12]}…, this peer "
+                f"{log.peer_id[:12]}…); a peer that holds it for a namespace may cancel "
+                "that namespace",
                 subject,
             )
-        requested = state.cancel_requested
         try:
-            own = await _append(log, subject, cancel_event(message), state.last_seq, signed)
+            own = await _append(log, subject, event, state.last_seq, signed)
         except Conflict:
             new = await history.read()
             assert new is not None
@@ -623,9 +748,32 @@ async def cancel(
         new = await history.appended(own, state.last_seq)
         assert new is not None
         state = new
-        if requested:
-            return state  # a force: accepted or not, the log has decided
+        if namespace is not None and state.state == "queued":
+            # other namespaces hold it: it waits on, and its entry names its new last event
+            await mark_waiting(
+                log, queue, state.job_class, job, state.last_seq, **entry_hints(state.definition)
+            )
+        if requested or namespace is not None:
+            return state  # a force, or a namespace removed: the log has decided
     return state
+
+
+def _check_release(log: Log, state: JobState, namespace: str, subject: str) -> None:
+    """Raise unless this peer may remove some hold of ``namespace`` (``*``: any) on the job."""
+    named = [h for h in state.holds if namespace in (ALL_NAMESPACES, h.namespace)]
+    if not named:
+        held = ", ".join(repr(n) for n in state.namespaces) or "none"
+        raise InvalidInput(
+            f"namespace {namespace!r} does not hold job {state.job_id} (its namespaces: "
+            f"{held}): name one of them, or '*' for all"
+        )
+    if log.peer_id != state.submitter and all(h.key != log.peer_id for h in named):
+        raise UnauthorizedSigner(
+            f"namespace {named[0].namespace!r} of job {state.job_id} was added by another "
+            f"peer ({named[0].key[:12]}…): only that peer, or the job's submitter "
+            f"({state.submitter[:12]}…), may remove it; this peer is {log.peer_id[:12]}…",
+            subject,
+        )
 
 
 async def list_jobs(log: Log, queue: str) -> list[JobState]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from asman.config import ClientSettings
 from asman.errors import BlobCorrupt, BlobError, ConfigError, InvalidInput, InvalidPath
-from asman.log import jobs, logstream, workers
+from asman.log import jobs, logstream, namespaces, workers
 from asman.log.blobs import BlobInfo, BlobStore
 from asman.log.connection import Log, LogConfig
 from asman.log.definition import validate_relative_path
@@ -240,8 +240,14 @@ class Client:
         files: Sequence[FileInput] = (),
         rerun: bool = False,
         progress: Progress | None = None,
+        namespace: str | None = None,
+        grace: namespaces.ReplaceGrace = namespaces.DEFAULT_GRACE,
     ) -> jobs.Submitted:
-        """Submit ``definition`` (plus ``files`` as inputs) to ``queue``; idempotent."""
+        """Submit ``definition`` (plus ``files`` as inputs) to ``queue``; idempotent.
+
+        The job is held for ``namespace`` (compute-queues'; ``_`` when None). The jobs this
+        client holds there that the submission replaces are in ``Submitted.replacing``;
+        ``replace`` releases them, each after its grace."""
         final = dict(definition)
         if files:
             inputs = dict(final.get("inputs") or {})
@@ -250,7 +256,16 @@ class Client:
                     raise InvalidPath(name, "is both in the definition's inputs and a --file")
                 inputs[name] = ref
             final["inputs"] = inputs
-        return await jobs.submit(self.log, queue, final, rerun=rerun, via="client")
+        return await namespaces.submit(
+            self.log, queue, final, namespace=namespace, rerun=rerun, via="client", grace=grace
+        )
+
+    async def replace(
+        self, replacements: Sequence[namespaces.Replacement]
+    ) -> list[JobState | None]:
+        """Release the jobs a submission replaced in its namespace, each after its grace
+        (compute-queues': up to 8 s for a job older than a minute); their states after."""
+        return await namespaces.replace_now(self.log, replacements)
 
     # -- read --------------------------------------------------------------------------
 
@@ -290,8 +305,17 @@ class Client:
     async def workers(self, queue: str) -> list[WorkerInfo]:
         return await workers.list_workers(self.log, queue)
 
-    async def cancel(self, queue: str, job_id: str, message: str = "cancelled") -> JobState:
-        return await jobs.cancel(self.log, queue, job_id, message)
+    async def cancel(
+        self,
+        queue: str,
+        job_id: str,
+        message: str = "cancelled",
+        *,
+        namespace: str | None = None,
+    ) -> JobState:
+        """Cancel a job you submitted; with ``namespace``, remove only that namespace (``*``:
+        all you may) and cancel the job once no namespace holds it."""
+        return await jobs.cancel(self.log, queue, job_id, message, namespace=namespace)
 
     # -- outputs -----------------------------------------------------------------------
 
