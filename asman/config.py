@@ -76,6 +76,9 @@ class ClientSettings:
     update_streams: bool = False
     reads: str = "direct"
     inbox_prefix: str | None = None
+    # the queues the command uses: a connection without credentials names them, which is
+    # all a public server (deploy/nats/public) asks
+    queues: tuple[str, ...] = ()
 
 
 def load_config_file(path: Path, *, required: bool) -> dict[str, Any]:

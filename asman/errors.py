@@ -20,6 +20,7 @@ subject, field name) so callers can act on them without parsing text.
     ├── KeyFileError                  a peer key file is missing, unreadable or too open (.path)
     ├── LogError                      the shared log (NATS JetStream) failed (exit 3)
     │   ├── LogUnavailable            cannot reach NATS or JetStream in time
+    │   ├── NotAdmitted               the NATS server refused this connection (.queues)
     │   ├── JobNotFound               no such job on this queue (.queue, .job_id)
     │   ├── Conflict                  a compare-and-set lost: someone else wrote first
     │   ├── LeaseLost                 this worker no longer holds the job's lease
@@ -66,6 +67,7 @@ __all__ = [
     "LogUnavailable",
     "MalformedEnvelope",
     "MessageTooLarge",
+    "NotAdmitted",
     "RuntimeFailure",
     "UnauthorizedSigner",
     "UrlRefused",
@@ -157,6 +159,15 @@ class LogError(AsmanError):
 
 class LogUnavailable(LogError):
     pass
+
+
+class NotAdmitted(LogError):
+    """The NATS server refused the connection: its credentials, or the queues it named
+    (``queues``, empty when it named none)."""
+
+    def __init__(self, message: str, queues: tuple[str, ...] = ()) -> None:
+        self.queues = queues
+        super().__init__(message)
 
 
 class JobNotFound(LogError):

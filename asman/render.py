@@ -109,6 +109,7 @@ def state_json(s: JobState, *, full: bool = False) -> dict[str, Any]:
         "attempts": s.claims,
         "worker": s.lease.worker if s.lease else (s.result.worker if s.result else None),
         "cancel_requested": s.cancel_requested,
+        "namespaces": list(s.namespaces),
     }
     if s.result:
         data.update(result_json(s))
@@ -142,6 +143,7 @@ def result_json(s: JobState) -> dict[str, Any]:
         "message": r.message,
         "worker": r.worker,
         "attempt": r.attempt,
+        "replaced_by": r.replaced_by,
         "outputs": [
             {"path": f.path, "size": f.blob.size, "sha256": f.blob.sha256, "key": f.blob.key}
             for f in r.outputs

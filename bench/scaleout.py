@@ -54,9 +54,9 @@ SUBMIT_CONCURRENCY = 32
 
 @contextmanager
 def single_node(work: Path) -> Iterator[tuple[str, ...]]:
-    """deploy/nats/single/nats.conf on loopback."""
-    topo = Topology(work, "single", ["nats"], clustered=False)
-    node = topo.nodes["nats"]
+    """deploy/nats/single/open.conf (the single node without auth) on loopback."""
+    topo = Topology(work, "single", ["open"], clustered=False)
+    node = topo.nodes["open"]
     replace = {
         "0.0.0.0:4222": f"127.0.0.1:{node.client}",
         "127.0.0.1:8222": f"127.0.0.1:{node.http}",

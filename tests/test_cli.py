@@ -278,6 +278,40 @@ def test_cancel_from_the_cli(
     assert waiting.returncode == 130, err.decode()
 
 
+def test_namespaces_from_the_cli(procs: Cli) -> None:
+    """`submit --namespace` holds the job for a namespace, a newer job there replaces the
+    older (compute-queues' JobReplacedByClient), and `jobs cancel --namespace` removes one
+    namespace: the job is cancelled only when none holds it. No worker: queued jobs."""
+
+    def show(jid: str) -> dict[str, object]:
+        shown = procs.run("jobs", "show", "nsq", jid, "--json")
+        assert shown.returncode == 0, shown.stderr.decode()
+        return dict(json.loads(shown.stdout))
+
+    for n in ("b", "a"):
+        sub = procs.run("submit", "nsq", IMAGE, "--namespace", n, "--", "sleep", "60")
+        assert sub.returncode == 0, sub.stderr.decode()
+    jid = sub.stdout.decode().strip()
+    assert show(jid)["namespaces"] == ["a", "b"]
+
+    newer = procs.run("submit", "nsq", IMAGE, "--namespace", "a", "--json", "--", "sleep", "61")
+    told = json.loads(newer.stdout)
+    assert told["namespace"] == "a" and told["replaced"] == [jid], newer.stderr.decode()
+    assert show(jid)["namespaces"] == ["b"] and show(jid)["state"] == "queued"
+
+    cancel = procs.run("jobs", "cancel", "nsq", jid, "--namespace", "zz")
+    assert cancel.returncode == 2 and b"does not hold job" in cancel.stderr
+    cancel = procs.run("jobs", "cancel", "nsq", jid, "--namespace", "b")
+    assert cancel.returncode == 0, cancel.stderr.decode()
+    assert show(jid)["reason"] == "cancelled" and show(jid)["namespaces"] == []
+    other = show(told["job_id"])
+    assert other["namespaces"] == ["a"] and other["state"] == "queued"
+    # replaced: its result names the job that replaced it
+    last = procs.run("submit", "nsq", IMAGE, "--namespace", "a", "--", "sleep", "62")
+    assert "replaces job" in last.stderr.decode()
+    assert show(told["job_id"])["replaced_by"] == last.stdout.decode().strip()
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 def test_worker_killed_mid_job_another_finishes_it(

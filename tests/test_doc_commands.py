@@ -2,12 +2,17 @@
 docs cannot drift from the code again (issue 15).
 
 The fenced shell blocks of both files are parsed; each line that starts with ``asman `` (or
-``.venv/bin/asman ``) is a command. Each must be listed in ``COMMANDS`` (how this test runs
-it) or ``SKIPPED`` (why it cannot run here): a command the docs gain that the test does not
-know fails it, saying to add it. The stack is the README's own ``asman dev`` (on free ports,
-in a temporary home); placeholders take values from it: ``QUEUE`` its queue, ``JOB`` the job
-the last ``asman submit`` printed, ``HUB:4222`` its NATS server, ``URL`` a webhook receiver on
-127.0.0.1, and ``[QUEUE…]`` (an optional repeat) nothing. A command exits 0 unless the docs
+``.venv/bin/asman ``; in a ``console`` block, ``$ asman ``), or sets a variable to one
+(``Q=$(asman queue new)``), is a command. Each must be listed in ``COMMANDS`` (how this test
+runs it) or ``SKIPPED`` (why it cannot run here): a command the docs gain that the test does
+not know fails it, saying to add it. The stack is the README's own ``asman dev`` (on free
+ports, in a temporary home); placeholders take values from it: ``QUEUE`` its queue (for the
+private-queue commands, ``ON_PRIVATE_QUEUE``, the queue ``asman queue new --private``
+printed), ``JOB`` the job the last ``asman submit`` printed, ``HUB:4222`` its NATS server,
+``URL`` a webhook receiver on 127.0.0.1, ``WORKER_KEY``, ``INSTITUTION_KEY`` and ``KEY``
+what ``asman keys --create`` prints in a home of their own (the worker's, the
+institution's, another admin's), and ``[QUEUE…]`` (an optional repeat) nothing. A command
+runs in the owner's home unless ``RUN_BY`` names another. A command exits 0 unless the docs
 say otherwise in its comment (``# exits 3``).
 """
 
@@ -59,9 +64,51 @@ COMMANDS: dict[str, str] = {
     "asman submit QUEUE asman/busybox:local --wait -- sh -c 'echo oops >&2; exit 3'": RUN,
     "asman submit QUEUE asman/busybox:local --on-queued URL --on-finished URL -- echo done": RUN,
     "asman worker QUEUE [QUEUE…] --slots 4 --max-job-duration 2h --memory 8g": SERVE,
+    # docs/guide.md, "Open and private queues"
+    "asman queue new --private": RUN,
+    "asman queue trust QUEUE WORKER_KEY": RUN,
+    "asman queue policy set QUEUE --submit anyone": RUN,
+    "asman queue policy set QUEUE --admin KEY": RUN,
+    "asman queue policy set QUEUE --max-duration 2h --max-memory 8g --image 'ghcr.io/mylab/*' "
+    "--no-network": RUN,
+    "asman queue policy show QUEUE": RUN,
+    "asman queue untrust QUEUE WORKER_KEY": RUN,
+    "asman queue policy set QUEUE --workers none --certifier INSTITUTION_KEY": RUN,
+    "asman certify WORKER_KEY --for 30d -o worker.cert": RUN,
+    "asman worker QUEUE --cert worker.cert": SERVE,
 }
-#: commands the docs show that cannot run in a test, and why (none today)
-SKIPPED: dict[str, str] = {}
+#: the commands whose QUEUE is the private queue ``asman queue new --private`` made
+ON_PRIVATE_QUEUE = {
+    "asman queue trust QUEUE WORKER_KEY",
+    "asman queue policy set QUEUE --submit anyone",
+    "asman queue policy set QUEUE --admin KEY",
+    "asman queue policy set QUEUE --max-duration 2h --max-memory 8g --image 'ghcr.io/mylab/*' "
+    "--no-network",
+    "asman queue policy show QUEUE",
+    "asman queue untrust QUEUE WORKER_KEY",
+    "asman queue policy set QUEUE --workers none --certifier INSTITUTION_KEY",
+    "asman worker QUEUE --cert worker.cert",
+}
+#: whose home (key, config, data, working directory) a command runs in, when not the owner's
+RUN_BY = {
+    "asman certify WORKER_KEY --for 30d -o worker.cert": "institution",
+    "asman worker QUEUE --cert worker.cert": "worker",
+}
+#: the homes besides the owner's, each with its own key, and the placeholder of that key
+KEY_OF = {"worker": "WORKER_KEY", "institution": "INSTITUTION_KEY", "admin": "KEY"}
+
+PUBLIC = (
+    "runs against the public server nats://queues.example.org:4222, and tests talk to this "
+    "machine only; tests/federation/test_public.py runs the same commands against a public "
+    "server (deploy/nats/public, with its auth callout) on 127.0.0.1"
+)
+#: commands the docs show that cannot run in a test, and why
+SKIPPED: dict[str, str] = {
+    "asman worker $Q --nats nats://queues.example.org:4222 &": PUBLIC,
+    "asman submit $Q asman/busybox:local --nats nats://queues.example.org:4222 --wait -- echo hi": (
+        PUBLIC
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +129,13 @@ def doc_commands() -> list[DocCommand]:
                 block = fence.group(1) if block is None else None
                 continue
             code, comment = _split_comment(line)
+            if block == "console":  # a prompt's line is a command, the others its output
+                if not code.startswith("$ "):
+                    continue
+                code = code[2:].strip()
+            assigned = re.fullmatch(r"[A-Za-z_]\w*=\$\((.*)\)", code)  # Q=$(asman queue new)
+            if assigned:
+                code = assigned.group(1).strip()
             first = code.split(maxsplit=1)[0] if code else ""
             if block not in SHELL_BLOCKS or Path(first).name != "asman":
                 continue
@@ -130,15 +184,28 @@ class Live:
     nats_url: str = ""
     gateway_url: str = ""
     queue: str = ""
+    private_queue: str = ""
     job: str = ""
     receiver_url: str = ""
+    #: the other homes (``KEY_OF``): their folder and environment, and their keys
+    homes: dict[str, tuple[Path, dict[str, str]]] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
     checks: list[Callable[[], Any]] = field(default_factory=list)
+
+    def home_of(self, text: str) -> tuple[Path, dict[str, str]]:
+        """Where the command runs: its home (its working directory) and environment."""
+        who = RUN_BY.get(text)
+        return self.homes[who] if who else (self.home, self.env)
+
+    def queue_of(self, text: str) -> str:
+        return self.private_queue if text in ON_PRIVATE_QUEUE else self.queue
 
     def argv(self, text: str) -> list[str]:
         """The command with its placeholders filled in; an unknown placeholder fails."""
         nats = self.nats_url.removeprefix("nats://")
+        queue = self.queue_of(text)
         text = text.replace(" [QUEUE…]", "").replace("HUB:4222", nats)
-        values = {"QUEUE": self.queue, "JOB": self.job, "URL": self.receiver_url}
+        values = {"QUEUE": queue, "JOB": self.job, "URL": self.receiver_url} | self.keys
         out = []
         for token in shlex.split(text):
             if re.fullmatch(r"[A-Z][A-Z_]+…?", token):
@@ -187,8 +254,8 @@ class Process:
             raise
 
 
-async def _beat_of(live: Live, worker: str) -> Callable[[], Any]:
-    """Subscribe to the queue's heartbeats now; the returned coroutine function waits for one
+async def _beat_of(live: Live, worker: str, queue: str) -> Callable[[], Any]:
+    """Subscribe to ``queue``'s heartbeats now; the returned coroutine function waits for one
     from ``worker`` (a peer id)."""
     log = Log(LogConfig(servers=(live.nats_url,)), PeerKey.generate())
     await log.connect()
@@ -198,7 +265,7 @@ async def _beat_of(live: Live, worker: str) -> Callable[[], Any]:
         if msg.subject.split(".")[3] == worker:
             got.set()
 
-    sub = await log.nc.subscribe(subjects.workers_filter(live.queue), cb=on_beat)
+    sub = await log.nc.subscribe(subjects.workers_filter(queue), cb=on_beat)
 
     async def wait() -> None:
         try:
@@ -211,10 +278,22 @@ async def _beat_of(live: Live, worker: str) -> Callable[[], Any]:
     return wait
 
 
-def _run(live: Live, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, env=live.env, cwd=live.home, capture_output=True, text=True, timeout=180
-    )
+def _run(
+    live: Live, argv: list[str], where: tuple[Path, dict[str, str]] | None = None
+) -> subprocess.CompletedProcess[str]:
+    cwd, env = where or (live.home, live.env)
+    return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
+
+
+def _home(root: Path, base: dict[str, str]) -> tuple[Path, dict[str, str]]:
+    """A home of its own (its key, config and data), for a command another person runs."""
+    root.mkdir()
+    env = base | {
+        "HOME": str(root),
+        "XDG_CONFIG_HOME": str(root / ".config"),
+        "XDG_DATA_HOME": str(root / ".local" / "share"),
+    }
+    return root, env
 
 
 @pytest.mark.docker
@@ -223,18 +302,17 @@ async def test_every_command_in_the_docs_runs(tmp_path: Path, busybox_image: str
     commands = [c for c in doc_commands() if c.text not in SKIPPED]
     unknown = [c.where for c in commands if c.text not in COMMANDS]
     assert not unknown, f"commands this test does not know, at {unknown} (see the other test)"
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "data.csv").write_text("name,n\na,1\nb,2\n")  # the file the README's -f names
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ASMAN_")}
     nats_port, http_port = free_port(), free_port()
-    env |= {
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_DATA_HOME": str(home / ".local" / "share"),
-        "ASMAN_NATS_URL": f"nats://127.0.0.1:{nats_port}",
-    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ASMAN_")}
+    base["ASMAN_NATS_URL"] = f"nats://127.0.0.1:{nats_port}"
+    home, env = _home(tmp_path / "home", base)
+    (home / "data.csv").write_text("name,n\na,1\nb,2\n")  # the file the README's -f names
     live = Live(home, env, nats_url=env["ASMAN_NATS_URL"])
+    for who, placeholder in KEY_OF.items():  # the worker's, the institution's, an admin's
+        live.homes[who] = _home(tmp_path / who, base)
+        made = _run(live, [ASMAN, "keys", "--create"], live.homes[who])
+        assert made.returncode == 0, made.stderr
+        live.keys[placeholder] = made.stdout.strip()
     live.gateway_url = f"http://127.0.0.1:{http_port}"
     receiver = await Receiver().start()
     live.receiver_url = receiver.url("/hook")
@@ -248,22 +326,28 @@ async def test_every_command_in_the_docs_runs(tmp_path: Path, busybox_image: str
                 # on free ports, and letting its services call back the test's receiver
                 argv += ["--nats-port", str(nats_port), "--http-port", str(http_port)]
                 argv += ["--allow-url", f"127.0.0.1:{receiver.port}"]
-                stack = Process(argv, env, home, tmp_path / "dev.log", "asman dev is up")
+                # ready once its whole banner is out (the last line), which the checks read
+                stack = Process(argv, env, home, tmp_path / "dev.log", r"^Ctrl-C stops it")
                 assert await asyncio.to_thread(stack.seen.wait, 120), stack.text()
                 assert stack.proc.poll() is None, f"{c.where}: `{c.text}` exited: {stack.text()}"
                 live.queue = (home / ".local/share/asman/dev/queue").read_text().strip()
                 assert f"127.0.0.1:{receiver.port}" in stack.text()  # its banner says so
             elif how == SERVE:
-                me = _run(live, [ASMAN, "keys", "--create"]).stdout.strip()
-                beat = await _beat_of(live, me)
-                served = Process(argv, env, home, tmp_path / f"serve{len(ran)}.log", r"^worker ")
+                cwd, its_env = live.home_of(c.text)
+                me = _run(live, [ASMAN, "keys", "--create"], (cwd, its_env)).stdout.strip()
+                beat = await _beat_of(live, me, live.queue_of(c.text))
+                log = tmp_path / f"serve{len(ran)}.log"
+                served = Process(argv, its_env, cwd, log, r"^worker ")
                 try:
                     await beat()
                 finally:
                     code = await asyncio.to_thread(served.stop)
                 assert code == c.exits, f"{c.where}: `{c.text}` exited {code}: {served.text()}"
+                # a worker the queue's policy does not trust says so in one line: none here
+                assert "ask the queue's owner" not in served.text(), served.text()
+                assert "certificate is not valid" not in served.text(), served.text()
             else:
-                done = await asyncio.to_thread(_run, live, argv)
+                done = await asyncio.to_thread(_run, live, argv, live.home_of(c.text))
                 said = f"{c.where}: `{c.text}` exited {done.returncode}:\n{done.stderr}"
                 assert done.returncode == c.exits, said
                 _check(live, c.text, done)
@@ -284,6 +368,37 @@ def _check(live: Live, text: str, done: subprocess.CompletedProcess[str]) -> Non
     out = done.stdout
     if text == "asman queue new":
         assert re.fullmatch(r"[a-z2-7]{26}\n", out), out
+    elif text == "asman queue new --private":
+        name = out.strip()
+        # bound to the owner's key: <26 random base32>-<26 base32 of a hash with that key>
+        assert re.fullmatch(r"[a-z2-7]{26}-[a-z2-7]{26}", name), out
+        assert "private: only your key" in done.stderr, done.stderr
+        live.private_queue = name
+    elif text.startswith("asman queue policy show"):
+        shown = _policy_rows(out)
+        # what the commands before it set: a listed worker, anyone submits, another admin,
+        # ceilings
+        assert live.keys["WORKER_KEY"] in shown["workers"], out
+        assert shown["submit"] == "anyone", out
+        assert live.keys["KEY"] in shown["admins"], out
+        for ceiling in ("maxDuration 7200s", "images ghcr.io/mylab/*", "no network"):
+            assert ceiling in shown["ceilings"], out
+    elif text.startswith("asman queue untrust"):
+        assert live.keys["WORKER_KEY"] not in _policy_rows(out)["workers"], out
+    elif text.startswith("asman queue policy set QUEUE --workers none"):
+        shown = _policy_rows(out)  # the policy it wrote
+        assert shown["workers"] == "nobody", out
+        assert shown["certifiers"] == live.keys["INSTITUTION_KEY"], out
+    elif text.startswith("asman certify"):
+        from asman.log.policy import check_cert
+
+        made, (worker_home, _) = live.home_of(text)[0] / "worker.cert", live.homes["worker"]
+        cert = check_cert(made.read_bytes())
+        assert (cert.certifier, cert.worker) == (
+            live.keys["INSTITUTION_KEY"],
+            live.keys["WORKER_KEY"],
+        )
+        (worker_home / "worker.cert").write_bytes(made.read_bytes())  # handed to the worker
     elif text.startswith("asman submit") and "--wait" not in text:
         job = out.strip()
         assert re.fullmatch(r"[0-9a-f]{64}", job), out
@@ -297,3 +412,10 @@ def _check(live: Live, text: str, done: subprocess.CompletedProcess[str]) -> Non
         assert out == "hi\n", out
     elif text == "asman url asman/busybox:local -q QUEUE -- echo hi":
         assert out.startswith(f"{live.gateway_url}/#?job="), out  # the running asman dev's
+
+
+def _policy_rows(out: str) -> dict[str, str]:
+    """``asman queue policy show``'s rows (``  name:  value`` under ``queue <name>``)."""
+    lines = out.splitlines()
+    assert lines and lines[0].startswith("queue "), out
+    return {k.strip(): v.strip() for k, _, v in (row.partition(":") for row in lines[1:])}

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from asman import __version__
+from asman.cli.callout import callout
 from asman.cli.options import (
     AsmanGroup,
     asyncmain,
@@ -37,6 +38,7 @@ from asman.config import (
 )
 from asman.errors import AsmanError, InvalidInput
 from asman.log.definition import parse_duration_ms, parse_size_bytes
+from asman.log.events import validate_namespace
 from asman.logsetup import configure_logging
 from asman.peer.caps import DEFAULT_OUTPUT_FILES, DEFAULT_PIDS
 
@@ -98,6 +100,12 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
 )
 @click.option("--rerun", is_flag=True, help="Run again even if a result is cached.")
 @click.option(
+    "--namespace",
+    default=None,
+    help="Hold the job for this namespace: a newer job you submit there replaces it "
+    "(compute-queues' control.namespace) [default: _, which replaces nothing].",
+)
+@click.option(
     "--on-queued",
     metavar="URL",
     default=None,
@@ -121,19 +129,27 @@ async def submit(
     wait: bool,
     outputs_dir: str | None,
     rerun: bool,
+    namespace: str | None,
     on_queued: str | None,
     on_finished: str | None,
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Put a job on QUEUE: run IMAGE [-- CMD...]. Prints the job id."""
+    """Put a job on QUEUE: run IMAGE [-- CMD...]. Prints the job id.
+
+    With --namespace, the jobs you submitted earlier to that namespace of QUEUE are
+    replaced: each is cancelled once no other namespace holds it, after compute-queues'
+    grace (none for a job up to 20 s old, 4 s past that, 8 s past a minute), which this
+    command waits for."""
     from asman.log.control import validate_control
     from asman.log.subjects import validate_queue
     from asman.peer.client import Client, collect_files
     from asman.render import Transfer, print_logs, result_json
 
-    settings = settings_from(kwargs)
     validate_queue(queue)
+    settings = settings_from(kwargs, (queue,))
+    if namespace is not None:
+        validate_namespace(namespace)
     definition = build_definition(
         image,
         command,
@@ -166,9 +182,19 @@ async def submit(
                 files=inputs,
                 rerun=rerun,
                 progress=progress.update,
+                namespace=namespace,
                 control=control,
                 callbacks=sender,
             )
+        if not as_json:
+            for r in sub.replacing:
+                grace = f", in {r.delay_ms / 1000:g} s" if r.delay_ms else ""
+                click.echo(
+                    f"(replaces job {r.job_id[:12]} in namespace {r.namespace!r}{grace})", err=True
+                )
+        # replaced jobs first (their graces are seconds; the logs are replayed from the start)
+        # a replaced job that never ran is finished by this command: it sends the callback
+        await client.replace(sub.replacing, callbacks=sender)
         if not wait:
             if as_json:
                 emit_json(
@@ -178,6 +204,8 @@ async def submit(
                         "created": sub.created,
                         "cached": sub.cached,
                         "state": sub.state.state,
+                        "namespace": sub.namespace,
+                        "replaced": [r.job_id for r in sub.replacing],
                     }
                 )
             else:
@@ -187,7 +215,7 @@ async def submit(
                         "(finished earlier: the result is cached; --rerun runs it again)", err=True
                     )
             if sender.pending:
-                click.echo("delivering the queued callback… (Ctrl-C gives up)", err=True)
+                click.echo("delivering callbacks… (Ctrl-C gives up)", err=True)
             return
         if not as_json:
             click.echo(f"job {sub.job_id} on queue {queue}", err=True)
@@ -235,7 +263,7 @@ async def watch(queue: str, job: str | None, once: bool, **kwargs: Any) -> None:
     from asman.peer.client import Client
     from asman.render import watch_queue
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         await watch_queue(client, queue, job, once=once, stop=stop_on_signals())
 
 
@@ -254,7 +282,7 @@ async def jobs_ls(queue: str, as_json: bool, **kwargs: Any) -> None:
     from asman.peer.client import Client
     from asman.render import jobs_table, state_json
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         states = await client.jobs(queue)
     if as_json:
         emit_json([state_json(s) for s in states])
@@ -273,7 +301,7 @@ async def jobs_show(queue: str, job: str, as_json: bool, **kwargs: Any) -> None:
     from asman.peer.client import Client
     from asman.render import show_job, state_json
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         state = await client.state(queue, job)
     if as_json:
         emit_json(state_json(state, full=True))
@@ -293,7 +321,7 @@ async def jobs_logs(queue: str, job: str, follow: bool, as_json: bool, **kwargs:
     from asman.peer.client import Client
     from asman.render import print_logs
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         if follow and not as_json:
             await print_logs(client, queue, job)
             return
@@ -339,7 +367,7 @@ async def jobs_outputs(
     from asman.peer.client import Client
     from asman.render import Transfer
 
-    async with Client.connect(settings_from(kwargs)) as client:
+    async with Client.connect(settings_from(kwargs, (queue,))) as client:
         state = await client.state(queue, job)
         target = Path(dest) if dest else Path("outputs") / job[:12]
         with Transfer(enabled=not as_json) as progress:
@@ -354,22 +382,38 @@ async def jobs_outputs(
 @jobs.command("cancel")
 @click.argument("queue")
 @click.argument("job")
+@click.option(
+    "--namespace",
+    default=None,
+    help="Remove only this namespace from the job ('*': every one you may); it is "
+    "cancelled once no namespace holds it.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @log_options
 @asyncmain
-async def jobs_cancel(queue: str, job: str, as_json: bool, **kwargs: Any) -> None:
+async def jobs_cancel(
+    queue: str, job: str, namespace: str | None, as_json: bool, **kwargs: Any
+) -> None:
     """Cancel a job you submitted (a running one is stopped by its worker)."""
     from asman.peer.client import Client
     from asman.render import state_json
 
-    async with Client.connect(settings_from(kwargs)) as client, client.callback_sender() as sender:
-        state = await client.cancel(queue, job, callbacks=sender)
+    if namespace is not None:
+        validate_namespace(namespace, allow_all=True)
+    async with (
+        Client.connect(settings_from(kwargs, (queue,))) as client,
+        client.callback_sender() as sender,
+    ):
+        state = await client.cancel(queue, job, namespace=namespace, callbacks=sender)
     if as_json:
         emit_json(state_json(state))
     elif state.finished:
         click.echo(f"{job[:12]}: {state.reason}")
-    else:
+    elif state.cancel_requested:
         click.echo(f"{job[:12]}: cancel requested; its worker is stopping it")
+    else:
+        held = ", ".join(state.namespaces)
+        click.echo(f"{job[:12]}: {state.state}, still held by namespace(s) {held}")
 
 
 @main.command()
@@ -414,14 +458,64 @@ def new_queue_name() -> str:
 
 
 @queue.command("new")
+@click.option(
+    "--private",
+    is_flag=True,
+    help="Bind the name to this key and write a policy: only this key submits and works "
+    "until you change it (`asman queue trust`, `asman queue policy set`).",
+)
 @click.option("--json", "as_json", is_flag=True)
-def queue_new(as_json: bool) -> None:
+@log_options
+@asyncmain
+async def queue_new(private: bool, as_json: bool, **kwargs: Any) -> None:
     """Print a new unguessable queue name."""
-    name = new_queue_name()
+    if not private:
+        name = new_queue_name()
+        if as_json:
+            emit_json({"queue": name})
+        else:
+            click.echo(name)
+        return
+    import dataclasses
+
+    from asman.log import queues
+    from asman.log.keys import PeerKey
+    from asman.log.policy import Policy, new_private_queue
+    from asman.peer.client import Client
+
+    settings = settings_from(kwargs)
+    me = PeerKey.load_or_create(settings.key_file).peer_id
+    name = new_private_queue(me)  # named when connecting (a public server admits it)
+    async with Client.connect(dataclasses.replace(settings, queues=(name,))) as client:
+        written = await queues.write_policy(
+            client.log,
+            name,
+            lambda _: Policy(
+                queue=name,
+                version=0,
+                owner=me,
+                signer=me,
+                submitters=frozenset({me}),
+                workers=frozenset({me}),
+            ),
+        )
     if as_json:
-        emit_json({"queue": name})
+        emit_json({"queue": name, "policy": written.to_json()})
     else:
         click.echo(name)
+        click.echo(
+            f"private: only your key ({me[:12]}…) submits and works; add a worker with "
+            f"`asman queue trust {name} KEY`",
+            err=True,
+        )
+
+
+from asman.cli.queues import certify, policy_group, trust, untrust  # noqa: E402
+
+queue.add_command(policy_group)
+queue.add_command(trust)
+queue.add_command(untrust)
+main.add_command(certify)
 
 
 @main.command()
@@ -508,6 +602,19 @@ def keys(key_file: str | None, create: bool, as_json: bool) -> None:
 
 
 # -- worker, gateway, dev ----------------------------------------------------------------
+
+
+def _read_cert(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    from asman.log.policy import check_cert
+
+    data = Path(path).read_bytes()[:8192]
+    try:
+        check_cert(data)
+    except ValueError as exc:
+        raise InvalidInput(f"--cert {path}: {exc}; make one with `asman certify`") from None
+    return data
 
 
 def parse_gpus(value: str | None) -> tuple[str, ...]:
@@ -645,6 +752,13 @@ def parse_gpus(value: str | None) -> tuple[str, ...]:
     show_default=True,
     help="Ceiling for the log kept of one job (the rest is counted, not kept).",
 )
+@click.option(
+    "--cert",
+    envvar="ASMAN_CERT",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A worker certificate (`asman certify`) for queues that trust its certifier.",
+)
 @log_options
 def worker(
     queues: tuple[str, ...],
@@ -666,13 +780,14 @@ def worker(
     max_output_bytes: str,
     max_outputs: int,
     max_log_bytes: str,
+    cert: str | None,
     **kwargs: Any,
 ) -> None:
     """Join QUEUES and run their jobs in hardened containers."""
     from asman.peer.supervisor import Supervisor, serve_worker
     from asman.peer.worker import WorkerConfig
 
-    settings = settings_from(kwargs)
+    settings = settings_from(kwargs, queues)
     config = WorkerConfig(
         queues=queues,
         data_dir=Path(data_dir) if data_dir else default_data_dir(os.environ) / "worker",
@@ -693,6 +808,7 @@ def worker(
         drain_grace_s=parse_duration_ms(drain_grace, "--drain-grace") / 1000,
         allow_urls=allow_urls,
         procs=procs,
+        cert=_read_cert(cert),
     )
     if procs > 1:
         root = click.get_current_context().find_root().params
@@ -832,6 +948,9 @@ def dev(
         allow_urls=allow_urls,
     )
     raise SystemExit(run_async(run_dev(options)))
+
+
+main.add_command(callout)  # asman callout init|serve (asman/cli/callout.py)
 
 
 def entrypoint() -> None:

@@ -245,8 +245,9 @@ def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def settings_from(kwargs: dict[str, Any]) -> ClientSettings:
-    """Pop the log options out of ``kwargs`` into ClientSettings."""
+def settings_from(kwargs: dict[str, Any], queues: tuple[str, ...] = ()) -> ClientSettings:
+    """Pop the log options out of ``kwargs`` into ClientSettings; ``queues`` are the ones
+    the command uses (a connection without credentials names them)."""
     env = os.environ
     servers = tuple(u.strip() for u in kwargs.pop("nats_urls").split(",") if u.strip())
     if not servers:
@@ -279,6 +280,7 @@ def settings_from(kwargs: dict[str, Any]) -> ClientSettings:
         update_streams=kwargs.pop("update_streams"),
         reads=kwargs.pop("reads"),
         inbox_prefix=kwargs.pop("inbox_prefix"),
+        queues=queues,
     )
 
 

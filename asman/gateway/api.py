@@ -19,15 +19,24 @@ from asman.errors import InvalidDefinition, InvalidInput, JobNotFound
 from asman.gateway import files, sse
 from asman.gateway.limits import read_json
 from asman.gateway.metrics import CONTENT_TYPE, queue_metrics
-from asman.gateway.state import BLOBS, CALLBACKS, CLOSING, CONFIG, FOLLOWERS, LOG, METRICS
+from asman.gateway.state import (
+    BLOBS,
+    CALLBACKS,
+    CLOSING,
+    CONFIG,
+    FOLLOWERS,
+    LOG,
+    METRICS,
+    REPLACER,
+)
 from asman.gateway.views import (
     chunk_view,
     job_summary,
     job_view,
     worker_view,
 )
-from asman.log import jobs, subjects
-from asman.log.control import validate_control
+from asman.log import jobs, namespaces, subjects
+from asman.log.control import validate_control, with_namespace
 from asman.log.definition import (
     DataRef,
     image_class,
@@ -35,8 +44,9 @@ from asman.log.definition import (
     validate_definition,
     validate_relative_path,
 )
-from asman.log.events import JobState, OutputFile, now_ms
+from asman.log.events import JobState, OutputFile, now_ms, validate_namespace
 from asman.log.logstream import LogChunk, read_logs
+from asman.log.policy import summarize
 from asman.log.workers import list_workers
 
 __all__ = [
@@ -56,6 +66,7 @@ __all__ = [
     "public_base",
     "queue_param",
     "submit_definition",
+    "submitted_response",
 ]
 
 PREFIX = "/api/v1"
@@ -99,19 +110,34 @@ async def submit_definition(
     definition: Any,
     *,
     rerun: bool = False,
+    signed: jobs.SignedEvent | None = None,
+    namespace: str | None = None,
     control: Any = None,
 ) -> jobs.Submitted:
-    """Validate ``definition`` with the gateway's limits and submit it, signed by the gateway,
-    with its ``control`` (callbacks: not part of the job). A job this puts on the queue
-    (created, or run again) gets its ``queued`` callback, sent in the background."""
+    """Validate ``definition`` with the gateway's limits and submit it, signed by the gateway
+    (or, with ``signed``, by the key that signed that very submission), held for
+    ``namespace``, with its ``control`` (callbacks: not part of the job; its namespace and
+    ``namespace`` are one, ``InvalidInput`` when they differ); the jobs it replaces there
+    are released in the background, each after its grace (``asman.log.namespaces``). A job
+    this puts on the queue (created, or run again) gets its ``queued`` callback, sent in the
+    background by the gateway, which appended the event whoever signed it."""
     config = request.app[CONFIG]
     if not isinstance(definition, Mapping):
         raise InvalidDefinition("", "a job definition must be a JSON object")
     clean = validate_definition(definition, config.limits.definition_limits())
-    checked = validate_control(control)
-    submitted = await jobs.submit(
-        request.app[LOG], queue, clean, rerun=rerun, via=config.name, control=checked
+    checked, named = with_namespace(control, namespace)
+    submitted = await namespaces.submit(
+        request.app[LOG],
+        queue,
+        clean,
+        namespace=named,
+        rerun=rerun,
+        via=config.name,
+        grace=config.replace_grace,
+        signed=signed,
+        control=checked,
     )
+    request.app[REPLACER].schedule(submitted.replacing)
     if submitted.created or submitted.requeued:
         request.app[CALLBACKS].queued(queue, submitted.job_id, checked, submitted.state.last_seq)
     if submitted.created:
@@ -221,6 +247,10 @@ def _json_type(value: Any) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
+def _namespace(value: Any, *, allow_all: bool = False) -> str | None:
+    return None if value is None else validate_namespace(value, allow_all=allow_all)
+
+
 def _bool(value: Any, name: str) -> bool:
     if value is None:
         return False
@@ -237,9 +267,10 @@ async def submit_job(request: web.Request) -> web.Response:
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
     if not isinstance(body, dict) or "definition" not in body:
         raise InvalidInput(
-            'the body must be {"definition": {...}, "rerun": false, "control": {...}}'
+            'the body must be {"definition": {...}, "rerun": false, "namespace": "...", '
+            '"control": {...}}'
         )
-    unknown = set(body) - {"definition", "rerun", "control"}
+    unknown = set(body) - {"definition", "rerun", "namespace", "control"}
     if unknown:
         raise InvalidInput(f"unknown body fields: {', '.join(sorted(unknown))}")
     submitted = await submit_definition(
@@ -247,14 +278,19 @@ async def submit_job(request: web.Request) -> web.Response:
         queue,
         body["definition"],
         rerun=_bool(body.get("rerun"), "rerun"),
+        namespace=_namespace(body.get("namespace")),
         control=body.get("control"),
     )
-    view = job_view(submitted.state, job_base(queue, submitted.job_id), history=False)
+    return submitted_response(submitted)
+
+
+def submitted_response(submitted: jobs.Submitted) -> web.Response:
+    """The answer to a submission: the job, ``201`` when it is new."""
+    base = job_base(submitted.queue, submitted.job_id)
+    view = job_view(submitted.state, base, history=False)
     view.update(created=submitted.created, cached=submitted.cached, requeued=submitted.requeued)
     return web.json_response(
-        view,
-        status=201 if submitted.created else 200,
-        headers={"Location": job_base(queue, submitted.job_id)},
+        view, status=201 if submitted.created else 200, headers={"Location": base}
     )
 
 
@@ -299,34 +335,45 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     queue, job = queue_param(request), job_param(request)
     message = "cancelled through the gateway"
+    namespace = None
     if request.can_read_body:
         body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
         if not isinstance(body, dict):
-            raise InvalidInput('the body must be {"message": "..."} or empty')
-        unknown = set(body) - {"message"}
+            raise InvalidInput('the body must be {"message": "...", "namespace": "..."} or empty')
+        unknown = set(body) - {"message", "namespace"}
         if unknown:
             raise InvalidInput(
                 f"unknown body fields: {', '.join(sorted(unknown))[:200]}; "
-                'the body is {"message": "..."} or empty'
+                'the body is {"message": "...", "namespace": "..."} or empty'
             )
         if body.get("message") is not None:
             message = check_message(body["message"])
-    state = await cancel_and_notify(request, queue, job, message)
+        namespace = _namespace(body.get("namespace"), allow_all=True)
+    state = await cancel_and_notify(request, queue, job, message, namespace=namespace)
     return web.json_response(job_view(state, job_base(queue, job), history=False))
 
 
 async def cancel_and_notify(
-    request: web.Request, queue: str, job: str, message: str, before: JobState | None = None
+    request: web.Request,
+    queue: str,
+    job: str,
+    message: str,
+    before: JobState | None = None,
+    *,
+    namespace: str | None = None,
+    signed: jobs.SignedEvent | None = None,
 ) -> JobState:
-    """Cancel the job; when that very cancel finished it (a job that never ran), send its
-    ``finished`` callback: the gateway's event ended it. ``before`` is the job as already
-    read, if it was."""
+    """Cancel the job (``jobs.cancel``: only ``namespace``, or with the ``signed`` cancel of
+    another key); when that very cancel finished it (a job that never ran, or whose last
+    namespace it removed), send its ``finished`` callback: the event the gateway appended
+    ended it. ``before`` is the job as already read, if it was."""
     log = request.app[LOG]
     before = before or await load_job(request, queue, job)
     if before.finished:
         return before
-    state = await jobs.cancel(log, queue, job, message)
-    if state.result is not None and state.result.worker == log.peer_id:
+    state = await jobs.cancel(log, queue, job, message, namespace=namespace, signed=signed)
+    signer = signed.signer if signed is not None else log.peer_id
+    if state.result is not None and state.result.worker == signer:
         request.app[CALLBACKS].finished(state)
     return state
 
@@ -381,6 +428,21 @@ async def get_workers(request: web.Request) -> web.Response:
     queue = queue_param(request)
     workers = await list_workers(request.app[LOG], queue)
     return web.json_response({"queue": queue, "workers": [worker_view(w) for w in workers]})
+
+
+async def get_policy(request: web.Request) -> web.Response:
+    """The queue's policy (asman.log.policy): open, not yet written, or its latest version."""
+    queue = queue_param(request)
+    view = await request.app[LOG].policies.get(queue)
+    policy = view.current if view else None
+    return web.json_response(
+        {
+            "queue": queue,
+            "ownerBound": view is not None,
+            "summary": summarize(view),
+            "policy": policy.to_json() if policy else None,
+        }
+    )
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -519,6 +581,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(f"{q}/jobs", list_queue)
     r.add_post(f"{q}/jobs", submit_job)
     r.add_get(f"{q}/workers", get_workers)
+    r.add_get(f"{q}/policy", get_policy)
     r.add_get(f"{q}/metrics", get_metrics)
     r.add_get(f"{q}/events", queue_stream, allow_head=False)
     r.add_get(j, get_job)

@@ -9,8 +9,9 @@ as many as you like; any of them answers any request the same.
 1. stop accepting connections (the listening socket is closed);
 2. ``CLOSING`` is set, so event streams end at once;
 3. requests in flight get ``shutdown_timeout_s`` to finish, then are cancelled;
-4. the resources context gives callbacks still underway their grace, closes the blob
-   store's temp dir and drains the log connection.
+4. the resources context does the namespace replacements still in their grace at once,
+   gives callbacks still underway (those releases' among them) their grace, closes the
+   blob store's temp dir and drains the log connection.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from aiohttp import web
 
 from asman.errors import ConfigError
-from asman.gateway import api, compat
+from asman.gateway import api, compat, signing
 from asman.gateway.config import GatewayConfig
 from asman.gateway.follow import Followers
 from asman.gateway.limits import RateLimiter
@@ -47,11 +48,13 @@ from asman.gateway.state import (
     LIMITER,
     LOG,
     METRICS,
+    REPLACER,
     TMP_DIR,
 )
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
 from asman.log.keys import PeerKey
+from asman.log.namespaces import Replacer
 from asman.log.objstore import ObjectStoreBlobs
 from asman.peer.callbacks import CallbackSender
 
@@ -86,11 +89,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="asman-gateway-"))
         app[TMP_DIR] = tmp
         app[FOLLOWERS] = followers = Followers(log, poll_s=config.poll_s)
+        # a release that ends a job still queued is the gateway's event: it sends ``finished``
+        app[REPLACER] = replacer = Replacer(log, on_finished=callbacks.finished)
         app[METRICS].followers.set_function(lambda: len(followers))
         logger.info("gateway %s connected as peer %s", config.name, log.peer_id)
         try:
             yield
         finally:
+            await replacer.close()
             await followers.close()
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
@@ -129,6 +135,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/openapi.json", openapi)
     api.add_routes(app)
+    signing.add_routes(app)
     compat.add_routes(app)
     return app
 

@@ -11,9 +11,15 @@ Differences, on purpose:
   ``/j/{id}#?queue=q``) gets the page, which reads the queue from the hash.
 * An unknown job's ``definition.json`` and ``result.json`` answer 200 ``{"data": null}``, as
   compute-queues does; the other job routes answer 404 ``job_not_found``.
-* Namespaces (``control.namespace``, ``?namespace=``) are accepted and ignored: a job is
-  cancelled by the peer that submitted it, which for jobs sent here is this gateway.
-* Cancelled jobs stay listed as ``Finished``/``Cancelled``; a non-zero exit code is
+* Namespaces (``control.namespace``; ``?namespace=`` or the path of a cancel) are
+  compute-queues' (``asman.log.namespaces``), held by this gateway's key: a cancel removes
+  what this gateway added (or anything, on jobs it submitted). A cancel that leaves other
+  namespaces answers at once (compute-queues loops until the job finishes), one naming a
+  namespace that does not hold the job is 400, and the path's namespace counts
+  (compute-queues reads only the query).
+* Listings (``GET /q/<queue>``, ``status``) are compute-queues' views: cancelled, replaced
+  and lost jobs are hidden, finished ones drop out ``cq_finished_listed_s`` (60 s) after
+  they finish. Asman's ``/api/v1`` listings keep every job. A non-zero exit code is
   ``Success`` with its ``StatusCode``, as in compute-queues (Asman's own reason is ``failed``).
 * The client-supplied ``id`` of a submission is ignored; the answer carries the real one.
 """
@@ -31,9 +37,9 @@ from asman.gateway import api, files, sse
 from asman.gateway.limits import read_json
 from asman.gateway.page import page
 from asman.gateway.state import BLOBS, CONFIG, FOLLOWERS, LOG
-from asman.gateway.views import cq_record, worker_view
+from asman.gateway.views import cq_listed, cq_record, worker_view
 from asman.log import jobs, subjects
-from asman.log.events import JobState
+from asman.log.events import DEFAULT_NAMESPACE, JobState, now_ms, validate_namespace
 from asman.log.logstream import read_logs
 from asman.log.workers import list_workers
 
@@ -131,7 +137,7 @@ async def submit(request: web.Request) -> web.Response:
     control = None
     if isinstance(body, dict) and isinstance(body.get("definition"), Mapping):
         definition = body["definition"]  # EnqueueJob {id?, definition, debug?, control?}
-        control = body.get("control")
+        control = body.get("control")  # its namespace holds the job; its callbacks go with it
     else:
         definition = body
     submitted = await api.submit_definition(request, queue, definition, control=control)
@@ -147,23 +153,31 @@ async def submit(request: web.Request) -> web.Response:
     )
 
 
+async def _listed(request: web.Request, queue: str) -> list[JobState]:
+    """The queue's jobs as compute-queues lists them (``cq_listed``), the newest
+    ``MAX_LISTED``."""
+    states = await jobs.list_jobs(request.app[LOG], queue)
+    window_ms = int(request.app[CONFIG].cq_finished_listed_s * 1000)
+    now = now_ms()
+    return [s for s in states if cq_listed(s, now, window_ms)][-MAX_LISTED:]
+
+
 async def list_queue(request: web.Request) -> web.Response:
     queue = api.queue_param(request)
-    states = await jobs.list_jobs(request.app[LOG], queue)
-    return web.json_response({"data": {s.job_id: cq_record(s) for s in states[-MAX_LISTED:]}})
+    states = await _listed(request, queue)
+    return web.json_response({"data": {s.job_id: cq_record(s) for s in states}})
 
 
 async def status(request: web.Request) -> web.Response:
     queue = api.queue_param(request)
     log = request.app[LOG]
-    states = await jobs.list_jobs(log, queue)
+    states = await _listed(request, queue)
     workers = await list_workers(log, queue)
     active = [s for s in states if not s.finished]
     return web.json_response(
         {
             "jobs": {
-                s.job_id: {"state": s.cq_state[0], "finishedReason": s.cq_state[1]}
-                for s in states[-MAX_LISTED:]
+                s.job_id: {"state": s.cq_state[0], "finishedReason": s.cq_state[1]} for s in states
             },
             "otherServers": [],
             "localWorkers": [worker_view(w) for w in workers],
@@ -267,16 +281,59 @@ async def inputs(request: web.Request) -> web.StreamResponse:
     return await api.input_response(request, state, request.match_info["path"])
 
 
+def _cancel_namespace(request: web.Request) -> str:
+    """The namespace a cancel removes: ``?namespace=`` or the path's (``_`` by default; ``*``
+    for all). compute-queues reads only the query; a path and a query that differ are 400."""
+    query, path = request.query.get("namespace"), request.match_info.get("namespace")
+    if query and path and query != path:
+        raise InvalidInput(
+            f"the cancel names namespace {path!r} in the path and {query!r} in the query: name one"
+        )
+    return validate_namespace(path or query or DEFAULT_NAMESPACE, allow_all=True)
+
+
 async def cancel(request: web.Request) -> web.Response:
+    """compute-queues' cancel: removes one namespace (``*``: all) from the job, which is
+    cancelled once no namespace holds it. Answers at once."""
     queue, jid = _queue(request), _job(request)
-    namespace = request.query.get("namespace", "_")
+    namespace = _cancel_namespace(request)
     message = request.query.get("message") or "cancelled through the gateway"
     message = api.check_message(message)
-    before = await api.load_job(request, queue, jid)
+    before = await jobs.read_job(request.app[LOG], queue, jid)
+    if before is None:
+        return web.json_response({"message": "Job not found"})  # compute-queues: 200
     if before.finished:
-        return web.json_response({"message": "Job already Finished", "jobId": jid})
-    await api.cancel_and_notify(request, queue, jid, message, before)
+        return web.json_response({"message": "Job already Finished|Removed"})
+    await api.cancel_and_notify(request, queue, jid, message, before, namespace=namespace)
     return web.json_response({"success": True, "jobId": jid, "namespace": namespace})
+
+
+async def namespaces(request: web.Request) -> web.Response:
+    """``{data: [namespace]}``: the namespaces holding the job (``[]`` for an unknown one,
+    as compute-queues answers)."""
+    queue, jid = _queue(request), _job(request)
+    state = await jobs.read_job(request.app[LOG], queue, jid)
+    return web.json_response({"data": list(state.namespaces) if state is not None else []})
+
+
+async def copy(request: web.Request) -> web.Response:
+    """compute-queues' ``POST /j/<id>/copy`` ``{queue, control?}``: the same job (id and
+    definition) submitted to another queue, held for ``control.namespace``, with the
+    control's callbacks."""
+    body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
+    if not isinstance(body, dict):
+        raise InvalidInput(
+            'the body must be a JSON object: {"queue": "<queue to copy the job to>", '
+            '"control": {"namespace": "..."}}'
+        )
+    if not body.get("queue"):
+        raise InvalidInput('the copy needs the queue to copy the job to: {"queue": "<queue>"}')
+    target = subjects.validate_queue(body["queue"])
+    state = await _load(request)
+    submitted = await api.submit_definition(
+        request, target, state.definition, control=body.get("control")
+    )
+    return web.json_response({"success": True, "jobId": submitted.job_id})
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -361,7 +418,9 @@ def add_routes(app: web.Application) -> None:
         r.add_get(f"{prefix}/inputs/{{path:.+}}", inputs)
         r.add_get(f"{prefix}/outputs/{{path:.+}}", outputs)
         r.add_post(f"{prefix}/cancel", cancel)
+        r.add_post(f"{prefix}/copy", copy)
         r.add_get(prefix, job)
+    r.add_get("/q/{queue}/j/{job}/namespaces.json", namespaces)
     r.add_post("/q/{queue}/j/{job}/{namespace}/cancel", cancel)
     r.add_get("/f/{key}", blob_get)
     r.add_put("/f/{key}", blob_put)

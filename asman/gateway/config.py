@@ -13,6 +13,7 @@ from pathlib import Path
 from asman.errors import ConfigError, InvalidQueueName
 from asman.log.connection import LogConfig
 from asman.log.definition import DefinitionLimits
+from asman.log.namespaces import DEFAULT_GRACE, ReplaceGrace
 from asman.log.subjects import validate_queue
 from asman.peer.callbacks import CallbackSettings
 from asman.peer.netguard import UrlPolicy
@@ -102,9 +103,15 @@ class GatewayConfig:
     answer 400. A job id is computed from its definition, so on an exposed queue whoever
     knows (or guesses) a definition finds its job and its outputs: expose only public queues.
 
-    ``allow_urls`` are the loopback or private destinations the gateway's ``queued``
-    callbacks may reach anyway (``UrlPolicy.parse``; by default public addresses only: a
-    callback URL comes from whoever submits). ``callbacks`` says how they are delivered.
+    ``allow_urls`` are the loopback or private destinations the gateway's callbacks may
+    reach anyway (``UrlPolicy.parse``; by default public addresses only: a callback URL
+    comes from whoever submits). ``callbacks`` says how they are delivered.
+
+    ``replace_grace`` is how long a job replaced by a newer one in its namespace keeps
+    running, by its age (compute-queues' values by default; ``asman.log.namespaces``).
+    ``cq_finished_listed_s`` is how long compute-queues' listings (``GET /q/<queue>``,
+    ``/q/<queue>/status``) keep a finished job after it finished (compute-queues: 60 s);
+    Asman's own listings keep every job of the retention.
     """
 
     log: LogConfig
@@ -122,6 +129,8 @@ class GatewayConfig:
     allow_urls: tuple[str, ...] = ()
     callbacks: CallbackSettings = field(default_factory=CallbackSettings)
     presign_expires_s: int = 3600
+    replace_grace: ReplaceGrace = DEFAULT_GRACE
+    cq_finished_listed_s: float = 60.0
     name: str = "gateway"
     poll_s: float = 5.0
     sse_ping_s: float = 15.0
@@ -154,6 +163,8 @@ class GatewayConfig:
         self.url_policy()  # checks the entries
         if not 1 <= self.presign_expires_s <= 7 * 24 * 3600:
             raise ConfigError("presign_expires_s must be between 1 s and 7 days")
+        if not self.cq_finished_listed_s >= 0:
+            raise ConfigError("gateway cq_finished_listed_s must be ≥ 0 seconds")
         for name in ("poll_s", "sse_ping_s", "shutdown_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"gateway {name} must be > 0")

@@ -38,6 +38,7 @@ from asman.log.connection import Log
 from asman.log.events import JobFold, JobState, check_event
 from asman.log.jobs import JobHistory
 from asman.log.logstream import LogChunk, read_logs, writers
+from asman.log.policy import PolicyView
 from asman.log.workers import WorkerInfo, list_workers
 
 __all__ = [
@@ -263,6 +264,8 @@ class QueueFollower(Follower):
         self._order: list[int] = []  # the last sequence of each change, increasing
         self._order_subjects: list[str] = []
         self._shown: list[dict[str, Any]] | None = None
+        #: the queue's policy the jobs are folded under (None: an open queue)
+        self.policy: PolicyView | None = None
 
     def _subjects(self) -> list[str]:
         return [self.filter]
@@ -278,31 +281,44 @@ class QueueFollower(Follower):
         return out
 
     async def _read(self) -> bool:
-        new = await self.log.read_subject(subjects.JOBS_STREAM, self.filter, self.next_seq)
+        policy = await self.log.policies.get(self.queue)
+        refold = (policy.version if policy else 0) != (self.policy.version if self.policy else 0)
+        start = 1 if refold else self.next_seq  # a new policy: every job is folded again
+        new = await self.log.read_subject(subjects.JOBS_STREAM, self.filter, start)
         workers = await list_workers(self.log, self.queue)
         shown = [{**worker_view(w), "heartbeatMs": 0} for w in workers]
         # the whole snapshot changes at once, with no await from here on: a read that fails
         # (the log away) leaves nothing half-applied, and the retry reads the same events
         touched: dict[str, JobFold] = {}
+        if refold:
+            self.policy = policy
+            self._folds.clear()
+            self.next_seq = 1
         for ev in new:
             if ev.seq < self.next_seq:
                 continue
             self.next_seq = ev.seq + 1
             job_fold = self._folds.get(ev.subject)
             if job_fold is None:
+                if subjects.is_policy_subject(ev.subject):
+                    continue
                 try:
                     q, jid = subjects.job_id_from_subject(ev.subject)
                 except AsmanError as exc:  # not one of ours: never let it stop the stream
                     logger.warning("queue %s: skipping seq %d: %s", self.queue, ev.seq, exc)
                     continue
-                job_fold = self._folds[ev.subject] = JobFold(q, jid, ev.subject)
+                job_fold = self._folds[ev.subject] = JobFold(
+                    q, jid, ev.subject, self.log.rules, self.policy
+                )
             job_fold.add(check_event(ev, ev.subject))  # each event verified once
             touched[ev.subject] = job_fold
         changed: list[tuple[str, JobState]] = []
         for subject, job_fold in touched.items():
             state = job_fold.state()
             known = self.states.get(subject)
-            if state is not None and (known is None or state.last_seq > known.last_seq):
+            if state is not None and (
+                known is None or state.last_seq > known.last_seq or (refold and state != known)
+            ):
                 changed.append((subject, state))
         for subject, state in sorted(changed, key=lambda item: item[1].last_seq):
             self.states[subject] = state

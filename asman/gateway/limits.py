@@ -19,6 +19,7 @@ __all__ = [
     "RateLimiter",
     "TooLarge",
     "client_key",
+    "parse_json",
     "read_json",
 ]
 
@@ -163,6 +164,12 @@ async def read_json(request: web.Request, limit: int, *, what: str = "the body")
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInput(f"{what} is not UTF-8 text: send JSON") from None
+    return parse_json(text, what=what)
+
+
+def parse_json(text: str, *, what: str) -> Any:
+    """``text`` parsed as JSON, at most ``MAX_JSON_DEPTH`` deep, no ``NaN`` or ``Infinity``;
+    ``InvalidInput`` naming ``what`` otherwise."""
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:

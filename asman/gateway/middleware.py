@@ -14,6 +14,8 @@ other InvalidInput             400     invalid_input
 JobNotFound                    404     job_not_found (+jobId, queue if one was named)
 BlobNotFound                   404     blob_not_found
 UnauthorizedSigner             403     forbidden
+BadSignature                   400     bad_signature
+other EnvelopeError            400     invalid_envelope
 Conflict                       409     conflict
 LogUnavailable                 503     log_unavailable
 RateLimited                    429     rate_limited (+Retry-After)
@@ -36,9 +38,11 @@ from aiohttp import web
 
 from asman.errors import (
     AsmanError,
+    BadSignature,
     BlobNotFound,
     BlobTooLarge,
     Conflict,
+    EnvelopeError,
     InvalidDefinition,
     InvalidInput,
     InvalidPath,
@@ -104,6 +108,10 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         status, code = 404, "blob_not_found"
     elif isinstance(exc, UnauthorizedSigner):
         status, code = 403, "forbidden"
+    elif isinstance(exc, BadSignature):
+        status, code = 400, "bad_signature"
+    elif isinstance(exc, EnvelopeError):  # an envelope a client signed (asman.gateway.signing)
+        status, code = 400, "invalid_envelope"
     elif isinstance(exc, Conflict):
         status, code = 409, "conflict"
     elif isinstance(exc, LogUnavailable):

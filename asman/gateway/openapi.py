@@ -16,6 +16,8 @@ __all__ = ["openapi_document"]
 JSON = "application/json"
 QUEUE_RE = "^[A-Za-z0-9_-]{1,64}$"
 SHA_RE = "^[0-9a-f]{64}$"
+B64URL_RE = "^[A-Za-z0-9_-]*={0,2}$"
+NAMESPACE = {"type": "string", "minLength": 1, "maxLength": 256}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -31,6 +33,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "Bad input: the body says what is wrong",
         403: "This gateway may not do that (e.g. cancel a job another peer submitted)",
         404: "Not found",
+        409: "The job moved on since the event was prepared: prepare and sign again",
         413: "Body over its limit",
         429: "Rate limited (see Retry-After)",
         503: "The log (NATS) cannot be reached",
@@ -165,7 +168,16 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "definition": _ref("Definition"),
                 "rerun": {"type": "boolean"},
-                "control": _ref("Control"),
+                "namespace": {
+                    **NAMESPACE,
+                    "description": "Hold the job for this namespace (compute-queues'); "
+                    "a newer job in it replaces this one",
+                },
+                "control": {
+                    **_ref("Control"),
+                    "description": "Callbacks, and the namespace again: when both name one "
+                    "they must agree",
+                },
             },
             "additionalProperties": False,
         },
@@ -174,7 +186,10 @@ def _schemas() -> dict[str, Any]:
             "description": "POST a signed JSON body to url (docs/guide.md, Callbacks); "
             "payload comes back as the body's config",
             "required": ["url"],
-            "properties": {"url": {"type": "string", "format": "uri"}, "payload": {}},
+            "properties": {
+                "url": {"type": "string", "pattern": "^https?://", "maxLength": 2048},
+                "payload": {},
+            },
             "additionalProperties": False,
         },
         "Control": {
@@ -182,7 +197,7 @@ def _schemas() -> dict[str, Any]:
             "description": "How the queue treats the job (compute-queues' control); not "
             "part of the job id",
             "properties": {
-                "namespace": {"type": "string"},
+                "namespace": NAMESPACE,
                 "callbacks": {
                     "type": "object",
                     "properties": {"queued": _ref("Callback"), "finished": _ref("Callback")},
@@ -190,6 +205,67 @@ def _schemas() -> dict[str, Any]:
                 },
                 "maxDuration": {},
                 "outputs": {},
+            },
+            "additionalProperties": False,
+        },
+        "PrepareSubmit": {
+            "type": "object",
+            "required": ["definition", "key"],
+            "properties": {
+                "definition": _ref("Definition"),
+                "key": {
+                    "type": "string",
+                    "pattern": SHA_RE,
+                    "description": "Your Ed25519 public key: its 32 raw bytes in hex",
+                },
+                "namespace": NAMESPACE,
+                "control": {
+                    **_ref("Control"),
+                    "description": "Goes in the event you sign, as with a plain submission",
+                },
+            },
+            "additionalProperties": False,
+        },
+        "PrepareCancel": {
+            "type": "object",
+            "required": ["key"],
+            "properties": {
+                "key": {"type": "string", "pattern": SHA_RE},
+                "message": {"type": "string", "maxLength": 1000},
+            },
+            "additionalProperties": False,
+        },
+        "Prepared": {
+            "type": "object",
+            "description": "An event for your key to sign: sign the bytes of toSign (Ed25519) "
+            "and send protected, payload and the signature to commit",
+            "required": ["jobId", "event", "protected", "payload", "toSign", "commit"],
+            "properties": {
+                "queue": {"type": "string"},
+                "jobId": {"type": "string"},
+                "subject": {"type": "string"},
+                "signer": {"type": "string"},
+                "event": {"type": "object", "description": "The event, as readers will see it"},
+                "protected": {"type": "string", "description": "base64url"},
+                "payload": {"type": "string", "description": "base64url"},
+                "toSign": {
+                    "type": "string",
+                    "description": "base64url of the COSE Sig_structure: the bytes to sign",
+                },
+                "commit": {"type": "string", "description": "Where to send the signed event"},
+            },
+        },
+        "SignedEvent": {
+            "type": "object",
+            "required": ["protected", "payload", "signature"],
+            "properties": {
+                "protected": {"type": "string", "pattern": B64URL_RE},
+                "payload": {"type": "string", "pattern": B64URL_RE},
+                "signature": {
+                    "type": "string",
+                    "pattern": B64URL_RE,
+                    "description": "base64url of the 64-byte Ed25519 signature of toSign",
+                },
             },
             "additionalProperties": False,
         },
@@ -215,8 +291,14 @@ def _schemas() -> dict[str, Any]:
                 "durationMs": nullable_int,
                 "message": {"type": "string"},
                 "worker": {"type": "string"},
+                "trustedWorker": {
+                    "type": "boolean",
+                    "description": "run by a worker the queue's policy trusts (false on an "
+                    "open queue, where any worker's result counts)",
+                },
                 "attempt": {"type": "integer"},
                 "finishedMs": {"type": "integer"},
+                "replacedBy": nullable_str,
                 "outputs": {"type": "array", "items": _ref("Output")},
                 "log": {"type": ["object", "null"]},
             },
@@ -242,6 +324,7 @@ def _schemas() -> dict[str, Any]:
                 "attempts": {"type": "integer"},
                 "worker": nullable_str,
                 "cancelRequested": {"type": "boolean"},
+                "namespaces": {"type": "array", "items": {"type": "string"}},
                 "submitter": {"type": "string"},
                 "via": {"type": "string"},
                 "seq": {"type": "integer"},
@@ -265,6 +348,7 @@ def _schemas() -> dict[str, Any]:
                 "submittedMs": {"type": "integer"},
                 "finishedMs": nullable_int,
                 "exitCode": nullable_int,
+                "namespaces": {"type": "array", "items": {"type": "string"}},
                 "seq": {"type": "integer"},
             },
         },
@@ -434,7 +518,7 @@ def _native() -> dict[str, Any]:
                     "200": _json(
                         _ref("Job"), "The job existed (queued, running, or a cached result)"
                     ),
-                    **_errors(400, 413),
+                    **_errors(400, 403, 413),
                 },
                 QUEUE,
                 body=submit_body,
@@ -450,6 +534,27 @@ def _native() -> dict[str, Any]:
                             "properties": {"workers": {"type": "array", "items": _ref("Worker")}},
                         },
                         "The workers",
+                    ),
+                    **_errors(400),
+                },
+                QUEUE,
+            )
+        },
+        f"{q}/policy": {
+            "get": _op(
+                "The queue's policy: open, not written yet, or its latest version",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "queue": {"type": "string"},
+                                "ownerBound": {"type": "boolean"},
+                                "summary": {"type": "string"},
+                                "policy": {"type": ["object", "null"]},
+                            },
+                        },
+                        "The policy",
                     ),
                     **_errors(400),
                 },
@@ -487,7 +592,8 @@ def _native() -> dict[str, Any]:
         },
         f"{j}/cancel": {
             "post": _op(
-                "Cancel a job submitted through this gateway",
+                "Cancel a job this gateway submitted (signed by its own key; a job "
+                "submitted with your own key: cancel/prepare, then signed)",
                 {
                     "200": _json(_ref("Job"), "The job after the cancel"),
                     **_errors(400, 403, 404, 413),
@@ -500,12 +606,53 @@ def _native() -> dict[str, Any]:
                         JSON: {
                             "schema": {
                                 "type": "object",
-                                "properties": {"message": {"type": "string", "maxLength": 1000}},
+                                "properties": {
+                                    "message": {"type": "string", "maxLength": 1000},
+                                    "namespace": {
+                                        **NAMESPACE,
+                                        "description": "Remove only this namespace ('*': "
+                                        "all); the job is cancelled once none holds it",
+                                    },
+                                },
                                 "additionalProperties": False,
                             }
                         }
                     },
                 },
+            )
+        },
+        f"{q}/jobs/prepare": {
+            "post": _op(
+                "Prepare a submission for your own key to sign (nothing is written)",
+                {"200": _json(_ref("Prepared"), "The event to sign"), **_errors(400, 413)},
+                QUEUE,
+                body={"required": True, "content": {JSON: {"schema": _ref("PrepareSubmit")}}},
+            )
+        },
+        f"{j}/cancel/prepare": {
+            "post": _op(
+                "Prepare a cancel for the key that submitted the job to sign (nothing is "
+                "written; 403 for another key)",
+                {
+                    "200": _json(_ref("Prepared"), "The event to sign"),
+                    **_errors(400, 403, 404, 413),
+                },
+                QUEUE,
+                JOB,
+                body={"required": True, "content": {JSON: {"schema": _ref("PrepareCancel")}}},
+            )
+        },
+        f"{j}/signed": {
+            "post": _op(
+                "Append a submission or cancel signed by your key (from a prepare)",
+                {
+                    "201": _json(_ref("Job"), "A new job (a submission)"),
+                    "200": _json(_ref("Job"), "The job after the event"),
+                    **_errors(400, 403, 404, 409, 413),
+                },
+                QUEUE,
+                JOB,
+                body={"required": True, "content": {JSON: {"schema": _ref("SignedEvent")}}},
             )
         },
         f"{j}/logs": {
@@ -702,18 +849,37 @@ def _compat() -> dict[str, Any]:
     }
     paths["/q/{queue}/j/{job}/{namespace}/cancel"] = {
         "post": _op(
-            "Cancel (the namespace is ignored)",
+            "Remove one namespace from the job ('*': all); cancelled once none holds it",
             {"200": _json({"type": "object"}, "Cancelled"), **_errors(400, 403, 404)},
             QUEUE,
             JOB,
-            _param(
-                "namespace",
-                "path",
-                {"type": "string", "pattern": "^[A-Za-z0-9_*-]{1,64}$"},
-                "Ignored",
-            ),
+            _param("namespace", "path", NAMESPACE, "The namespace to remove"),
             tag=cq,
         )
+    }
+    paths["/q/{queue}/j/{job}/namespaces.json"] = {
+        "get": _op(
+            "{data: [namespace]}: the namespaces holding the job ([] for an unknown one)",
+            {"200": _json(data, "Namespaces"), **_errors(400)},
+            QUEUE,
+            JOB,
+            tag=cq,
+        )
+    }
+    copy_body = {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["queue"],
+                    "properties": {
+                        "queue": {"type": "string", "pattern": QUEUE_RE},
+                        "control": _ref("Control"),
+                    },
+                }
+            }
+        },
     }
     for prefix, extra, for_cancel in (
         ("/q/{queue}/j/{job}", [QUEUE, JOB], [QUEUE, JOB]),
@@ -776,13 +942,25 @@ def _compat() -> dict[str, Any]:
             }
         paths[f"{prefix}/cancel"] = {
             "post": _op(
-                "Cancel: {success, jobId, namespace}",
+                "Remove a namespace from the job: {success, jobId, namespace}; the job is "
+                "cancelled once none holds it",
                 {
                     "200": _json({"type": "object"}, "Cancelled, or already finished"),
                     **_errors(400, 403, 404),
                 },
                 *for_cancel,
-                _param("namespace", "query", {"type": "string"}, "Ignored", False),
+                _param(
+                    "namespace", "query", NAMESPACE, "The namespace to remove ('_', '*')", False
+                ),
+                tag=cq,
+            )
+        }
+        paths[f"{prefix}/copy"] = {
+            "post": _op(
+                "Submit the same job to another queue: {success, jobId}",
+                {"200": _json({"type": "object"}, "Copied"), **_errors(400, 404, 413)},
+                *extra,
+                body=copy_body,
                 tag=cq,
             )
         }

@@ -22,6 +22,7 @@ from asman.log.workers import WorkerInfo
 __all__ = [
     "Waiting",
     "chunk_view",
+    "cq_listed",
     "cq_record",
     "cq_result",
     "job_summary",
@@ -51,8 +52,10 @@ def result_view(result: Result, base: str) -> dict[str, Any]:
         "durationMs": result.duration_ms,
         "message": result.message,
         "worker": result.worker,
+        "trustedWorker": result.vetted,
         "attempt": result.attempt,
         "finishedMs": result.finished_ms,
+        "replacedBy": result.replaced_by,
         "outputs": [
             {"path": f.path, **_blob_view(f.blob), "url": f"{base}/outputs/{_quote_path(f.path)}"}
             for f in result.outputs
@@ -182,6 +185,7 @@ def job_view(
         "attempts": state.claims,
         "worker": lease.worker if lease else (state.result.worker if state.result else None),
         "cancelRequested": state.cancel_requested,
+        "namespaces": list(state.namespaces),
         "submitter": state.submitter,
         "via": state.via,
         "class": state.job_class,
@@ -229,6 +233,7 @@ def job_summary(state: JobState) -> dict[str, Any]:
         "exitCode": result.exit_code if result else None,
         "worker": state.lease.worker if state.lease else (result.worker if result else None),
         "attempts": state.claims,
+        "namespaces": list(state.namespaces),
         "seq": state.last_seq,
     }
 
@@ -263,6 +268,20 @@ def chunk_view(chunk: LogChunk) -> dict[str, Any]:
 
 
 # -- compute-queues shapes (reference/compute-queues.md §3.1, §4.1) -----------------------------
+
+#: finished reasons compute-queues leaves out of listings (``isJobOkForSending``)
+CQ_HIDDEN = frozenset({"WorkerLost", "JobReplacedByClient", "Cancelled", "Deleted"})
+
+
+def cq_listed(state: JobState, now_ms: int, finished_listed_ms: int) -> bool:
+    """Whether compute-queues' listings show the job: not one it hides (cancelled,
+    replaced, worker lost), and a finished one only until ``finished_listed_ms`` after it
+    finished (compute-queues' ``MAX_TIME_FINISHED_JOB_IN_QUEUE``, 60 s)."""
+    if state.result is None:
+        return True
+    if state.cq_state[1] in CQ_HIDDEN:
+        return False
+    return now_ms - state.result.finished_ms <= finished_listed_ms
 
 
 def _last_change_ms(state: JobState) -> int:
@@ -316,8 +335,8 @@ def cq_record(
     with_result: bool = False,
     logs: Sequence[LogChunk] | None = None,
 ) -> dict[str, Any]:
-    """``InMemoryDockerJob``: ``{queuedTime, state, time, worker, finished?, finishedReason?}``;
-    ``finished`` carries the result only when ``with_result``."""
+    """``InMemoryDockerJob``: ``{queuedTime, state, time, worker, namespaces, finished?,
+    finishedReason?}``; ``finished`` carries the result only when ``with_result``."""
     cq_state, cq_reason = state.cq_state
     record: dict[str, Any] = {
         "queuedTime": state.submitted_ms,
@@ -325,6 +344,7 @@ def cq_record(
         "time": _last_change_ms(state),
         "worker": (state.lease.worker if state.lease else "")
         or (state.result.worker if state.result else ""),
+        "namespaces": list(state.namespaces),
     }
     req = state.definition.get("requirements")
     if isinstance(req, Mapping):

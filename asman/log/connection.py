@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from types import TracebackType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -42,6 +42,7 @@ from asman.errors import (
     LogError,
     LogUnavailable,
     MessageTooLarge,
+    NotAdmitted,
     WireVersionMismatch,
 )
 from asman.escape import one_line
@@ -49,6 +50,8 @@ from asman.log import subjects, wire
 from asman.log.events import CheckedEvent, RawEvent, Rules
 from asman.log.filtered import read_filtered
 from asman.log.keys import PeerKey
+from asman.log.permissions import MAX_QUEUES, Capability
+from asman.log.policy import PolicyBook
 
 __all__ = ["Log", "LogConfig", "translate_errors"]
 
@@ -110,8 +113,20 @@ class LogConfig:
     # receive this connection's own publishes on its subscriptions; a worker turns it off
     # (it never needs its own waiting-index entries or job events back)
     echo: bool = True
+    # the queues this peer uses: with no credentials given, the connection names them, and
+    # on a server that requires auth (deploy/nats/public) its auth callout admits the
+    # connection for exactly these queues; the peer then runs confined (reads "consumer",
+    # its own inbox, no stream management)
+    queues: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if len(self.queues) > MAX_QUEUES:
+            raise ConfigError(
+                f"{len(self.queues)} queues: one connection names at most {MAX_QUEUES}; run "
+                "more workers, each for fewer queues"
+            )
+        for queue in self.queues:
+            subjects.validate_queue(queue)
         if self.reads not in ("direct", "consumer"):
             raise ConfigError(f"reads must be 'direct' or 'consumer', not {self.reads!r}")
         if self.lease_ttl_s < 0.5:
@@ -259,6 +274,14 @@ class Log:
         self.session = secrets.token_hex(8)
         #: how long a heartbeat lives: the workers stream's max age (its creator's setting)
         self.heartbeat_ttl_ms = int(config.heartbeat_ttl_s * 1000)
+        #: the policies of the owner-bound queues this peer has looked at (asman.log.policy)
+        self.policies = PolicyBook(self._read_policy, self.wake_on)
+        #: a worker certificate this peer's claims carry (``asman worker --cert``)
+        self.cert: bytes | None = None
+        #: admitted by the server's auth callout for ``config.queues`` only (then ``config``
+        #: is the confined one: filtered reads, the capability's inbox, no stream management)
+        self.confined = False
+        self._refused = False  # the server answered "Authorization Violation" while connecting
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -300,16 +323,38 @@ class Log:
             options["user_credentials"] = self.config.creds
         if self.config.inbox_prefix:
             options["inbox_prefix"] = self.config.inbox_prefix
+        capability = self._capability()
+        if capability is not None:
+            # sent only to a server that requires auth (nats-py sends credentials when the
+            # server's INFO says auth_required): an open server never sees them
+            options["user"] = capability.user
+            options["password"] = capability.password
+            options["inbox_prefix"] = capability.inbox_prefix
+        self._refused = False
         try:
             self._nc = await nats.connect(**options)
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+            if self._refused:
+                raise self._not_admitted(servers, capability) from exc
             raise LogUnavailable(
                 f"cannot reach NATS at {_shown(servers)}: start one with `asman dev`, or "
                 "pass --nats URL (env ASMAN_NATS_URL)"
             ) from exc
         except nats.errors.Error as exc:
+            if self._refused or "authorization violation" in str(exc).lower():
+                raise self._not_admitted(servers, capability) from exc
             raise LogUnavailable(f"cannot connect to NATS at {_shown(servers)}: {exc}") from exc
         self._nc.options["max_reconnect_attempts"] = -1
+        if capability is not None and _auth_required(self._nc):
+            # admitted by the server's auth callout for these queues only
+            self.confined = True
+            self.config = replace(
+                self.config,
+                reads="consumer",
+                manage_streams=False,
+                update_streams=False,
+                inbox_prefix=capability.inbox_prefix,
+            )
         self._js = self._nc.jetstream(
             domain=self.config.domain, timeout=self.config.request_timeout_s
         )
@@ -329,8 +374,12 @@ class Log:
         # with it): it folds with its configured numbers, which the operator keeps equal to
         # the deployment's (docs/operations.md, "Confined credentials")
 
+    async def _read_policy(self, subject: str, start: int) -> list[RawEvent]:
+        return await self.read_subject(subjects.JOBS_STREAM, subject, start)
+
     async def close(self) -> None:
         self._closed = True
+        await self.policies.close()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
@@ -338,8 +387,37 @@ class Log:
             with contextlib.suppress(Exception):
                 await nc.close()
 
+    def _capability(self) -> Capability | None:
+        """What this connection presents when it was given queues and no credentials."""
+        if not self.config.queues or self.config.creds:
+            return None
+        if any(urlsplit(url).username is not None for url in self.config.servers):
+            return None
+        return Capability.new(self.config.queues)
+
+    def _not_admitted(self, servers: list[str], capability: Capability | None) -> NotAdmitted:
+        where = f"the NATS server at {_shown(servers)} refused this connection"
+        logins = "(--nats nats://USER:PASSWORD@HOST:4222, or --creds FILE)"
+        if capability is not None:
+            named = ", ".join(capability.queues)
+            return NotAdmitted(
+                f"{where}, which named queue(s) {named}: it admits only connections that name "
+                "valid queues, through its auth callout (is `asman callout` running?), or that "
+                f"log in {logins}",
+                capability.queues,
+            )
+        if self.config.creds or any(urlsplit(u).username is not None for u in servers):
+            return NotAdmitted(f"{where}: it does not accept the credentials given {logins}")
+        return NotAdmitted(
+            f"{where}: it requires a login {logins}, or a command that names its queues"
+        )
+
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)
+        if "authorization violation" in text.lower() or isinstance(
+            exc, nats.errors.AuthorizationError
+        ):
+            self._refused = True
         if "permissions violation" in text.lower():
             self._denied = (time.monotonic(), text.removeprefix("nats: "))
             logger.warning("NATS refused a permission: %s", one_line(text))
@@ -360,6 +438,7 @@ class Log:
 
     async def _on_reconnected(self) -> None:
         logger.info("reconnected to NATS")
+        self.policies.invalidate()  # a policy change may have been missed while away
         for cb in list(self._reconnect_callbacks):
             try:
                 await cb()
@@ -413,6 +492,8 @@ class Log:
                 discard=DiscardPolicy.NEW,
                 discard_new_per_subject=True,
                 allow_direct=True,
+                # queue policies outlive the retention of jobs (Nats-TTL: never)
+                allow_msg_ttl=True,
                 duplicate_window=min(120.0, float(c.retention_s)),
                 metadata=rules_metadata(rules),
             ),
@@ -500,10 +581,11 @@ class Log:
             except nats.js.errors.APIError as exc:
                 if exc.err_code != ERR_STREAM_CONFIG_CHANGED:
                     raise
+                assert cfg.name is not None
                 if not self.config.update_streams:
                     logger.debug("stream %s exists with other settings; left as it is", cfg.name)
+                    await self._enable_msg_ttl(cfg)
                     return
-                assert cfg.name is not None
                 existing = await self.js.stream_info(cfg.name)
                 # the protocol's numbers are the deployment's: never rewritten by a peer
                 cfg.metadata = existing.config.metadata or cfg.metadata
@@ -516,18 +598,42 @@ class Log:
                 logger.info("updating stream %s to the configured settings", cfg.name)
                 await self.js.update_stream(cfg)
 
+    async def _enable_msg_ttl(self, cfg: StreamConfig) -> None:
+        """Turn on per-message TTLs on a stream created before Asman needed them (queue
+        policies, kept with ``Nats-TTL: never``). Additive and safe: nothing else changes,
+        and a server that refuses leaves the stream as it was."""
+        if not cfg.allow_msg_ttl or cfg.name is None:
+            return
+        existing = await self.js.stream_info(cfg.name)
+        if existing.config.allow_msg_ttl:
+            return
+        existing.config.allow_msg_ttl = True
+        try:
+            await self.js.update_stream(existing.config)
+            logger.info("stream %s: per-message TTLs turned on (queue policies)", cfg.name)
+        except nats.js.errors.APIError as exc:
+            logger.warning("stream %s: cannot turn on per-message TTLs: %s", cfg.name, exc)
+
     # -- events ------------------------------------------------------------------------
 
-    async def append(self, subject: str, event: dict[str, Any], *, expected_last_seq: int) -> int:
+    async def append(
+        self,
+        subject: str,
+        event: dict[str, Any],
+        *,
+        expected_last_seq: int,
+        ttl: str | None = None,
+    ) -> int:
         """Sign ``event`` and append it to ``subject`` by compare-and-set on the subject's
         last sequence (0 = the subject must be empty); returns its stream sequence.
 
         The event is chained: it names ``expected_last_seq`` as ``prev``, so the fold
         refuses it anywhere else (a replay). ``Conflict`` when someone wrote first.
+        ``ttl`` is a per-message TTL (``"never"``: kept past the stream's max age).
         """
         body = {**event, "prev": expected_last_seq}
         data = wire.seal(self.key, subject, body)
-        return await self._publish_event(subject, body, data, expected_last_seq)
+        return await self._publish_event(subject, body, data, expected_last_seq, ttl)
 
     async def append_checked(
         self,
@@ -548,10 +654,26 @@ class Log:
         seq = await self._publish_event(subject, body, data, expected_last_seq)
         return CheckedEvent(seq, opened, "", None, len(data))
 
+    async def append_signed(
+        self, subject: str, envelope: bytes, opened: wire.Opened, *, expected_last_seq: int
+    ) -> CheckedEvent:
+        """Append an envelope another key signed (``opened`` is what ``wire.open_envelope``
+        gave for it on ``subject``), as it is, by compare-and-set on ``expected_last_seq``.
+        ``Conflict`` when someone wrote first; the caller checked the event."""
+        seq = await self._publish_event(subject, opened.event, envelope, expected_last_seq)
+        return CheckedEvent(seq, opened, "", None, len(envelope))
+
     async def _publish_event(
-        self, subject: str, event: dict[str, Any], data: bytes, expected_last_seq: int
+        self,
+        subject: str,
+        event: dict[str, Any],
+        data: bytes,
+        expected_last_seq: int,
+        ttl: str | None = None,
     ) -> int:
         headers = {subjects.HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq)}
+        if ttl is not None:
+            headers[subjects.HDR_TTL] = ttl
         what = f"appending {event.get('type', 'event')} to {subject}"
         with translate_errors(what, self):
             replies = await self._reply_inbox()
@@ -832,6 +954,13 @@ class _Replies:
                 raise nats.errors.TimeoutError from None
         finally:
             del self._single[token]
+
+
+def _auth_required(nc: NATS) -> bool:
+    """Whether the server we are connected to requires auth (its INFO; nats-py keeps it in a
+    private attribute, read here only)."""
+    info = getattr(nc, "_server_info", None) or {}
+    return bool(info.get("auth_required"))
 
 
 def _shown(servers: Iterable[str]) -> str:

@@ -6,6 +6,13 @@ hashed, so the same definition is the same job whatever its control says. Asman 
 checked control in the job's ``submitted`` event (and in a ``requeued`` by the submitter),
 where the peer that finishes the job reads its ``finished`` callback.
 
+Its ``namespace`` is the one the job is held for (``asman.log.namespaces``; this module
+holds the namespace rules, which ``asman.log.events`` re-exports): a submission may name it
+beside the control too (the HTTP API's ``namespace``, ``submit --namespace``), and
+``with_namespace`` makes the two one, or refuses two different ones. ``control_text`` is how
+events carry a control, so that a key signing an event another peer prepared signs the very
+text that peer would write.
+
 The control is on the log, readable by whoever knows the queue: a callback URL or payload
 must hold no secret. A receiver trusts a callback by its signature (``asman.peer.callbacks``).
 """
@@ -22,23 +29,53 @@ from typing import Any
 from asman.errors import InvalidInput
 
 __all__ = [
+    "ALL_NAMESPACES",
     "CALLBACK_EVENTS",
     "DEFAULT_NAMESPACE",
     "MAX_CONTROL_BYTES",
+    "MAX_NAMESPACE",
     "MAX_URL_LENGTH",
     "Callback",
     "callback_of",
+    "control_text",
     "namespace_of",
     "validate_control",
+    "validate_namespace",
+    "with_namespace",
 ]
 
 #: the callbacks Asman sends: compute-queues declares both and sends only ``queued``
 CALLBACK_EVENTS = ("queued", "finished")
-#: compute-queues' ``DefaultNamespace``
-DEFAULT_NAMESPACE = "_"
 MAX_CONTROL_BYTES = 16 * 1024
 MAX_URL_LENGTH = 2048
-MAX_NAMESPACE_LENGTH = 256
+#: compute-queues' default namespace: the one a job is held by when its submission names none
+DEFAULT_NAMESPACE = "_"
+#: in a cancel, every namespace (the ones the signer may remove)
+ALL_NAMESPACES = "*"
+MAX_NAMESPACE = 256
+
+
+def validate_namespace(value: object, *, allow_all: bool = False) -> str:
+    """A namespace as compute-queues takes it (``control.namespace``, ``?namespace=``): any
+    text of 1 to 256 characters without control characters. ``*`` means every namespace,
+    so it names one only in a cancel (``allow_all``)."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"a namespace must be text, got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_NAMESPACE:
+        raise InvalidInput(
+            f"namespace {value[:40]!r} must be 1 to {MAX_NAMESPACE} characters long, "
+            f"not {len(value)}"
+        )
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 or 0xD800 <= ord(c) < 0xE000 for c in value):
+        raise InvalidInput(f"namespace {value[:40]!r} holds a control character: remove it")
+    if value == ALL_NAMESPACES and not allow_all:
+        raise InvalidInput(
+            "namespace '*' means every namespace: it can cancel, not hold a job; "
+            "submit with another name"
+        )
+    return value
+
+
 # compute-queues declares these and never reads them: accepted, not kept
 _IGNORED = frozenset({"maxDuration", "outputs"})
 
@@ -114,7 +151,10 @@ def validate_control(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise _bad("", 'must be a JSON object such as {"callbacks": {"finished": {"url": …}}}')
+        raise _bad(
+            "",
+            'must be an object such as {"namespace": "…", "callbacks": {"finished": {"url": …}}}',
+        )
     try:
         size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
     except (TypeError, ValueError) as exc:
@@ -128,9 +168,10 @@ def validate_control(value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     namespace = value.get("namespace")
     if namespace is not None:
-        if not isinstance(namespace, str) or not 1 <= len(namespace) <= MAX_NAMESPACE_LENGTH:
-            raise _bad(".namespace", f"must be text of 1 to {MAX_NAMESPACE_LENGTH} characters")
-        out["namespace"] = namespace
+        try:
+            out["namespace"] = validate_namespace(namespace)
+        except InvalidInput as exc:
+            raise _bad(".namespace", f"is not a namespace: {exc}") from None
     callbacks = value.get("callbacks")
     if callbacks is not None:
         if not isinstance(callbacks, Mapping):
@@ -166,3 +207,28 @@ def namespace_of(control: Mapping[str, Any]) -> str:
     """The control's namespace, compute-queues' ``_`` when it names none."""
     namespace = control.get("namespace")
     return namespace if isinstance(namespace, str) and namespace else DEFAULT_NAMESPACE
+
+
+def control_text(checked: Mapping[str, Any]) -> str:
+    """A checked control as events carry it: JSON text with sorted keys, so that every peer
+    writes one control the same way (a browser signs the event the gateway prepared, and
+    the gateway checks it is the very event it would write)."""
+    return json.dumps(checked, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+def with_namespace(control: Any, namespace: str | None) -> tuple[dict[str, Any], str | None]:
+    """The checked control and the submission's namespace, from a ``namespace`` given beside
+    the control (the API's ``namespace``, ``submit --namespace``) and the control's own:
+    when one of them names it, it is both; when both do and differ, ``InvalidInput`` says
+    so. The namespace is None when neither names one (the default, ``_``)."""
+    checked = validate_control(control)
+    inner = checked.get("namespace")
+    if namespace is None:
+        return checked, inner
+    validate_namespace(namespace)
+    if inner is not None and inner != namespace:
+        raise InvalidInput(
+            f"namespace {namespace[:40]!r} and control.namespace {inner[:40]!r} differ: "
+            "name the namespace once, or the same in both"
+        )
+    return {**checked, "namespace": namespace}, namespace

@@ -27,25 +27,45 @@ Who may sign what, and what the fold does otherwise (docs/architecture.md has th
 
 ============  ==================================================================
 submitted     anyone, as the first valid event; the definition must hash to the job id.
-              Its signer is the job's *submitter*; its ``control`` (callbacks, not
-              part of the job) is the job's
+              Its signer is the job's *submitter*. Holds the job for its ``namespace``
+              (``_`` when it names none); its ``control`` (callbacks, not part of the
+              job) is the job's
+hold          anyone, on a job not finished and not being cancelled: holds it for the
+              signer's ``namespace`` (again: the signer's hold becomes the newest)
 claimed       anyone, on a job not finished: takes a queued job (attempt = claims + 1),
               or challenges the holder of a running one (one challenge at a time)
 renewed       the holder (answers a challenge), or the challenger past the grace (takes
               the lease over)
 started       the holder, same attempt
-cancel        the submitter: a queued job is finished ``cancelled``; a running one gets a
-              cancel request; a second cancel ``lease_ms`` after the request, with the job
-              still unfinished, finishes it ``cancelled``
+cancel        with a ``namespace`` (or ``*``): removes the holds of that name the signer
+              may remove: its own, or any when it is the submitter. A stranger's key
+              removes nothing it did not add. With ``replaced_by`` (the job that replaced
+              this one in the namespace) only the signer's own hold goes, and with
+              ``hold`` only if it is still the hold of that sequence. When no hold is
+              left the job is cancelled as below.
+              Without a namespace: the submitter only, every hold at once. Cancelling:
+              a queued job is finished ``cancelled``; a running one gets a cancel
+              request; a second cancel ``lease_ms`` after the request (by the submitter
+              or the key that requested it), with the job still unfinished, finishes it
+              ``cancelled``
 finished      the holder, same attempt; a holder whose attempt is past ``max_attempts``
               (it took a dead worker's job over once too often) may only write
               ``worker_lost``
 released      the holder: the job goes back to queued, the attempt is not counted (a
               draining worker); on a job with a cancel request it finishes it ``cancelled``
 requeued      on a finished job: anyone when it finished without a result (``error``,
-              ``cancelled``, ``worker_lost``); only the submitter when it has one.
-              The submitter's may bring a new ``control``; anyone else's keeps it
+              ``cancelled``, ``worker_lost``); only the submitter when it has one. Holds
+              the job for the signer's ``namespace``. The submitter's may bring a new
+              ``control``; anyone else's keeps the job's
 ============  ==================================================================
+
+Under a queue policy (``asman.log.policy``, the version in force at the event's server
+time) the same rules hold, narrowed: ``submitted`` and ``hold`` only from a key it lets
+submit (and ``submitted`` within its ceilings); ``claimed`` only from a worker it trusts
+(listed, or carrying a certificate it accepts); the holder's events only while it still
+trusts the holder. Its admins may do what the submitter may (``cancel``, forcing a cancel,
+``requeued`` of a result), and anyone may re-run a result past its retention; the control
+stays the submitter's all the same: only the submitter's ``requeued`` brings a new one.
 """
 
 from __future__ import annotations
@@ -61,17 +81,26 @@ from typing import Any, Literal
 
 from asman.errors import EnvelopeError, InvalidDefinition, InvalidInput
 from asman.log import wire
-from asman.log.control import validate_control
+from asman.log.control import (
+    ALL_NAMESPACES,
+    DEFAULT_NAMESPACE,
+    validate_control,
+    validate_namespace,
+)
 from asman.log.definition import job_id as definition_job_id
 from asman.log.definition import parse_duration_ms
+from asman.log.policy import Policy, PolicyView, check_cert
 
 __all__ = [
+    "ALL_NAMESPACES",
+    "DEFAULT_NAMESPACE",
     "FINISH_REASONS",
     "RESULT_REASONS",
     "Blob",
     "Challenge",
     "CheckedEvent",
     "HistoryEntry",
+    "Hold",
     "JobFold",
     "JobState",
     "Lease",
@@ -83,6 +112,7 @@ __all__ = [
     "fold",
     "fold_checked",
     "now_ms",
+    "validate_namespace",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +132,18 @@ RESULT_REASONS: frozenset[str] = frozenset({"success", "failed", "timed_out"})
 
 MAX_MESSAGE = 4096
 OVER_LIMIT = "history over limit"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A namespace holding a job (compute-queues §3.4): added by ``key`` with the event at
+    stream sequence ``seq``. Sequences are one order for the whole stream, so of two holds
+    with one name and one key, the higher ``seq`` is the newer submission."""
+
+    namespace: str
+    key: str
+    seq: int
+
 
 _TES = {
     "queued": "QUEUED",
@@ -244,6 +286,12 @@ class Result:
     outputs: tuple[OutputFile, ...] = ()
     log: Blob | None = None
     manifest: Blob | None = None
+    #: the worker was one the queue's policy trusts (listed or certified) when it wrote the
+    #: result; False on an open queue, where any worker's result counts
+    vetted: bool = False
+    #: a ``cancelled`` job that a newer job replaced in its namespace (compute-queues'
+    #: ``JobReplacedByClient``): that job's id
+    replaced_by: str | None = None
 
     @property
     def is_result(self) -> bool:
@@ -260,6 +308,8 @@ class Challenge:
     seq: int
     ts: int | None  # server time; None while only known first-hand
     proc: str = ""  # the challenger's process under its key
+    certifier: str = ""  # the challenger's certificate (a policy trusting certified workers)
+    cert_until: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +324,10 @@ class Lease:
     challenge: Challenge | None = None
     #: the holder's process under its key: processes sharing a key are different holders
     proc: str = ""
+    #: the certificate the holder claimed with (a queue policy trusting certified workers):
+    #: its certifier and its end (server time)
+    certifier: str = ""
+    cert_until: int = 0
 
     def held_by(self, signer: str, proc: str) -> bool:
         return signer == self.worker and proc == self.proc
@@ -327,12 +381,30 @@ class JobState:
     events: int = 0
     history_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the namespaces holding the job, oldest hold first (compute-queues §3.4)
+    holds: tuple[Hold, ...] = ()
+    #: the key whose cancel asked a running job to stop (it may force the cancel too)
+    cancel_by: str = ""
+    #: the job that replaced this one in its last namespace (carried into its result)
+    replaced_by: str | None = None
     #: the submission's checked ``control`` (``asman.log.control``): callbacks, namespace
     control: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
         return self.state == "finished"
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """The names of the namespaces holding the job, sorted, each once."""
+        return tuple(sorted({h.namespace for h in self.holds}))
+
+    def hold_of(self, key: str, namespace: str) -> Hold | None:
+        """``key``'s hold of the job for ``namespace``, if it has one."""
+        for h in self.holds:
+            if h.key == key and h.namespace == namespace:
+                return h
+        return None
 
     @property
     def reason(self) -> str | None:
@@ -349,8 +421,11 @@ class JobState:
 
     @property
     def cq_state(self) -> tuple[str, str | None]:
-        """compute-queues' (state, finishedReason)."""
+        """compute-queues' (state, finishedReason). A job cancelled because a newer one
+        replaced it in its namespace is ``JobReplacedByClient``."""
         if self.result:
+            if self.result.reason == "cancelled" and self.result.replaced_by:
+                return "Finished", "JobReplacedByClient"
             return "Finished", _CQ_REASON[self.result.reason]
         return ("Running" if self.state == "running" else "Queued"), None
 
@@ -436,7 +511,9 @@ def _control(event: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def _submitted(ev: _Event, queue: str, job: str, rules: Rules) -> tuple[JobState | None, str]:
+def _submitted(
+    ev: _Event, queue: str, job: str, rules: Rules, policy: Policy | None
+) -> tuple[JobState | None, str]:
     if ev.kind != "submitted":
         return None, "the first event of a job must be 'submitted'"
     definition_json = _text(ev.body, "definition")
@@ -449,7 +526,14 @@ def _submitted(ev: _Event, queue: str, job: str, rules: Rules) -> tuple[JobState
         return None, f"definition has no job id: {exc}"
     if computed != job:
         return None, f"definition hashes to job {computed[:12]}, not to this job"
+    if policy is not None:
+        if not policy.may_submit(ev.signer):
+            return None, f"the queue's policy does not let {ev.signer[:12]} submit"
+        over = policy.ceilings.refusal(definition)
+        if over:
+            return None, f"the queue's policy refuses the job: {over}"
     job_class = _text(ev.body, "class", "cpu")
+    namespace = _namespace(ev.body)
     return (
         JobState(
             queue=queue,
@@ -463,8 +547,104 @@ def _submitted(ev: _Event, queue: str, job: str, rules: Rules) -> tuple[JobState
             last_seq=ev.seq,
             job_class=job_class if job_class in ("cpu", "gpu") else "cpu",
             life_ms=rules.life_ms(definition),
+            holds=(Hold(namespace, ev.signer, ev.seq),),
             control=_control(ev.body) or {},
         ),
+        "",
+    )
+
+
+def _namespace(body: Mapping[str, Any], *, allow_all: bool = False) -> str:
+    """The event's ``namespace`` (``_`` when it names none)."""
+    try:
+        return validate_namespace(body.get("namespace", DEFAULT_NAMESPACE), allow_all=allow_all)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _with_hold(state: JobState, namespace: str, signer: str, seq: int) -> tuple[Hold, ...]:
+    """The job's holds with ``signer``'s for ``namespace`` made the newest."""
+    kept = tuple(h for h in state.holds if not (h.key == signer and h.namespace == namespace))
+    return (*kept, Hold(namespace, signer, seq))
+
+
+def _replaced_by(body: Mapping[str, Any], job: str) -> str | None:
+    value = body.get("replaced_by")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or len(value) != 64
+        or value.strip("0123456789abcdef")
+        or value == job
+    ):
+        raise ValueError("replaced_by must be the id of another job (64 lower-case hex)")
+    return value
+
+
+def _cancel(
+    state: JobState, ev: _Event, rules: Rules, policy: Policy | None = None
+) -> tuple[JobState, str]:
+    """A ``cancel`` on a job not finished (see the module docstring for who may sign it); a
+    queue admin (its policy) may do what the submitter may."""
+    signer = ev.signer
+    admin = policy is not None and policy.is_admin(signer)
+    message = _text(ev.body, "message", "cancelled")[:MAX_MESSAGE]
+    if state.cancel_requested:
+        # a second cancel ends the job without its worker, once that had its grace to stop
+        if signer not in (state.submitter, state.cancel_by) and not admin:
+            return state, "only the submitter (or a queue admin) may cancel the job"
+        if ev.ts is None or state.cancel_ms is None or ev.ts < state.cancel_ms + rules.lease_ms:
+            return state, "a cancel is already requested; the worker is stopping the job"
+        result = Result(
+            "cancelled",
+            signer,
+            state.claims,
+            ev.when,
+            message=f"{message} (the worker did not stop the job in time)",
+            replaced_by=state.replaced_by,
+        )
+        return replace(state, state="finished", result=result, lease=None), ""
+    if "namespace" in ev.body:
+        namespace = _namespace(ev.body, allow_all=True)
+        named = [h for h in state.holds if namespace in (ALL_NAMESPACES, h.namespace)]
+        if not named:
+            return state, f"namespace {namespace!r} does not hold the job"
+        replaced_by = _replaced_by(ev.body, state.job_id)
+        if replaced_by is None:
+            removed = {h for h in named if admin or signer in (state.submitter, h.key)}
+        else:
+            # a replacement moves the signer's own hold to the newer job, and only the
+            # hold it saw (``hold``: its sequence), not one renewed since
+            seen = ev.body.get("hold")
+            removed = {h for h in named if h.key == signer and seen in (None, h.seq)}
+            if not removed and any(h.key == signer for h in named):
+                return state, f"the hold of namespace {namespace!r} was renewed since"
+        if not removed:
+            return state, (
+                f"only the peer that added namespace {named[0].namespace!r}, or the job's "
+                "submitter, may remove it"
+            )
+        left = tuple(h for h in state.holds if h not in removed)
+        if left:
+            return replace(state, holds=left), ""  # others still hold the job: it goes on
+        state = replace(state, holds=(), replaced_by=replaced_by)
+    elif signer != state.submitter and not admin:
+        return state, "only the submitter (or a queue admin) may cancel the job"
+    else:
+        state = replace(state, holds=())
+    if state.state == "queued":
+        result = Result(
+            "cancelled",
+            signer,
+            state.claims,
+            ev.when,
+            message=message,
+            replaced_by=state.replaced_by,
+        )
+        return replace(state, state="finished", result=result, cancel_seq=ev.seq), ""
+    return (
+        replace(state, cancel_requested=True, cancel_seq=ev.seq, cancel_ms=ev.ts, cancel_by=signer),
         "",
     )
 
@@ -480,7 +660,16 @@ def _resolve(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
         return state, ""
     c = lease.challenge
     attempt = state.claims + 1
-    taken = Lease(c.by, attempt, c.ts, c.seq, state.life_ms, proc=c.proc)
+    taken = Lease(
+        c.by,
+        attempt,
+        c.ts,
+        c.seq,
+        state.life_ms,
+        proc=c.proc,
+        certifier=c.certifier,
+        cert_until=c.cert_until,
+    )
     note = f"the lease of {lease.worker[:12]} passed to {c.by[:12]} (challenge unanswered)"
     return (
         replace(
@@ -503,9 +692,61 @@ def _holder_answers(state: JobState, ev: _Event) -> tuple[JobState, str]:
     return replace(state, lease=replace(lease, challenge=None)), ""
 
 
-def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
-    """Apply one verified, chained event to an existing job. Returns (new state, "" if
-    accepted else why not)."""
+def _claim_trust(policy: Policy | None, ev: _Event, queue: str) -> tuple[str, str, int]:
+    """Whether a claim counts under ``policy``: ("", certifier, certificate end) when it
+    does (certifier "" when the signer needs no certificate), else (why not, "", 0)."""
+    if policy is None or policy.workers is None or ev.signer in policy.workers:
+        return "", "", 0
+    refused = (
+        f"the queue's policy does not trust {ev.signer[:12]} as a worker "
+        "(not listed, and no valid certificate)"
+    )
+    cert_data = ev.body.get("cert")
+    if cert_data is None or not policy.certifiers:
+        return refused, "", 0
+    try:
+        cert = check_cert(cert_data)
+    except ValueError as exc:
+        return f"{refused}: {exc}", "", 0
+    now = ev.ts if ev.ts is not None else now_ms()
+    if (
+        cert.certifier not in policy.certifiers
+        or cert.worker != ev.signer
+        or (cert.queue is not None and cert.queue != queue)
+        or cert.until_ms <= now
+    ):
+        return f"{refused}: the certificate is not one this queue accepts now", "", 0
+    return "", cert.certifier, cert.until_ms
+
+
+def holder_trusted(policy: Policy | None, lease: Lease, ts: int | None) -> bool:
+    """Whether ``policy`` trusts the holder of ``lease`` at server time ``ts``."""
+    if policy is None or policy.workers is None or lease.worker in policy.workers:
+        return True
+    if not lease.certifier or lease.certifier not in policy.certifiers:
+        return False
+    return ts is None or ts < lease.cert_until
+
+
+def past_retention(state: JobState, policy: Policy | None, at_ms: int | None) -> bool:
+    """A finished job older than its queue's retention (``Policy.retention_ms``, counted from
+    its result): no longer listed, and anyone may run it again."""
+    if policy is None or policy.retention_ms is None or state.result is None:
+        return False
+    now = at_ms if at_ms is not None else now_ms()
+    return now - state.result.finished_ms > policy.retention_ms
+
+
+def _may_administer(state: JobState, signer: str, policy: Policy | None) -> bool:
+    return signer == state.submitter or (policy is not None and policy.is_admin(signer))
+
+
+def _apply(
+    state: JobState, ev: _Event, rules: Rules, policy: Policy | None = None
+) -> tuple[JobState, str]:
+    """Apply one verified, chained event to an existing job, under the queue policy in
+    force at the event's time (None: an open queue). Returns (new state, "" if accepted
+    else why not)."""
     kind, signer = ev.kind, ev.signer
     lease = state.lease
     if kind == "submitted":
@@ -513,9 +754,21 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
     if kind == "claimed":
         if state.finished:
             return state, "job is finished"
+        why, certifier, cert_until = _claim_trust(policy, ev, state.queue)
+        if why:
+            return state, why
         if lease is None:
             attempt = state.claims + 1
-            new = Lease(signer, attempt, ev.ts, ev.seq, state.life_ms, proc=ev.proc)
+            new = Lease(
+                signer,
+                attempt,
+                ev.ts,
+                ev.seq,
+                state.life_ms,
+                proc=ev.proc,
+                certifier=certifier,
+                cert_until=cert_until,
+            )
             return (
                 replace(
                     state,
@@ -531,35 +784,31 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
             return state, "the signer already holds the lease"
         if lease.challenge is not None:
             return state, "a challenge is already pending"
-        challenge = Challenge(signer, ev.seq, ev.ts, ev.proc)
+        challenge = Challenge(signer, ev.seq, ev.ts, ev.proc, certifier, cert_until)
         return replace(state, lease=replace(lease, challenge=challenge)), ""
+    if kind == "hold":
+        if state.finished:
+            return state, "job is finished"
+        if policy is not None and not policy.may_submit(signer):
+            return state, f"the queue's policy does not let {signer[:12]} submit (nor hold)"
+        if state.cancel_requested:
+            return state, "the job is being cancelled"
+        holds = _with_hold(state, _namespace(ev.body), signer, ev.seq)
+        return replace(state, holds=holds), ""
     if kind == "cancel":
         if state.finished:
             return state, "job is finished"
-        if signer != state.submitter:
-            return state, "only the submitter may cancel the job"
-        message = _text(ev.body, "message", "cancelled")[:MAX_MESSAGE]
-        if state.state == "queued":
-            result = Result("cancelled", signer, state.claims, ev.when, message=message)
-            return replace(state, state="finished", result=result, cancel_seq=ev.seq), ""
-        if not state.cancel_requested:
-            return replace(state, cancel_requested=True, cancel_seq=ev.seq, cancel_ms=ev.ts), ""
-        if ev.ts is None or state.cancel_ms is None or ev.ts < state.cancel_ms + rules.lease_ms:
-            return state, "a cancel is already requested; the worker is stopping the job"
-        result = Result(
-            "cancelled",
-            signer,
-            state.claims,
-            ev.when,
-            message=f"{message} (the worker did not stop the job in time)",
-        )
-        return replace(state, state="finished", result=result, lease=None), ""
+        return _cancel(state, ev, rules, policy)
     if kind == "requeued":
         if not state.finished:
             return state, "only a finished job can be requeued"
         assert state.result is not None
-        if state.result.is_result and signer != state.submitter:
-            return state, "only the submitter may re-run a job that has a result"
+        if (
+            state.result.is_result
+            and not _may_administer(state, signer, policy)
+            and not past_retention(state, policy, ev.ts)
+        ):
+            return state, "only the submitter (or a queue admin) may re-run a job that has a result"
         # the submitter's re-run may bring a new control; anyone else's keeps the job's
         control = _control(ev.body) if signer == state.submitter else None
         return (
@@ -573,7 +822,10 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
                 cancel_requested=False,
                 cancel_seq=None,
                 cancel_ms=None,
+                cancel_by="",
+                replaced_by=None,
                 claims=0,
+                holds=_with_hold(state, _namespace(ev.body), signer, ev.seq),
             ),
             "",
         )
@@ -584,6 +836,8 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
         return state, "no live claim"
     if not lease.held_by(signer, ev.proc):
         return state, f"only the lease holder may write '{kind}'"
+    if not holder_trusted(policy, lease, ev.ts):
+        return state, f"the queue's policy no longer trusts {signer[:12]} as a worker"
     if kind != "renewed" and _int(ev.body, "attempt") != lease.attempt:
         return state, "the event is for another attempt"
     state, why = _holder_answers(state, ev)
@@ -602,15 +856,26 @@ def _apply(state: JobState, ev: _Event, rules: Rules) -> tuple[JobState, str]:
         return replace(state, started_ms=ev.when), ""
     if kind == "finished":
         result = _parse_result(ev.body, signer, lease.attempt, ev.when)
+        if policy is not None and policy.workers is not None:
+            result = replace(result, vetted=True)
         if lease.attempt > rules.max_attempts and result.reason != "worker_lost":
             return state, (
                 f"attempt {lease.attempt} is past the {rules.max_attempts} allowed: "
                 "only worker_lost may end it"
             )
+        if result.reason == "cancelled" and state.cancel_requested:
+            result = replace(result, replaced_by=state.replaced_by)
         return replace(state, state="finished", result=result, lease=None), ""
     # released
     if state.cancel_requested:
-        result = Result("cancelled", signer, lease.attempt, ev.when, message="cancelled")
+        result = Result(
+            "cancelled",
+            signer,
+            lease.attempt,
+            ev.when,
+            message="cancelled",
+            replaced_by=state.replaced_by,
+        )
         return replace(state, state="finished", result=result, lease=None), ""
     return (
         replace(state, state="queued", lease=None, started_ms=None, claims=state.claims - 1),
@@ -650,10 +915,11 @@ def fold(
     subject: str,
     events: Iterable[RawEvent],
     rules: Rules = DEFAULT_RULES,
+    policy: PolicyView | None = None,
 ) -> JobState | None:
     """The state of a job from its raw events, oldest first. None when nothing valid exists."""
     return fold_checked(
-        queue, job_id, subject, (check_event(raw, subject) for raw in events), rules
+        queue, job_id, subject, (check_event(raw, subject) for raw in events), rules, policy
     )
 
 
@@ -663,11 +929,12 @@ def fold_checked(
     subject: str,
     events: Iterable[CheckedEvent],
     rules: Rules = DEFAULT_RULES,
+    policy: PolicyView | None = None,
 ) -> JobState | None:
     """``fold`` over events already verified by ``check_event`` (or known first-hand: an
     event this peer signed and the log accepted). Rejected events are counted, and logged
     once for the whole fold."""
-    folder = JobFold(queue, job_id, subject, rules)
+    folder = JobFold(queue, job_id, subject, rules, policy)
     for checked in events:
         if folder.full:
             break
@@ -676,11 +943,30 @@ def fold_checked(
     return folder.state()
 
 
+def _hand_on(state: JobState, policy: Policy | None, ts: int | None) -> JobState:
+    """A job whose holder ``policy`` no longer trusts at server time ``ts`` goes back to the
+    queue (the attempt is not counted): a revoked worker's job is handed on."""
+    lease = state.lease
+    if policy is None or lease is None or state.finished:
+        return state
+    if holder_trusted(policy, lease, ts):
+        return state
+    return replace(
+        state,
+        state="queued",
+        lease=None,
+        started_ms=None,
+        claims=max(0, state.claims - 1),
+        extra={**state.extra, "revoked": lease.worker},
+    )
+
+
 def _category(why: str, opened: bool) -> str:
     """A short name for a rejection, for the aggregated warning."""
     if not opened:
         return "bad signature" if "signature" in why else "not a signed event of this job"
     for words, name in (
+        ("queue's policy", "refused by the queue's policy"),
         ("out of chain", "out of chain"),
         ("wire v", "other wire version"),
         ("hashes to", "definition not of this job"),
@@ -723,15 +1009,28 @@ class JobFold:
         "_state",
         "full",
         "job_id",
+        "policy",
         "queue",
         "rules",
         "subject",
     )
 
-    def __init__(self, queue: str, job_id: str, subject: str, rules: Rules = DEFAULT_RULES) -> None:
+    def __init__(
+        self,
+        queue: str,
+        job_id: str,
+        subject: str,
+        rules: Rules = DEFAULT_RULES,
+        policy: PolicyView | None = None,
+    ) -> None:
         self.queue = queue
         self.job_id = job_id
         self.subject = subject
+        #: the queue's policy versions (None or empty: an open queue)
+        self.policy = policy if policy is not None and policy.versions else None
+        current = self.policy.current if self.policy else None
+        if current is not None and current.lease_ms is not None:
+            rules = replace(rules, lease_ms=current.lease_ms)
         self.rules = rules
         self.full = False  # the history reached a limit: nothing more is read
         self._state: JobState | None = None
@@ -808,11 +1107,14 @@ class JobFold:
                     f"out of chain: names {body.get('prev')!r} as the message before it, "
                     f"which was {prev} (a replay, or an append without compare-and-set)"
                 )
-            elif self._state is None:
-                self._state, why = _submitted(ev, self.queue, self.job_id, rules)
             else:
-                self._state, note = _resolve(self._state, ev, rules)
-                self._state, why = _apply(self._state, ev, rules)
+                policy = self.policy.at(checked.ts) if self.policy else None
+                if self._state is None:
+                    self._state, why = _submitted(ev, self.queue, self.job_id, rules, policy)
+                else:
+                    self._state = _hand_on(self._state, policy, checked.ts)
+                    self._state, note = _resolve(self._state, ev, rules)
+                    self._state, why = _apply(self._state, ev, rules, policy)
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
             why = str(exc) or type(exc).__name__
         if why:
@@ -846,13 +1148,17 @@ class JobFold:
         if self._state is None:
             return None
         if self._cached is None:
-            self._cached = replace(
-                self._state,
-                last_seq=self._last_seq,
-                history=tuple(self._history),
-                rejected=self._rejected,
-                events=self._count,
-                history_bytes=self._bytes,
+            self._cached = _hand_on(
+                replace(
+                    self._state,
+                    last_seq=self._last_seq,
+                    history=tuple(self._history),
+                    rejected=self._rejected,
+                    events=self._count,
+                    history_bytes=self._bytes,
+                ),
+                self.policy.current if self.policy else None,
+                now_ms(),
             )
         return self._cached
 

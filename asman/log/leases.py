@@ -38,6 +38,7 @@ from asman.log import subjects, wire
 from asman.log.connection import DONE_TTL, READ_BATCH, Log
 from asman.log.events import CheckedEvent, JobState, Lease, now_ms
 from asman.log.jobs import CAS_RETRIES, JobHistory, entry_hints, mark_waiting
+from asman.log.policy import worker_standing
 from asman.log.workers import WorkerInfo, list_workers
 
 __all__ = [
@@ -403,6 +404,15 @@ class JobLease:
 Alive = Callable[[JobState], Awaitable[bool]]
 
 
+def claim_event(log: Log) -> dict[str, Any]:
+    """A ``claimed`` event of this process, with its worker certificate if it has one (a
+    queue whose policy trusts certified workers)."""
+    event: dict[str, Any] = {"type": "claimed", "ts": now_ms(), "proc": log.session}
+    if log.cert is not None:
+        event["cert"] = log.cert
+    return event
+
+
 async def claim(
     log: Log,
     queue: str,
@@ -421,6 +431,9 @@ async def claim(
     challenged, and this call waits out the grace (``Rules.lease_ms``) for an answer before
     it takes the lease over. ``stop`` cuts that wait short (None is returned).
     """
+    view = await log.policies.get(queue)
+    if worker_standing(view, log.peer_id, log.cert, queue, now_ms()):
+        return None  # the queue's policy would ignore our claim (the dispatcher says why)
     history = JobHistory(log, queue, job)
     sent = history.mine  # our events: JobLease.is_own, and no verification when read back
     if hint_seq > 0:
@@ -447,7 +460,7 @@ async def claim(
         try:
             own = await log.append_checked(
                 history.subject,
-                {"type": "claimed", "ts": now_ms(), "proc": log.session},
+                claim_event(log),
                 expected_last_seq=state.last_seq,
                 sent=sent,
             )
@@ -458,6 +471,8 @@ async def claim(
         challenged = lease is not None
         holder = lease.worker if lease is not None else ""
         claimed = await history.appended(own, state.last_seq)
+        if claimed is not None and _refused(claimed, own.seq):
+            return None  # the log does not count our claim (a policy changed under us)
         if claimed is not None and claimed.lease is not None:
             if claimed.lease.claim_seq == own.seq and claimed.lease.held_by(
                 log.peer_id, log.session
@@ -471,6 +486,11 @@ async def claim(
                     return await _take_over(log, history, sent, stop, acked)
         await history.read()
     raise Conflict(f"could not claim job {job}: too many concurrent writers")
+
+
+def _refused(state: JobState, seq: int) -> bool:
+    entry = next((h for h in reversed(state.history) if h.seq == seq), None)
+    return entry is not None and not entry.accepted
 
 
 def young(log: Log, lease: Lease) -> bool:
@@ -502,7 +522,7 @@ async def _claim_on_hint(
     appending = asyncio.ensure_future(
         log.append_checked(
             history.subject,
-            {"type": "claimed", "ts": now_ms(), "proc": log.session},
+            claim_event(log),
             expected_last_seq=hint,
             sent=sent,
         )
@@ -553,10 +573,10 @@ async def _take_over(
             if c is None or c.by != log.peer_id or c.proc != log.session:
                 logger.info("job=%s the holder answered our challenge", state.job_id)
                 return None
-            due = lease.challenge_due_ms(log.rules)
+            due = lease.challenge_due_ms(history.rules)
             if due is None:
                 continue  # our challenge is read back with its server time next
-            grace_s = log.rules.lease_ms / 1000
+            grace_s = history.rules.lease_ms / 1000
             if acked is not None:
                 wait_s = max(0.0, acked + grace_s - time.monotonic())
             else:

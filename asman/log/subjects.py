@@ -23,10 +23,12 @@ __all__ = [
     "WAITING_STREAM",
     "WORKERS_STREAM",
     "JobClass",
+    "is_policy_subject",
     "job_id_from_subject",
     "job_subject",
     "jobs_filter",
     "logs_subject",
+    "policy_subject",
     "validate_job_id",
     "validate_peer_id",
     "validate_proc",
@@ -109,6 +111,20 @@ def job_subject(queue: str, job_id: str) -> str:
 def jobs_filter(queue: str) -> str:
     """Filter matching every job subject of a queue."""
     return f"{PREFIX}.job.{validate_queue(queue)}.*"
+
+
+#: the last token of a queue's policy subject (never a job id: those are 64 hex characters)
+POLICY_TOKEN = "policy"
+
+
+def policy_subject(queue: str) -> str:
+    """Subject of a queue's policy versions in ``ASMAN_JOBS`` (asman.log.policy)."""
+    return f"{PREFIX}.job.{validate_queue(queue)}.{POLICY_TOKEN}"
+
+
+def is_policy_subject(subject: str) -> bool:
+    parts = subject.split(".")
+    return len(parts) == 4 and parts[:2] == [PREFIX, "job"] and parts[3] == POLICY_TOKEN
 
 
 def job_id_from_subject(subject: str) -> tuple[str, str]:

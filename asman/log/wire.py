@@ -20,6 +20,11 @@ indefinite lengths, duplicate keys or trailing bytes. Lists come back as lists.
 The subject is both in the protected header and the external AAD, so an event cannot be replayed
 onto another subject (job or queue). Readers verify the bytes as received, never re-encoded.
 EdDSA (-8) is accepted on input; the unprotected header must be empty.
+
+**Signed elsewhere.** A key this process does not hold (a browser's, through the gateway)
+signs in two steps: ``to_sign`` gives the protected header, the payload and the exact bytes
+to sign; ``assemble`` makes the envelope of those parts and the signature, which a reader
+then verifies with ``open_envelope`` like any other.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "Entry",
     "Opened",
+    "ToSign",
+    "assemble",
     "decode",
     "encode",
     "open_envelope",
@@ -58,6 +65,7 @@ __all__ = [
     "running_entry",
     "seal",
     "seal_opened",
+    "to_sign",
     "waiting_entry",
 ]
 
@@ -288,17 +296,47 @@ def seal_opened(key: PeerKey, subject: str, event: Mapping[str, Any]) -> tuple[b
     return envelope, Opened(signer=key.peer_id, event=_loads(payload), protected_sub=subject)
 
 
-def _seal(key: PeerKey, subject: str, event: Mapping[str, Any]) -> tuple[bytes, bytes]:
+def _payload(subject: str, event: Mapping[str, Any]) -> bytes:
     if not isinstance(subject, str):
         raise TypeError(f"subject must be a str, not {type(subject).__name__}")
     body = {"v": SCHEMA_VERSION, **event}
     if type(body["v"]) is not int:
         raise TypeError(f"event field 'v' (schema version) must be an int: {body['v']!r}")
-    payload = encode(body)
+    return encode(body)
+
+
+def _seal(key: PeerKey, subject: str, event: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    payload = _payload(subject, event)
     protected = _protected_header(key.public_bytes, subject)
     signature = key.sign(_sig_structure(protected, subject.encode(), payload))
-    # 18([protected, {}, payload, signature])
-    envelope = b"".join(
+    return assemble(protected, payload, signature), payload
+
+
+@dataclass(frozen=True, slots=True)
+class ToSign:
+    """An event made ready for a key this process does not hold: ``data`` is what that key
+    signs (the ``Sig_structure``), ``protected`` and ``payload`` go into the envelope."""
+
+    protected: bytes
+    payload: bytes
+    data: bytes
+
+
+def to_sign(kid: bytes, subject: str, event: Mapping[str, Any]) -> ToSign:
+    """The parts of ``event``'s envelope for ``subject`` signed by the key ``kid`` (32 raw
+    bytes), as ``seal`` would make them; ``assemble`` puts the signature to them. Adds ``"v"``
+    as ``seal`` does; ``TypeError`` for a value ``encode`` refuses or a kid of the wrong size."""
+    if not isinstance(kid, bytes) or len(kid) != PUBLIC_KEY_SIZE:
+        raise TypeError(f"kid must be a {PUBLIC_KEY_SIZE}-byte public key")
+    payload = _payload(subject, event)
+    protected = _protected_header(kid, subject)
+    return ToSign(protected, payload, _sig_structure(protected, subject.encode(), payload))
+
+
+def assemble(protected: bytes, payload: bytes, signature: bytes) -> bytes:
+    """The COSE_Sign1 envelope ``18([protected, {}, payload, signature])`` of its parts, as
+    given: nothing is checked here (``open_envelope`` checks it, as for any envelope)."""
+    return b"".join(
         (
             _SIGN1_HEAD,
             _bstr(protected),
@@ -310,7 +348,6 @@ def _seal(key: PeerKey, subject: str, event: Mapping[str, Any]) -> tuple[bytes, 
             signature,
         )
     )
-    return envelope, payload
 
 
 def _malformed(what: str, subject: str) -> MalformedEnvelope:

@@ -224,7 +224,11 @@ class CallbackSender:
                     task.cancel()
         finally:
             self._tg = None
-            await self._stack.__aexit__(exc_type, exc, tb)
+            # an error of the block is its owner's, raised as it is: the task group holds only
+            # deliveries, done or cancelled by now, and would wrap it in an ExceptionGroup
+            # (a cancellation still goes through it)
+            mine = exc_type is not None and issubclass(exc_type, Exception)
+            await self._stack.__aexit__(*((None, None, None) if mine else (exc_type, exc, tb)))
 
     @property
     def pending(self) -> int:

@@ -25,10 +25,11 @@ from types import TracebackType
 from typing import Any
 
 from asman.config import ClientSettings
-from asman.errors import BlobCorrupt, ConfigError, InvalidInput, InvalidPath
-from asman.log import jobs, logstream, workers
-from asman.log.blobs import BlobStore
+from asman.errors import BlobCorrupt, BlobError, ConfigError, InvalidInput, InvalidPath
+from asman.log import jobs, logstream, namespaces, workers
+from asman.log.blobs import BlobInfo, BlobStore
 from asman.log.connection import Log, LogConfig
+from asman.log.control import with_namespace
 from asman.log.definition import validate_relative_path
 from asman.log.events import JobState, OutputFile
 from asman.log.keys import PeerKey
@@ -39,7 +40,7 @@ from asman.log.workers import WorkerInfo
 from asman.peer.callbacks import CallbackSender, CallbackSettings
 from asman.peer.netguard import UrlPolicy
 
-__all__ = ["Client", "FileInput", "Progress", "collect_files", "open_blobs"]
+__all__ = ["Client", "FileInput", "NoBlobStore", "Progress", "collect_files", "open_blobs"]
 
 #: Files up to this size are inlined in the definition (compute-queues' threshold).
 INLINE_LIMIT = 200
@@ -89,8 +90,53 @@ def collect_files(specs: Iterable[str]) -> list[FileInput]:
     return out
 
 
+class NoBlobStore:
+    """The blob store of a peer admitted for its queues only (``Log.confined``) and given no
+    S3 store: the server's object store is one bucket for every queue, so the auth callout
+    does not open it. Small inputs, outputs and logs travel inline and need no store;
+    anything larger fails with this one line."""
+
+    MESSAGE = (
+        "this NATS server admits this connection for its queues only, and its object store "
+        "holds every queue's blobs, so it is not open to it: give an S3 store for blobs "
+        "(--blobs s3+https://HOST/BUCKET, env ASMAN_BLOBS; docs/operations.md, 'A public "
+        "server')"
+    )
+
+    def _refuse(self, sha256: str = "") -> BlobError:
+        return BlobError(self.MESSAGE, key=sha256)
+
+    async def put_file(self, path: Path, *, sha256: str | None = None) -> BlobInfo:
+        raise self._refuse(sha256 or "")
+
+    async def put_bytes(self, data: bytes) -> BlobInfo:
+        raise self._refuse()
+
+    async def get_to_file(
+        self, sha256: str, dest: Path, *, max_size: int | None = None
+    ) -> BlobInfo:
+        raise self._refuse(sha256)
+
+    async def get_bytes(self, sha256: str, *, max_size: int) -> bytes:
+        raise self._refuse(sha256)
+
+    async def exists(self, sha256: str) -> BlobInfo | None:
+        raise self._refuse(sha256)
+
+    async def presigned_get(
+        self, sha256: str, *, expires_s: int = 3600, filename: str | None = None
+    ) -> str | None:
+        return None
+
+    async def presigned_put(self, sha256: str, *, expires_s: int = 3600) -> str | None:
+        return None
+
+
 async def open_blobs(settings: ClientSettings, log: Log) -> BlobStore:
-    """The blob store the settings name: the object store unless an S3 URL is given."""
+    """The blob store the settings name: the object store unless an S3 URL is given (none
+    for a peer the server admitted for its queues only: ``NoBlobStore``)."""
+    if settings.blobs.url is None and log.confined:
+        return NoBlobStore()
     if settings.blobs.url is None:
         store = ObjectStoreBlobs(
             log.js, replicas=settings.replicas, max_bytes=settings.blob_max_bytes
@@ -135,6 +181,7 @@ def log_config(settings: ClientSettings, *, name: str = "asman", echo: bool = Tr
         update_streams=settings.update_streams,
         reads=settings.reads,
         inbox_prefix=settings.inbox_prefix,
+        queues=settings.queues,
     )
 
 
@@ -200,12 +247,20 @@ class Client:
         files: Sequence[FileInput] = (),
         rerun: bool = False,
         progress: Progress | None = None,
+        namespace: str | None = None,
+        grace: namespaces.ReplaceGrace = namespaces.DEFAULT_GRACE,
         control: Mapping[str, Any] | None = None,
         callbacks: CallbackSender | None = None,
     ) -> jobs.Submitted:
         """Submit ``definition`` (plus ``files`` as inputs) to ``queue``; idempotent.
-        ``control`` (``asman.log.control``) goes with it; when this puts the job on the queue
-        (created, or run again), ``callbacks`` sends its ``queued`` callback."""
+
+        The job is held for ``namespace`` (compute-queues'; ``_`` when None). The jobs this
+        client holds there that the submission replaces are in ``Submitted.replacing``;
+        ``replace`` releases them, each after its grace.
+
+        ``control`` (``asman.log.control``) goes with it (its namespace and ``namespace`` are
+        one); when this puts the job on the queue (created, or run again), ``callbacks``
+        sends its ``queued`` callback."""
         final = dict(definition)
         if files:
             inputs = dict(final.get("inputs") or {})
@@ -214,9 +269,19 @@ class Client:
                     raise InvalidPath(name, "is both in the definition's inputs and a --file")
                 inputs[name] = ref
             final["inputs"] = inputs
-        sub = await jobs.submit(self.log, queue, final, rerun=rerun, via="client", control=control)
+        checked, named = with_namespace(control, namespace)
+        sub = await namespaces.submit(
+            self.log,
+            queue,
+            final,
+            namespace=named,
+            rerun=rerun,
+            via="client",
+            grace=grace,
+            control=checked,
+        )
         if callbacks is not None and (sub.created or sub.requeued):
-            callbacks.queued(queue, sub.job_id, control or {}, sub.state.last_seq)
+            callbacks.queued(queue, sub.job_id, checked, sub.state.last_seq)
         return sub
 
     def callback_sender(self, settings: CallbackSettings | None = None) -> CallbackSender:
@@ -227,6 +292,19 @@ class Client:
         settings = settings or CallbackSettings()
         settings = dataclasses.replace(settings, grace_s=settings.window_s)
         return CallbackSender(self.log.key, ANY_ADDRESS, settings)
+
+    async def replace(
+        self,
+        replacements: Sequence[namespaces.Replacement],
+        *,
+        callbacks: CallbackSender | None = None,
+    ) -> list[JobState | None]:
+        """Release the jobs a submission replaced in its namespace, each after its grace
+        (compute-queues': up to 8 s for a job older than a minute); their states after.
+        A release that finished a job (it never ran) has ``callbacks`` send its
+        ``finished`` callback."""
+        on_finished = callbacks.finished if callbacks is not None else None
+        return await namespaces.replace_now(self.log, replacements, on_finished)
 
     # -- read --------------------------------------------------------------------------
 
@@ -272,14 +350,16 @@ class Client:
         job_id: str,
         message: str = "cancelled",
         *,
+        namespace: str | None = None,
         callbacks: CallbackSender | None = None,
     ) -> JobState:
-        """Cancel a job this client submitted; when the cancel finished it (it never ran),
-        ``callbacks`` sends its ``finished`` callback."""
+        """Cancel a job you submitted; with ``namespace``, remove only that namespace (``*``:
+        all you may) and cancel the job once no namespace holds it. When the cancel finished
+        it (it never ran), ``callbacks`` sends its ``finished`` callback."""
         before = await self.state(queue, job_id)
         if before.finished:
             return before
-        state = await jobs.cancel(self.log, queue, job_id, message)
+        state = await jobs.cancel(self.log, queue, job_id, message, namespace=namespace)
         finished_here = state.result is not None and state.result.worker == self.log.peer_id
         if callbacks is not None and finished_here:
             callbacks.finished(state)

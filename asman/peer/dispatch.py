@@ -38,14 +38,15 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from asman.errors import LogError
-from asman.log import jobs, wire
+from asman.log import jobs, subjects, wire
 from asman.log.connection import Log
 from asman.log.events import now_ms
 from asman.log.leases import WINDOW, Candidate, WaitingIndex
+from asman.log.policy import is_owner_bound, worker_standing
 
 __all__ = ["Dispatcher"]
 
@@ -117,11 +118,19 @@ class Dispatcher:
         self._ranks: dict[str, tuple[object, float]] = {}
         self._deferred = float("inf")  # the earliest time a deferred job becomes ours
         self._unregister: Callable[[], None] = lambda: None
+        #: queues whose policy does not trust this worker, with the line that says why
+        self.refused: dict[str, str] = {}
+        self._policy_stops: list[Callable[[], Awaitable[None]]] = []
 
     async def open(self) -> Dispatcher:
         for q in self.queues:
             self.indexes[q] = await WaitingIndex(self.log, q, self.wake).open()
+            if is_owner_bound(q):  # a policy change wakes the dispatcher
+                self._policy_stops.append(
+                    await self.log.wake_on(subjects.policy_subject(q), self.wake)
+                )
         self._unregister = self.log.on_reconnect(self._reconnected)
+        await self.check_policies()
         await self.rescan(self.queues)
         return self
 
@@ -129,6 +138,29 @@ class Dispatcher:
         self._unregister()
         for index in self.indexes.values():
             await index.close()
+        for stop in self._policy_stops:
+            await stop()
+
+    async def check_policies(self) -> None:
+        """Which queues' policies trust this worker (cheap: a policy is read again only
+        after it changed). Says once, per change, what an untrusted worker should ask."""
+        for q in self.queues:
+            if not is_owner_bound(q):
+                continue
+            try:
+                view = await self.log.policies.get(q)
+            except LogError as exc:
+                logger.warning("queue %s: cannot read its policy: %s", q, exc)
+                continue
+            why = worker_standing(view, self.log.peer_id, self.log.cert, q, now_ms())
+            if why == self.refused.get(q, ""):
+                continue
+            if why:
+                logger.warning("%s", why)
+                self.refused[q] = why
+            else:
+                logger.info("queue %s: its policy trusts this worker; taking its jobs", q)
+                self.refused.pop(q, None)
 
     async def _reconnected(self) -> None:
         """Live entries may have been missed while disconnected: every queue is due for a
@@ -286,7 +318,7 @@ class Dispatcher:
         self._needs[job_id] = (jobs.memory_asked(definition), jobs.tags_asked(definition))
 
     def _eligible(self, cand: Candidate, index: WaitingIndex, now: float) -> bool:
-        if cand.job_id in self._in_flight:
+        if cand.job_id in self._in_flight or cand.queue in self.refused:
             return False
         tried = self._tried.get(cand.job_id)
         if tried is not None:
@@ -300,9 +332,23 @@ class Dispatcher:
         # beaten yet); the claim path looks again before it challenges anyone
         if (cand.entry.holder, cand.entry.proc) == (self.log.peer_id, self.log.session):
             return False
+        if self._untrusted_holder(cand):
+            return True  # the queue's policy ignores that claim: the job is waiting
         if (cand.entry.holder, cand.entry.proc) in index.workers or cand.ts is None:
             return False
         return now_ms() > cand.ts + self.log.heartbeat_ttl_ms
+
+    def _untrusted_holder(self, cand: Candidate) -> bool:
+        """The entry names a holder the queue's policy does not list (a hoarder's claims
+        count for nothing; a certified holder may count, so it is left to the heartbeats)."""
+        view = self.log.policies.known(cand.queue) if is_owner_bound(cand.queue) else None
+        p = view.current if view else None
+        return (
+            p is not None
+            and p.workers is not None
+            and not p.certifiers
+            and cand.entry.holder not in p.workers
+        )
 
     def _deferral(self, cand: Candidate, index: WaitingIndex) -> float:
         """How long after seeing ``cand`` this worker leaves it to the workers that come
@@ -395,6 +441,7 @@ class Dispatcher:
 
         while not stopping.is_set():
             self.wake.clear()
+            await self.check_policies()
             cand = self._pick(fits)
             if cand is not None:
                 if self._unchecked(cand):

@@ -82,6 +82,7 @@ async def serve_worker(
         _runtime(runtime) as runtime_,
     ):
         await runtime_.ping()
+        client.log.cert = config.cert
         if announce is not None:
             announce(
                 f"worker {client.peer_id[:12]} on {', '.join(config.queues)} "

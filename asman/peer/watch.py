@@ -20,7 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from asman.errors import LeaseLost, LogError
+from asman.log import subjects
 from asman.log.leases import JobLease
+from asman.log.policy import is_owner_bound
 
 __all__ = ["WATCH_AFTER_S", "Running", "Watching", "watch_lease"]
 
@@ -44,6 +46,25 @@ class Running:
     holds_slot: bool = True  # False once the slot went to the next job (``Worker._exited``)
 
 
+async def _wake_on_job(lease: JobLease, wake: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    """Set ``wake`` on others' events on the job, and on a change of its queue's policy (a
+    revocation hands the job on at once)."""
+    stop_job = await lease.log.wake_on(lease.subject, wake, ignore=lease.is_own)
+    if not is_owner_bound(lease.queue):
+        return stop_job
+    try:
+        stop_policy = await lease.log.wake_on(subjects.policy_subject(lease.queue), wake)
+    except BaseException:
+        await stop_job()
+        raise
+
+    async def stop() -> None:
+        await stop_job()
+        await stop_policy()
+
+    return stop
+
+
 async def watch_lease(running: Running) -> None:
     """Answer a challenge, and stop the container at once when a cancel lands or the lease
     passed to another worker (started ``WATCH_AFTER_S`` into the job by ``Watching``: what
@@ -51,7 +72,7 @@ async def watch_lease(running: Running) -> None:
     lease = running.lease
     wake = asyncio.Event()
     stop_sub: Callable[[], Awaitable[None]] | None = None
-    ttl = lease.log.rules.lease_ms / 1000
+    ttl = lease.history.rules.lease_ms / 1000  # the queue's own, when its policy says
     # the waiting index says the job runs (a job that ends sooner never needs saying so:
     # its index entry goes from waiting to done)
     await lease.announce()
@@ -61,7 +82,7 @@ async def watch_lease(running: Running) -> None:
                 # subscribed first, then read: nothing appended in between is missed;
                 # while the subscription fails (a reconnect), the lease is still kept
                 try:
-                    stop_sub = await lease.log.wake_on(lease.subject, wake, ignore=lease.is_own)
+                    stop_sub = await _wake_on_job(lease, wake)
                 except LogError as exc:
                     logger.warning("job=%s cannot watch the job yet: %s", lease.job_id, exc)
             else:

@@ -98,6 +98,9 @@ class WorkerConfig:
     max_job_duration_s: float = 3600.0
     labels: tuple[str, ...] = ()
     network: str = "none"
+    #: a worker certificate (``asman certify``) its claims carry, for queues whose policy
+    #: trusts workers certified by an institution's key
+    cert: bytes | None = None
     once: bool = False
     drain_grace_s: float = 30.0
     kill_grace_s: float = 10.0
@@ -409,6 +412,16 @@ class Worker:
             self.dispatcher.done(cand, retry_after_s=GPU_HANDBACK_S)
             return False
         return True  # nobody has enough GPUs: claim it and refuse it with the reason
+
+    def _network(self, queue: str) -> str:
+        """The worker's network for a job of ``queue``, unless the queue's policy forbids
+        its containers a network."""
+        view = self.log.policies.known(queue)
+        policy = view.current if view else None
+        if policy is not None and not policy.ceilings.network and self.config.network != "none":
+            logger.info("queue %s: its policy allows no network: the job runs without", queue)
+            return "none"
+        return self.config.network
 
     def _exited(self, running: Running) -> None:
         """The container is gone: its slot (and GPUs) go to the next job while this one's
@@ -734,6 +747,8 @@ class Worker:
         async def on_build_log(line: str) -> None:
             joblog.write("build", line.encode() if line.endswith("\n") else (line + "\n").encode())
 
+        network = self._network(lease.queue)
+
         async def prepare() -> tuple[list[tuple[Path, str]], str]:
             mounts: list[tuple[Path, str]] = []
             if mounts_folders(self.runtime):
@@ -746,7 +761,7 @@ class Worker:
                     work_dir=job_dir.root / "build",
                     fetch_context=self.inputs.fetch_context,
                     on_log=on_build_log,
-                    network=cfg.network,
+                    network=network,
                     memory_bytes=limits.memory_bytes,
                     cpus=limits.cpus,
                 )
@@ -796,7 +811,7 @@ class Worker:
             memory_bytes=limits.memory_bytes,
             shm_size_bytes=limits.shm_bytes,
             gpu_devices=running.gpus,
-            network=cfg.network,
+            network=network,
             pids_limit=limits.pids,
             tmpfs_size=f"{limits.tmp_bytes // 1024}k",
             data_dir=self.data_dir_label,

@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from topology import ACCOUNT_PASSWORDS, Node
 
 from asman.errors import ConfigError, LogError
-from asman.log import jobs, subjects
+from asman.log import jobs, namespaces, subjects
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
 from asman.log.leases import WaitingIndex, claim
@@ -86,6 +86,22 @@ async def test_a_confined_worker_runs_its_queue(logs: dict[str, Log]) -> None:
     assert state.result is not None and state.result.worker == worker.peer_id
     chunks, _ = await read_logs(client, state)
     assert [c.data for c in chunks] == [b"alpha\n"]
+
+
+async def test_a_confined_client_holds_replaces_and_releases_namespaces(
+    logs: dict[str, Log],
+) -> None:
+    """Namespace holds are events on the job's own subject and the search for a namespace's
+    other jobs reads the queue's waiting index: a client's queue permissions cover both."""
+    client = logs["client-alpha"]
+    older = await namespaces.submit(client, "alpha", DEF_A, namespace="n")
+    await jobs.submit(client, "alpha", DEF_A, namespace="m")
+    newer = await namespaces.submit(client, "alpha", DEF_B, namespace="n")
+    assert [r.job_id for r in newer.replacing] == [older.job_id]
+    (kept,) = await namespaces.replace_now(client, newer.replacing)
+    assert kept is not None and kept.namespaces == ("m",) and kept.state == "queued"
+    ended = await jobs.cancel(client, "alpha", older.job_id, namespace="m")
+    assert ended.reason == "cancelled"
 
 
 async def test_a_confined_worker_cannot_read_claim_or_list_another_queue(

@@ -27,6 +27,7 @@ from topology import DEPLOY, NATS, localize
 from asman.cli import main as cli
 from asman.gateway import api, compat
 from asman.log import subjects
+from asman.log.callout import init_secrets
 from asman.log.server import NatsServer, free_port
 
 COMPOSE = DEPLOY / "compose"
@@ -41,8 +42,24 @@ LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 MONITOR_KEYS = ("http", "https", "http_port", "https_port", "monitor_port", "http_host")
 
 
+#: config fragments other configs include (checked through them)
+FRAGMENTS = ("permissions.conf", "public.conf", "auth.conf")
+
+
 def conf_files() -> list[Path]:
-    return sorted(p for p in NATS.rglob("*.conf") if p.name != "permissions.conf")
+    return sorted(p for p in NATS.rglob("*.conf") if p.name not in FRAGMENTS)
+
+
+def with_public_secrets(path: Path, tmp: Path) -> Path:
+    """``path`` itself, or for a config that includes deploy/nats/public (its secrets are
+    never checked in), the same file in a copy of deploy/nats with secrets made by
+    `asman callout init` (``init_secrets``)."""
+    if "public.conf" not in path.read_text():
+        return path
+    copy = tmp / "nats"
+    shutil.copytree(NATS, copy, ignore=shutil.ignore_patterns("secrets"))
+    init_secrets(copy / "public" / "secrets")
+    return copy / path.relative_to(NATS)
 
 
 def monitor_settings(text: str) -> dict[str, str]:
@@ -69,22 +86,32 @@ def assert_monitoring_on_loopback(settings: dict[str, str], where: str) -> None:
             assert settings.get("http_host") in LOOPBACK, f"{where}: {key} on every interface"
 
 
-def compose_nats_layout(dest: Path, node: str = "nats-1") -> Path:
-    """A compose NATS node's /etc/nats as compose mounts it: ``nats.conf`` and the node's
-    cluster config as ``cluster.conf``. Returns the path of ``nats.conf``."""
+def compose_nats_layout(dest: Path, node: str = "nats-1", admin_password: str = "") -> Path:
+    """A compose NATS node's /etc/nats as compose mounts it: ``nats.conf``, the node's
+    cluster config as ``cluster.conf``, deploy/nats/public's ``public.conf``, and the secrets
+    volume as callout-init fills it (``admin_password`` for the admin, as compose passes
+    ASMAN_NATS_PASSWORD; no secrets without it). Returns the path of ``nats.conf``."""
     (compose,) = load_yaml(COMPOSE / "compose.yaml")
     dest.mkdir(parents=True, exist_ok=True)
     for volume in compose["services"][node]["volumes"]:
         host, _, inside = volume.partition(":")
-        if inside.startswith("/etc/nats/"):
-            shutil.copyfile(COMPOSE / host, dest / Path(inside.split(":")[0]).name)
+        inside = inside.split(":")[0]
+        if not inside.startswith("/etc/nats/"):
+            continue
+        if host == "public-secrets":  # the named volume callout-init writes
+            if admin_password:
+                init_secrets(dest / Path(inside).name, admin_password=admin_password)
+        else:
+            shutil.copyfile(COMPOSE / host, dest / Path(inside).name)
     return dest / "nats.conf"
 
 
 def compose_nats_layout_texts(svc: dict[str, Any]) -> str:
-    """The text of every NATS config file a compose service mounts."""
+    """The text of every NATS config file a compose service mounts (not the secrets)."""
     return "\n".join(
-        (COMPOSE / v.split(":")[0]).read_text() for v in svc["volumes"] if "/etc/nats/" in v
+        (COMPOSE / v.split(":")[0]).read_text()
+        for v in svc["volumes"]
+        if "/etc/nats/" in v and not v.startswith("public-secrets:")
     )
 
 
@@ -126,7 +153,8 @@ def node_names(config: str) -> list[str]:
 
 
 @pytest.mark.parametrize("path", conf_files(), ids=lambda p: str(p.relative_to(NATS)))
-def test_every_nats_config_is_valid(path: Path, nats_binary: str) -> None:
+def test_every_nats_config_is_valid(path: Path, nats_binary: str, tmp_path: Path) -> None:
+    path = with_public_secrets(path, tmp_path)
     result = subprocess.run(
         [nats_binary, "-t", "-c", str(path)], capture_output=True, text=True, timeout=30
     )
@@ -171,11 +199,15 @@ def test_compose_and_k8s_publish_no_monitoring_port() -> None:
 
 def test_compose_and_k8s_nats_need_the_operators_password(tmp_path: Path, nats_binary: str) -> None:
     """Both parse with the real nats-server once the password is given, and refuse to start
-    without it: no password is written in them."""
-    for what, path in (
-        ("compose", compose_nats_layout(tmp_path / "compose")),
-        ("k8s", k8s_nats_config(tmp_path / "k8s")),
-    ):
+    without it: no password is written in them. (A compose node gets its secrets, the admin's
+    password among them, from callout-init; without them it does not start.)"""
+    compose = compose_nats_layout(tmp_path / "compose")
+    refused = nats_t(nats_binary, compose, dict(os.environ))
+    assert refused.returncode != 0 and "auth.conf" in refused.stdout + refused.stderr
+    compose = compose_nats_layout(tmp_path / "compose", admin_password="nats0123abcd")
+    ok = nats_t(nats_binary, compose, dict(os.environ))
+    assert ok.returncode == 0, f"compose: {ok.stdout}{ok.stderr}"
+    for what, path in (("k8s", k8s_nats_config(tmp_path / "k8s")),):
         without = {k: v for k, v in os.environ.items() if k != PASSWORD_VAR}
         ok = nats_t(nats_binary, path, {**without, PASSWORD_VAR: "nats-0123abcd"})
         assert ok.returncode == 0, f"{what}: {ok.stdout}{ok.stderr}"
@@ -193,8 +225,12 @@ async def test_compose_and_k8s_nats_admit_only_their_user(
     password and another user are refused, the operator's user is admitted."""
     password = "nats-5e3f0c9a1b"
     monkeypatch.setenv(PASSWORD_VAR, password)  # the server process reads it (nats.conf)
+    user = NATS_USER
     if stack == "compose":
-        conf = compose_nats_layout(tmp_path / "etc")
+        # the compose nodes are public servers: their trusted user is the admin, and every
+        # other connection goes to the auth callout (not running here: refused)
+        user, password = "admin", "nats5e3f0c9a1b"
+        conf = compose_nats_layout(tmp_path / "etc", admin_password=password)
         routes = {f"nats-{i}:{ROUTE_PORT}": f"127.0.0.1:{free_port()}" for i in (1, 2, 3)}
         localize(
             conf.parent / "cluster.conf",
@@ -221,7 +257,7 @@ async def test_compose_and_k8s_nats_admit_only_their_user(
                     server.url,
                     user=user,
                     password=secret,
-                    connect_timeout=2,
+                    connect_timeout=5,  # a refusal by the (absent) callout takes 2 s
                     allow_reconnect=False,
                     error_cb=quiet,
                 )
@@ -229,10 +265,11 @@ async def test_compose_and_k8s_nats_admit_only_their_user(
             finally:
                 await nc.close()  # a refused connection too: its socket is open
 
-        for user, secret in ((None, None), (NATS_USER, "wrong"), ("admin", password)):
+        others = ((None, None), (user, "wrong"), ("someone", password))
+        for other, secret in others:
             with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-                await connect(user, secret)
-        await connect(NATS_USER, password)
+                await connect(other, secret)
+        await connect(user, password)
     finally:
         await asyncio.to_thread(server.stop)
 
@@ -300,21 +337,45 @@ def test_compose_stack_references_the_cluster_configs_and_the_cli() -> None:
         # the cluster node's config as it is, included by nats.conf, which adds the user
         assert mounts["/etc/nats/cluster.conf"] == NATS / "cluster" / f"{name}.conf"
         assert mounts["/etc/nats/nats.conf"] == COMPOSE / "nats.conf"
-        assert 'include "cluster.conf"' in (COMPOSE / "nats.conf").read_text()
+        # public by default: deploy/nats/public's part, its secrets from callout-init
+        assert mounts["/etc/nats/public.conf"] == NATS / "public" / "public.conf"
+        assert "public-secrets:/etc/nats/secrets:ro" in svc["volumes"]
+        assert svc["depends_on"]["callout-init"]["condition"] == "service_completed_successfully"
+        nats_conf = (COMPOSE / "nats.conf").read_text()
+        assert 'include "cluster.conf"' in nats_conf and 'include "public.conf"' in nats_conf
         text = mounts["/etc/nats/cluster.conf"].read_text()
         assert f"server_name: {name}" in text
         assert '"/data/jetstream"' in text and any(v.endswith(":/data") for v in svc["volumes"])
         assert svc["command"] == ["-c", "/etc/nats/nats.conf"]
-        # `${VAR:?message}`: compose refuses to start without the operator's password
-        assert svc["environment"][PASSWORD_VAR].startswith(f"${{{PASSWORD_VAR}:?")
-    user = re.search(r"\{ user: (\w+), password: \$(\w+) \}", (COMPOSE / "nats.conf").read_text())
-    assert user is not None and user.groups() == (NATS_USER, PASSWORD_VAR)
+    # `${VAR:?message}`: compose refuses to start without the operator's password, which
+    # callout-init writes as the admin's
+    init = services["callout-init"]
+    assert init["command"] == ["callout", "init", "/secrets"]
+    assert init["environment"]["ASMAN_ADMIN_PASSWORD"].startswith(f"${{{PASSWORD_VAR}:?")
+    assert "public-secrets:/secrets" in init["volumes"]
+    callout = services["callout"]
+    assert callout["command"] == ["callout", "serve"]
+    assert callout["environment"]["ASMAN_CALLOUT_SECRETS"] == "/secrets"
+    assert callout["environment"]["ASMAN_REPLICAS"] == "3"
+    callout_params = cli.commands["callout"].commands["serve"].params  # type: ignore[attr-defined]
+    callout_env = {p.envvar for p in callout_params if isinstance(p.envvar, str)}
+    assert set(callout["environment"]) <= callout_env
+    assert cli.commands["callout"].commands["init"].params[1].envvar == "ASMAN_ADMIN_PASSWORD"  # type: ignore[attr-defined]
+    public = (NATS / "public" / "public.conf").read_text()
+    assert re.search(r"\{ user: admin, password: \$ASMAN_ADMIN_PASSWORD \}", public)
 
     env = compose["x-asman-env"]
     urls = [urlparse(u) for u in env["ASMAN_NATS_URL"].split(",")]
     assert [(u.hostname, u.port) for u in urls] == [(f"nats-{i}", CLIENT_PORT) for i in (1, 2, 3)]
-    assert {(u.username, u.password) for u in urls} == {(NATS_USER, f"${{{PASSWORD_VAR}}}")}
+    assert {(u.username, u.password) for u in urls} == {("admin", f"${{{PASSWORD_VAR}}}")}
     assert env["ASMAN_REPLICAS"] == "3"
+    # the worker logs in as no one: it names its queue, as a stranger's worker would
+    worker_urls = [
+        urlparse(u) for u in services["worker"]["environment"]["ASMAN_NATS_URL"].split(",")
+    ]
+    assert {(u.username, u.hostname) for u in worker_urls} == {
+        (None, f"nats-{i}") for i in (1, 2, 3)
+    }
 
     s3 = services["s3"]
     blobs = urlparse(env["ASMAN_BLOBS"])

@@ -5,6 +5,7 @@ against a real gateway, nats-server, worker and Docker engine. Screenshots of ea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ import pytest
 from gatewaystack import IMAGE, Gateway, Stack
 from requiring import require
 
+from asman.log import jobs, subjects
 from asman.log.definition import job_id
 from asman.peer.links import job_link
 
@@ -230,7 +232,7 @@ async def test_a_short_link_without_a_queue_says_so_instead_of_a_sample_job(
 async def test_a_links_control_is_shown_and_sent_with_the_job(stack: Stack, page: Any) -> None:
     """compute-queues' `control` hash parameter (callbacks, namespace) was ignored: now the
     page shows it and sends it with the job, and the gateway calls back."""
-    from receiver import Receiver
+    from receiver import Receiver, guide_function
 
     from asman.peer.callbacks import CallbackSettings
     from asman.peer.links import encode_hash_param
@@ -266,6 +268,14 @@ async def test_a_links_control_is_shown_and_sent_with_the_job(stack: Stack, page
         }
         status, job = await gw.json("GET", f"/api/v1/queues/controlled/jobs/{job_id(definition)}")
         assert status == 200 and job["control"] == control
+        # the browser's key signed the submission, control included; the gateway, which
+        # appended it, called back, and the guide's receiver check accepts it for this job
+        _, info = await gw.json("GET", "/api/v1/info")
+        assert job["submitter"] != info["peerId"] and job["namespaces"] == ["page-ns"]
+        sender = guide_function("verify_asman_callback")(call.headers, call.body)
+        assert sender == info["peerId"]
+        check = guide_function("sent_by_the_job_peer")
+        assert await asyncio.to_thread(check, gw.url, call.json, sender)
         await page.wait_for_selector("#control[data-whose='job']")
         await shot(page, "control-2-submitted")
     finally:
@@ -320,3 +330,180 @@ async def test_a_queue_given_as_a_url_is_understood(gateway: Gateway, page: Any)
         await page.wait_for_selector(f'#queue-note.bad:has-text("{says}")')
         assert await page.is_disabled("#run"), typed
     await shot(page, "queue-url-2-refused")
+
+
+# -- each browser's own key (issue 14, item 4) ------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def browser_page(browser: Any, init_script: str | None = None) -> AsyncIterator[Any]:
+    """A page in a context of its own (its own IndexedDB: its own key), as the ``page``
+    fixture makes one; fails the test on a page error."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    if init_script is not None:
+        await context.add_init_script(init_script)
+    pg = await context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield pg
+    finally:
+        await context.close()
+    assert errors == [], errors
+
+
+async def browser_key(page: Any) -> str:
+    """The peer id of the page's own key, once the page has it."""
+    await page.wait_for_selector("#your-key[data-peer-id]")
+    key = await page.get_attribute("#your-key", "data-peer-id")
+    assert key is not None and len(key) == 64
+    return str(key)
+
+
+async def gateway_peer_id(gw: Gateway) -> str:
+    status, info = await gw.json("GET", "/api/v1/info")
+    assert status == 200
+    return str(info["peerId"])
+
+
+async def test_a_stranger_cannot_cancel_a_job_run_from_the_page(stack: Stack, page: Any) -> None:
+    """The attack: the page's job was signed by the gateway, so any HTTP client could cancel
+    it through the same gateway. Now it is the browser's, and the gateway's key may not."""
+    gw = await stack.gateway()
+    definition = {"image": IMAGE, "command": "echo attack"}
+    jid = job_id(definition)
+    await page.goto(job_link(gw.url, definition, queue="attack"))
+    await page.wait_for_selector("#validation:has-text('valid')")
+    await page.click("#run")
+    await page.wait_for_selector("#state[data-state='queued']")
+    status, body = await gw.json("POST", f"/api/v1/queues/attack/jobs/{jid}/cancel")
+    assert status == 403, body
+    assert "may cancel" in body["error"]
+    status, job = await gw.json("GET", f"/api/v1/queues/attack/jobs/{jid}")
+    assert job["state"] == "queued" and not job["cancelRequested"]
+    assert job["submitter"] != await gateway_peer_id(gw)
+
+
+async def test_the_page_signs_with_its_browsers_own_key(stack: Stack, browser: Any) -> None:
+    gw = await stack.gateway()
+    peer = await stack.peer()
+    definition = {"image": IMAGE, "command": "echo mine"}
+    jid = job_id(definition)
+    link = job_link(gw.url, definition, queue="keys")
+    async with browser_page(browser) as mine:
+        await mine.goto(link)
+        key = await browser_key(mine)
+        fingerprint = await mine.text_content("#your-key")
+        assert fingerprint is not None and key[:4] in fingerprint.replace(" ", "")
+        await mine.wait_for_selector("#validation:has-text('valid')")
+        await mine.click("#run")
+        await mine.wait_for_selector("#state[data-state='queued']")
+        await mine.wait_for_selector("#submitter:has-text('you')")
+        await shot(mine, "keys-1-submitted")
+
+        # on the log, the job's submitter is this browser's key, not the gateway's
+        state = await jobs.read_job(peer, "keys", jid)
+        assert state is not None and state.rejected == 0
+        assert state.submitter == key != await gateway_peer_id(gw)
+
+        # the key stays with the browser: the same after a reload
+        await mine.reload()
+        assert await browser_key(mine) == key
+        await mine.wait_for_selector("#state[data-state='queued']")
+
+        # another browser (another context: another key) is refused, and says why
+        async with browser_page(browser) as other:
+            await other.goto(link)
+            assert await browser_key(other) != key
+            await other.wait_for_selector("#state[data-state='queued']")
+            await other.wait_for_selector("#submitter:has-text('another key')")
+            await other.click("#cancel")
+            await other.wait_for_selector("#message:has-text('belongs to another key')")
+            await shot(other, "keys-2-refused")
+        _, job = await gw.json("GET", f"/api/v1/queues/keys/jobs/{jid}")
+        assert job["state"] == "queued" and not job["cancelRequested"]
+
+        # its own browser cancels it; the job moved between prepare and commit: the gateway
+        # answers 409 and the page prepares again, once
+        commits: list[int] = []
+        subject = subjects.job_subject("keys", jid)
+
+        async def move_first(route: Any) -> None:
+            if not commits:
+                last = await peer.last_seq(subjects.JOBS_STREAM, subject)
+                await peer.append(subject, {"type": "note"}, expected_last_seq=last)
+            response = await route.fetch()
+            commits.append(response.status)
+            await route.fulfill(response=response)
+
+        await mine.route(f"**/jobs/{jid}/signed", move_first)
+        await mine.click("#cancel")
+        await mine.wait_for_selector("#state[data-state='cancelled']")
+        assert commits == [409, 200]
+        await shot(mine, "keys-3-cancelled")
+    state = await jobs.read_job(peer, "keys", jid)
+    assert state is not None and state.reason == "cancelled"
+    cancels = [h for h in state.history if h.type == "cancel" and h.accepted]
+    assert [h.signer for h in cancels] == [key]
+
+
+async def test_without_ed25519_the_page_lets_the_gateway_sign_and_says_so(
+    stack: Stack, browser: Any
+) -> None:
+    gw = await stack.gateway()
+    no_ed25519 = (
+        "crypto.subtle.generateKey = () => Promise.reject("
+        "new DOMException('Unrecognized name', 'NotSupportedError'));"
+    )
+    definition = {"image": IMAGE, "command": "echo fallback"}
+    jid = job_id(definition)
+    async with browser_page(browser, no_ed25519) as pg:
+        await pg.goto(job_link(gw.url, definition, queue="fallback"))
+        await pg.wait_for_selector("#your-key:has-text('no key')")
+        note = await pg.get_attribute("#your-key", "title")
+        assert note is not None and "the gateway signs" in note
+        await pg.wait_for_selector("#validation:has-text('valid')")
+        await pg.click("#run")
+        await pg.wait_for_selector("#state[data-state='queued']")
+        _, job = await gw.json("GET", f"/api/v1/queues/fallback/jobs/{jid}")
+        assert job["submitter"] == await gateway_peer_id(gw)
+        await pg.click("#cancel")
+        await pg.wait_for_selector("#state[data-state='cancelled']")
+        await shot(pg, "keys-fallback")
+
+
+async def test_the_page_shows_the_queue_policy_and_marks_a_trusted_worker(
+    stack: Stack, busybox_image: str, page: Any
+) -> None:
+    import dataclasses
+
+    from asman.log import queues
+    from asman.log.policy import Policy, new_private_queue
+
+    gw = await stack.gateway()
+    owner = await stack.peer()
+    queue = new_private_queue(owner.peer_id)
+    worker = await stack.worker(queue)
+    me = owner.peer_id
+    await queues.write_policy(
+        owner,
+        queue,
+        lambda _: dataclasses.replace(
+            Policy(queue, 0, me, me), workers=frozenset({worker.log.peer_id})
+        ),
+    )
+    definition = {"image": IMAGE, "command": "echo vetted"}
+    await page.goto(job_link(gw.url, definition, queue=queue))
+    await page.wait_for_selector("#policy-note:has-text('results from 1 listed worker')")
+    await page.click("#run")
+    await page.wait_for_selector("#state[data-state='success']")
+    await page.wait_for_selector("#worker:has-text('trusted by the queue')")
+    await shot(page, "policy-trusted")
+
+    await stack.worker("openq")
+    await page.goto(job_link(gw.url, definition, queue="openq"))
+    await page.wait_for_selector("#policy-note:has-text('open (no policy)')")
+    await page.click("#run")
+    await page.wait_for_selector("#state[data-state='success']")
+    await page.wait_for_selector("#worker:has-text('not vetted')")

@@ -6,17 +6,21 @@ each signature with the code docs/guide.md gives receivers."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faults import Cli
 from gatewaystack import IMAGE, Gateway, Stack
 from receiver import Receiver, guide_function
 
-from asman.peer.callbacks import CallbackSettings
+from asman.log.keys import PeerKey
+from asman.peer.callbacks import CallbackSender, CallbackSettings
 
 QUEUE = "hooks"
 #: retries a tenth of a second apart, so a receiver that fails twice is served at once
@@ -24,6 +28,14 @@ FAST = CallbackSettings(first_delay_s=0.1, max_delay_s=0.5, window_s=60, grace_s
 
 verify_asman_callback = guide_function("verify_asman_callback")
 sent_by_the_job_peer = guide_function("sent_by_the_job_peer")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @pytest.fixture
@@ -240,8 +252,161 @@ async def test_cancelling_a_queued_job_sends_finished_from_the_gateway(
     assert verify_asman_callback(call.headers, call.body) == await gateway_key(gw)
     # cancelling again changes nothing and calls back nobody
     status, again = await gw.json("POST", f"/q/{QUEUE}/j/{body['jobId']}/cancel")
-    assert status == 200 and again["message"] == "Job already Finished"
+    assert status == 200 and again["message"] == "Job already Finished|Removed"
     assert len(receiver.calls) == 1
+
+
+async def test_a_job_replaced_in_its_namespace_sends_finished_from_the_gateway(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A newer job in the namespace replaces a job still queued: the gateway's release
+    (its Replacer, in the background) finished it, so the gateway sends its finished
+    callback, as for its cancel."""
+    gw = await stack.gateway(allow_urls=("127.0.0.1",), callbacks=FAST)
+    namespace = f"ns{secrets.randbelow(1_000_000)}"
+    control = {"callbacks": {"finished": {"url": receiver.url("/finished")}}}
+    older = {"image": IMAGE, "command": "echo older"}
+    status, first = await gw.json(
+        "POST",
+        f"/api/v1/queues/{QUEUE}/jobs",
+        json={"definition": older, "namespace": namespace, "control": control},
+    )
+    assert status == 201, first
+    newer = {"image": IMAGE, "command": "echo newer"}
+    status, second = await gw.json(
+        "POST",
+        f"/api/v1/queues/{QUEUE}/jobs",
+        json={"definition": newer, "control": {"namespace": namespace}},
+    )
+    assert status == 201, second
+
+    call = await receiver.delivered("/finished")
+    got = call.json
+    assert (got["jobId"], got["namespace"]) == (first["jobId"], namespace)
+    assert (got["reason"], got["finishedReason"]) == ("cancelled", "JobReplacedByClient")
+    key = verify_asman_callback(call.headers, call.body)
+    assert key == await gateway_key(gw)
+    assert await asyncio.to_thread(sent_by_the_job_peer, gw.url, got, key)
+    job = await gw.wait_job(QUEUE, first["jobId"])
+    assert job["result"]["replacedBy"] == second["jobId"], job["result"]
+
+
+async def test_the_namespace_and_control_namespace_are_one(gateway: Gateway) -> None:
+    """/api/v1 takes a namespace beside the control, which has its own: either names it for
+    both, and two different ones are refused before anything reaches the log."""
+    jobs_url = f"/api/v1/queues/{QUEUE}/jobs"
+    for n, body in enumerate(
+        (
+            {"namespace": "a"},
+            {"control": {"namespace": "a"}},
+            {"namespace": "a", "control": {"namespace": "a", "callbacks": {}}},
+        )
+    ):
+        definition = {"image": IMAGE, "command": f"echo one {n}"}
+        status, job = await gateway.json("POST", jobs_url, json={"definition": definition, **body})
+        assert status == 201, (body, job)
+        assert job["namespaces"] == ["a"] and job["control"] == {"namespace": "a"}, (body, job)
+
+    status, answer = await gateway.json(
+        "POST",
+        jobs_url,
+        json={
+            "definition": {"image": IMAGE, "command": "echo two"},
+            "namespace": "a",
+            "control": {"namespace": "b"},
+        },
+    )
+    assert status == 400, answer
+    assert answer["error"] == (
+        "namespace 'a' and control.namespace 'b' differ: name the namespace once, or the "
+        "same in both"
+    )
+    _, listing = await gateway.json("GET", jobs_url)
+    assert listing["count"] == 3  # the refused one never reached the log
+
+
+async def test_a_job_signed_by_its_own_key_has_its_control_and_the_gateway_calls_back(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """The page signs its submissions with the browser's key: the prepared event carries
+    the control and the namespace, so the signed job has them, and the gateway, which
+    appended it, sends the queued callback (and the finished one of a cancel that key
+    signed). The guide's receiver check accepts the gateway for that job."""
+    gw = await stack.gateway(allow_urls=("127.0.0.1",), callbacks=FAST)
+    key = PeerKey.generate()
+    control = {
+        "namespace": "mine",
+        "callbacks": {
+            "queued": {"url": receiver.url("/queued"), "payload": {"z": 1, "a": [2.5]}},
+            "finished": {"url": receiver.url("/finished")},
+        },
+    }
+    definition = {"image": IMAGE, "command": "echo signed"}
+    prepare = f"/api/v1/queues/{QUEUE}/jobs/prepare"
+
+    async def sign_and_commit(prepared: dict[str, Any]) -> tuple[int, Any]:
+        signature = key.sign(_unb64(prepared["toSign"]))
+        parts = {k: prepared[k] for k in ("protected", "payload")}
+        return await gw.json(
+            "POST", prepared["commit"], json={**parts, "signature": _b64(signature)}
+        )
+
+    status, prepared = await gw.json(
+        "POST", prepare, json={"definition": definition, "key": key.peer_id, "control": control}
+    )
+    assert status == 200, prepared
+    assert prepared["event"]["namespace"] == "mine"
+    assert json.loads(prepared["event"]["control"]) == control
+    status, job = await sign_and_commit(prepared)
+    assert status == 201, job
+    gateway = await gateway_key(gw)
+    assert job["submitter"] == key.peer_id != gateway
+    assert job["control"] == control and job["namespaces"] == ["mine"]
+
+    queued = await receiver.delivered("/queued")
+    assert queued.json["namespace"] == "mine" and queued.json["config"] == {"z": 1, "a": [2.5]}
+    sender = verify_asman_callback(queued.headers, queued.body)
+    assert sender == gateway  # the gateway appended it, the browser's key signed it
+    assert await asyncio.to_thread(sent_by_the_job_peer, gw.url, queued.json, sender)
+    assert not await asyncio.to_thread(
+        sent_by_the_job_peer, gw.url, queued.json, PeerKey.generate().peer_id
+    )
+
+    # the key cancels its job, which never ran: the gateway appended the cancel, it calls back
+    status, prepared = await gw.json(
+        "POST",
+        f"/api/v1/queues/{QUEUE}/jobs/{job['jobId']}/cancel/prepare",
+        json={"key": key.peer_id},
+    )
+    assert status == 200, prepared
+    status, cancelled = await sign_and_commit(prepared)
+    assert status == 200 and cancelled["reason"] == "cancelled", cancelled
+    finished = await receiver.delivered("/finished")
+    assert finished.json["reason"] == "cancelled" and finished.json["worker"] == key.peer_id
+    sender = verify_asman_callback(finished.headers, finished.body)
+    assert sender == gateway
+    assert await asyncio.to_thread(sent_by_the_job_peer, gw.url, finished.json, sender)
+
+    # the prepare refuses two namespaces, and a control that is not valid, saying so
+    for body, says in (
+        ({"namespace": "x", "control": {"namespace": "y"}}, "differ"),
+        ({"control": {"callbacks": {"queued": {"url": "ftp://x/"}}}}, "callbacks.queued.url"),
+    ):
+        status, answer = await gw.json(
+            "POST", prepare, json={"definition": definition, "key": key.peer_id, **body}
+        )
+        assert status == 400 and says in answer["error"], answer
+
+
+async def test_an_error_in_the_senders_block_is_raised_as_it_is() -> None:
+    """`asman jobs cancel` inside a callback sender: its one-line refusal came out as "an
+    ExceptionGroup: unhandled errors in a TaskGroup", the sender's task group wrapping it."""
+    from asman.errors import InvalidInput
+    from asman.peer.netguard import UrlPolicy
+
+    with pytest.raises(InvalidInput, match=r"^refused$"):
+        async with CallbackSender(PeerKey.generate(), UrlPolicy.parse([]), FAST):
+            raise InvalidInput("refused")
 
 
 @pytest.mark.parametrize(
@@ -253,7 +418,7 @@ async def test_cancelling_a_queued_job_sends_finished_from_the_gateway(
         ({"callbacks": {"finished": "https://example.org"}}, '{"url"'),
         ({"namespace": 7}, "control.namespace"),
         ({"hooks": {}}, "unknown fields ['hooks']"),
-        ("https://example.org", "JSON object"),
+        ("https://example.org", "control must be an object"),
     ],
 )
 async def test_a_bad_control_is_refused_with_what_is_wrong(

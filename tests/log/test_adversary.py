@@ -10,110 +10,25 @@ issue 12; the ones that need a real worker and Docker are in tests/peer/test_wor
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import nats
 import nats.js.errors
 import pytest
-from nats.aio.client import Client as NATS
+from adversary import Attacker, MakeLog, claim_waiting
 
 from asman.errors import HistoryFull
-from asman.log import jobs, subjects, wire
-from asman.log.connection import Log, LogConfig
+from asman.log import jobs, subjects
+from asman.log.connection import Log
 from asman.log.definition import job_id
 from asman.log.events import JobState, now_ms
-from asman.log.keys import PeerKey
-from asman.log.leases import JobLease, WaitingIndex, claim
-
-MakeLog = Callable[..., Awaitable[Log]]
+from asman.log.leases import WaitingIndex, claim
 
 DEF = {"image": "asman/busybox:local", "command": "echo the real job"}
 EVIL = {"image": "asman/busybox:local", "command": "echo the attacker's job"}
-
-
-@pytest.fixture
-async def make_log(nats_url: str) -> AsyncIterator[MakeLog]:
-    opened: list[Log] = []
-
-    async def make(**overrides: Any) -> Log:
-        config = dataclasses.replace(LogConfig(servers=(nats_url,)), **overrides)
-        log = Log(config, PeerKey.generate())
-        await log.connect()
-        opened.append(log)
-        return log
-
-    yield make
-    for log in opened:
-        await log.close()
-
-
-class Attacker:
-    """A fresh key and a raw connection: no Asman peer code decides what it sends."""
-
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
-        self.key = PeerKey.generate()
-
-    async def last_seq(self, subject: str) -> int:
-        try:
-            msg = await self.js.get_msg(subjects.JOBS_STREAM, subject=subject, direct=True)
-        except nats.js.errors.NotFoundError:
-            return 0
-        return int(msg.seq or 0)
-
-    async def sign_on_top(self, subject: str, event: dict[str, Any]) -> int:
-        """A well-formed, chained event of its own, appended like an honest one."""
-        prev = await self.last_seq(subject)
-        body = {"ts": now_ms(), **event, "prev": prev}
-        ack = await self.js.publish(
-            subject,
-            wire.seal(self.key, subject, body),
-            headers={subjects.HDR_EXPECTED_LAST_SUBJECT_SEQ: str(prev)},
-        )
-        return int(ack.seq)
-
-    async def raw(self, subject: str, data: bytes) -> int:
-        return int((await self.js.publish(subject, data)).seq)
-
-    async def history(self, subject: str) -> list[bytes]:
-        """Every envelope on the subject, as stored (to replay)."""
-        out, seq = [], 1
-        while True:
-            try:
-                msg = await self.js.get_msg(
-                    subjects.JOBS_STREAM, seq=seq, next=True, subject=subject, direct=True
-                )
-            except nats.js.errors.NotFoundError:
-                return out
-            assert msg.data is not None
-            out.append(msg.data)
-            seq = int(msg.seq or 0) + 1
-
-
-@pytest.fixture
-async def attacker(nats_url: str) -> AsyncIterator[Attacker]:
-    nc = await nats.connect(nats_url)
-    try:
-        yield Attacker(nc)
-    finally:
-        await nc.close()
-
-
-async def claim_waiting(log: Log, queue: str) -> JobLease:
-    index = WaitingIndex(log, queue, asyncio.Event())
-    await index.scan()
-    for cand in sorted(index.entries.values(), key=lambda c: c.order):
-        if cand.waiting:
-            lease = await claim(log, queue, cand.job_id, cand.entry.seq)
-            if lease is not None:
-                return lease
-    raise AssertionError("nothing to claim")
 
 
 async def no(_: JobState) -> bool:

@@ -80,7 +80,7 @@ async def test_only_the_submitter_changes_the_control_of_a_re_run(make_log: Make
         ({"callbacks": {"queued": {"url": "https://x/" + "a" * 3000}}}, "over the limit"),
         ({"callbacks": {"finished": {"url": "https://x/", "payload": "p" * 20_000}}}, "16384"),
         ({"namespace": ""}, "control.namespace"),
-        ([], "JSON object"),
+        ([], "control must be an object"),
     ],
 )
 def test_a_bad_control_says_what_is_wrong(control: object, says: str) -> None:

@@ -116,6 +116,22 @@ def test_all_lists_the_public_names() -> None:
     assert set(wire.__all__) == public | constants | {"SCHEMA_VERSION"}
 
 
+def test_an_event_signed_elsewhere_is_the_envelope_seal_makes() -> None:
+    """``to_sign`` + a signature made by the key's holder + ``assemble``: a browser's key
+    signs the bytes the gateway prepared, and readers see what ``seal`` would have written."""
+    unsigned = wire.to_sign(KEY.public_bytes, SUBJECT, EVENT)
+    envelope = wire.assemble(unsigned.protected, unsigned.payload, KEY.sign(unsigned.data))
+    assert envelope == seal(KEY, SUBJECT, EVENT)  # Ed25519 is deterministic
+    opened = open_envelope(envelope, SUBJECT)
+    assert opened.signer == KEY.peer_id and opened.event == {"v": 2, **EVENT}
+    # signed by another key under this kid: refused as any forged envelope is
+    forged = wire.assemble(unsigned.protected, unsigned.payload, OTHER.sign(unsigned.data))
+    with pytest.raises(BadSignature):
+        open_envelope(forged, SUBJECT)
+    with pytest.raises(TypeError, match="32-byte"):
+        wire.to_sign(b"short", SUBJECT, EVENT)
+
+
 def test_opened_is_frozen() -> None:
     opened = open_envelope(sample(), SUBJECT)
     with pytest.raises(dataclasses.FrozenInstanceError):

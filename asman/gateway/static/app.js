@@ -4,6 +4,8 @@
 // `control` (same encoding) goes with the job, not in it: its callbacks (webhooks).
 // The queue may be given as a URL (https://host/q/<queue>, https://host/<queue>).
 // No build step, no dependencies: plain DOM, fetch and EventSource.
+// What this page submits and cancels is signed by this browser's own Ed25519 key (WebCrypto,
+// not extractable, kept in IndexedDB): the gateway prepares the bytes, the browser signs them.
 "use strict";
 
 (() => {
@@ -26,7 +28,7 @@
     workersNote: $("workers-note"), jobId: $("job-id"), jobLink: $("job-link"),
     jobState: $("job-state"), exitCode: $("exit-code"), duration: $("duration"),
     worker: $("worker"), waiting: $("waiting"), message: $("message"),
-    logs: $("logs"), outputs: $("outputs"),
+    logs: $("logs"), outputs: $("outputs"), submitter: $("submitter"), yourKey: $("your-key"),
   };
 
   const app = {
@@ -198,6 +200,108 @@
 
   const jobUrl = (queue, id) => `${API}/queues/${encodeURIComponent(queue)}/jobs/${id}`;
 
+  // -- your key -----------------------------------------------------------------------------
+  // One Ed25519 key per browser (per profile), made on first use. Its private half cannot be
+  // exported, not even by this page; the gateway never sees it. The jobs it signs are its
+  // own: only it can cancel them. Without WebCrypto Ed25519 the gateway signs instead.
+
+  const KEY_DB = "asman";
+  const KEY_STORE = "keys";
+  const KEY_NAME = "browser";
+  const me = { key: null, id: null, gateway: null, ready: null };
+
+  function idb(request) {
+    return new Promise((resolve, reject) => {
+      request.onsuccess = () => resolve(request.result);
+      request.onerror = (ev) => { ev.preventDefault(); reject(request.error); };
+    });
+  }
+
+  const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+
+  function toB64url(bytes) {
+    let s = "";
+    for (const b of bytes) s += String.fromCharCode(b);
+    return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  function fromB64url(text) {
+    const s = text.replace(/-/g, "+").replace(/_/g, "/");
+    return Uint8Array.from(atob(s + "=".repeat((4 - (s.length % 4)) % 4)), (c) => c.charCodeAt(0));
+  }
+
+  async function loadKey() {
+    if (!window.isSecureContext || !window.crypto || !crypto.subtle || !window.indexedDB) {
+      throw new Error("WebCrypto needs a secure page (https, or a gateway on localhost)");
+    }
+    const open = indexedDB.open(KEY_DB, 1);
+    open.onupgradeneeded = () => open.result.createObjectStore(KEY_STORE);
+    const db = await idb(open);
+    const store = (mode) => db.transaction(KEY_STORE, mode).objectStore(KEY_STORE);
+    try {
+      let found = await idb(store("readonly").get(KEY_NAME));
+      if (!found) {
+        const pair = await crypto.subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"]);
+        const raw = new Uint8Array(await crypto.subtle.exportKey("raw", pair.publicKey));
+        const fresh = { privateKey: pair.privateKey, publicKey: pair.publicKey, id: hex(raw) };
+        try {
+          await idb(store("readwrite").add(fresh, KEY_NAME));
+          found = fresh;
+        } catch (err) {
+          found = await idb(store("readonly").get(KEY_NAME)); // another tab made one first
+        }
+      }
+      if (!found || !found.privateKey || !/^[0-9a-f]{64}$/.test(found.id)) {
+        throw new Error("the key stored in this browser cannot be read");
+      }
+      return found;
+    } finally {
+      db.close();
+    }
+  }
+
+  async function setUpKey() {
+    try {
+      const info = await call("GET", `${API}/info`);
+      me.gateway = info.peerId;
+    } catch (err) { /* the job views still say who submitted */ }
+    try {
+      const found = await loadKey();
+      me.key = found.privateKey;
+      me.id = found.id;
+      el.yourKey.dataset.peerId = me.id;
+      el.yourKey.textContent = `your key: ${me.id.slice(0, 12).replace(/(.{4})(?=.)/g, "$1 ")}`;
+      el.yourKey.title = "Jobs you run from this browser are signed with its own key, which "
+        + "never leaves it: only this browser can cancel them. Its public key is " + me.id;
+    } catch (err) {
+      // said once, here: the page works on, with the gateway's signature
+      me.key = null;
+      el.yourKey.textContent = "no key: the gateway signs your jobs, and anyone may cancel them";
+      el.yourKey.classList.add("bad");
+      el.yourKey.title = `This browser cannot keep its own signing key (${err.message || err.name}), `
+        + "so the gateway signs your jobs: anyone using this gateway may cancel them.";
+    }
+  }
+
+  // Sign with this browser's key what the gateway prepares, and send it back.
+  async function signed(prepareUrl, body) {
+    const prepared = await call("POST", prepareUrl, { ...body, key: me.id });
+    if (prepared.signer !== me.id) throw new Error("the gateway prepared an event for another key");
+    const signature = await crypto.subtle.sign({ name: "Ed25519" }, me.key, fromB64url(prepared.toSign));
+    return call("POST", prepared.commit, {
+      protected: prepared.protected,
+      payload: prepared.payload,
+      signature: toB64url(new Uint8Array(signature)),
+    });
+  }
+
+  function whose(id) {
+    if (!id) return "–";
+    if (me.id && id === me.id) return "you (this browser's key)";
+    if (me.gateway && id === me.gateway) return "the gateway";
+    return `another key ${short(id)}`;
+  }
+
   // -- rendering ----------------------------------------------------------------------------
 
   function fmtDuration(ms) {
@@ -233,9 +337,14 @@
     el.exitCode.textContent = result && result.exitCode !== null ? String(result.exitCode) : "–";
     el.duration.textContent = result ? fmtDuration(result.durationMs) : "–";
     el.worker.textContent = view.worker ? short(view.worker) : "–";
+    if (result && result.trustedWorker) el.worker.textContent += " ✓ trusted by the queue";
+    else if (result && view.worker) el.worker.textContent += " (any worker: not vetted)";
     el.worker.title = view.worker || "";
+    el.submitter.textContent = whose(view.submitter);
+    el.submitter.title = view.submitter || "";
     if (view.control && Object.keys(view.control).length) renderControl(view.control, "job");
     el.message.textContent = result && result.message ? result.message : "";
+    el.message.classList.remove("bad");
     if (view.state !== "queued") showWaiting(null);
     else if (view.waiting) showWaiting(view.waiting);
     el.cancel.disabled = view.state === "finished";
@@ -291,9 +400,10 @@
     li.className = "note";
     li.textContent = "none yet";
     el.outputs.append(li);
-    for (const k of ["jobState", "exitCode", "duration", "worker"]) el[k].textContent = "–";
+    for (const k of ["jobState", "exitCode", "duration", "worker", "submitter"]) el[k].textContent = "–";
     renderControl(app.control, "link");
     el.message.textContent = "";
+    el.message.classList.remove("bad");
     showWaiting(null);
     el.cancel.disabled = true;
     app.state = null;
@@ -490,9 +600,11 @@
     const queue = queueName();
     el.run.disabled = true;
     try {
+      const jobs = `${API}/queues/${encodeURIComponent(queue)}/jobs`;
+      // the link's control (callbacks, namespace) goes with the job: signed with it, or not
       const body = { definition: definition() };
       if (app.control) body.control = app.control;
-      const res = await call("POST", `${API}/queues/${encodeURIComponent(queue)}/jobs`, body);
+      const res = me.key ? await signed(`${jobs}/prepare`, body) : await call("POST", jobs, body);
       app.jobId = res.jobId;
       el.jobId.textContent = res.jobId;
       stopFollowing();
@@ -509,10 +621,23 @@
   async function cancel() {
     if (!app.followed) return;
     el.cancel.disabled = true;
+    const url = jobUrl(app.followed.queue, app.followed.jobId);
+    const message = "cancelled from the page";
     try {
-      await call("POST", `${jobUrl(app.followed.queue, app.followed.jobId)}/cancel`, { message: "cancelled from the page" });
+      if (me.key && !(app.state && app.state.submitter === me.gateway)) {
+        try {
+          await signed(`${url}/cancel/prepare`, { message });
+        } catch (err) {
+          if (err.status !== 409) throw err;
+          await signed(`${url}/cancel/prepare`, { message }); // the job moved on: once more
+        }
+      } else {
+        // a job the gateway signed (or no key here): the gateway cancels it with its own
+        await call("POST", `${url}/cancel`, { message });
+      }
     } catch (err) {
-      el.message.textContent = err.message;
+      el.message.textContent = err.status === 403 ? `Cancel refused: ${err.message}` : err.message;
+      el.message.classList.add("bad");
       el.cancel.disabled = false;
     }
   }
@@ -525,8 +650,10 @@
       return;
     }
     try {
-      const res = await call("GET", `${API}/queues/${encodeURIComponent(queue)}/workers`);
+      const q = `${API}/queues/${encodeURIComponent(queue)}`;
+      const [res, policy] = await Promise.all([call("GET", `${q}/workers`), call("GET", `${q}/policy`)]);
       renderWorkers(res.workers, queue);
+      $("policy-note").textContent = `Queue: ${policy.summary}`;
     } catch (err) {
       el.workersNote.textContent = err.message;
     }
@@ -535,6 +662,8 @@
   // -- loading ------------------------------------------------------------------------------
 
   async function load() {
+    if (!me.ready) me.ready = setUpKey();
+    await me.ready;
     app.params = readHash();
     el.queue.value = plainParam("queue") || "";
     app.inputs = {};

@@ -13,8 +13,10 @@ The user it describes runs Asman with ``--reads consumer --inbox-prefix _INBOX.<
 is denied: listing streams, consumers or subjects, reading another queue, the payload-filtered
 direct get, and other users' inboxes.
 
-Subjects come from asman.log.subjects, so they follow the wire format; the checked-in
-permissions.conf is this script's output, compared by tests/federation/test_static.py.
+The permissions themselves are asman.log.permissions' (the auth callout of deploy/nats/public
+grants the same), built from asman.log.subjects, so they follow the wire format; the
+checked-in permissions.conf is this script's output, compared by
+tests/federation/test_static.py.
 """
 
 from __future__ import annotations
@@ -23,67 +25,8 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import dataclass
 
-from asman.log import subjects
-
-ROLES = ("worker", "client")
-
-
-@dataclass(frozen=True)
-class Permissions:
-    user: str
-    publish: tuple[str, ...]
-    subscribe: tuple[str, ...]
-
-    @property
-    def inbox_prefix(self) -> str:
-        return f"_INBOX.{self.user}"
-
-
-def _api(domain: str | None) -> str:
-    return f"$JS.{domain}.API" if domain else "$JS.API"
-
-
-def _filtered_reads(api: str, stream: str, subject_filter: str) -> list[str]:
-    """Create (the filter is in the subject, so it is checked), pull and delete an ephemeral
-    read consumer (asman/log/filtered.py). Its random name is the only thing unconfined."""
-    return [
-        f"{api}.CONSUMER.CREATE.{stream}.*.{subject_filter}",
-        f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
-        f"{api}.CONSUMER.DELETE.{stream}.*",
-    ]
-
-
-def permissions(
-    role: str, queue: str, user: str | None = None, domain: str | None = None
-) -> Permissions:
-    """The permissions of ``role`` ("worker" or "client") on ``queue``."""
-    subjects.validate_queue(queue)
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-    user = user or f"{role}-{queue}"
-    api = _api(domain)
-    jobs = subjects.jobs_filter(queue)  # asman.job.<queue>.*
-    waiting = subjects.waiting_filter(queue)  # asman.waiting.<queue>.*.*
-    logs = f"{subjects.PREFIX}.logs.{queue}.*"
-    beats = subjects.workers_filter(queue)  # asman.workers.<queue>.*.*
-    pub = [
-        jobs,  # signed events (JetStream publish; the PubAck comes back to the inbox)
-        waiting,  # waiting-index entries (submit, claim, finish, repair)
-        f"{api}.DIRECT.GET.{subjects.JOBS_STREAM}.{jobs}",  # last event of a job: subject form
-        *_filtered_reads(api, subjects.JOBS_STREAM, jobs),
-        *_filtered_reads(api, subjects.WAITING_STREAM, waiting),
-        *_filtered_reads(api, subjects.LOGS_STREAM, logs),
-        *_filtered_reads(api, subjects.WORKERS_STREAM, beats),
-    ]
-    sub = [f"_INBOX.{user}.>", jobs]  # own replies; live job events (watch, cancel)
-    if role == "worker":
-        pub += [logs, beats]  # live log chunks, heartbeats
-        sub.append(waiting)  # live waiting-index entries: no consumer per queue
-    else:
-        sub.append(logs)  # follow live logs
-    return Permissions(user, tuple(pub), tuple(sub))
+from asman.log.permissions import Permissions, permissions
 
 
 def conf_variable(p: Permissions) -> str:
