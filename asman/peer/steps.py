@@ -80,6 +80,8 @@ class SharedFolders:
 
     def _checked_parent(self, path: str, *, writable: bool) -> tuple[Path, Path]:
         host, base = self._host(path, writable=writable)
+        if host == base:  # the shared folder itself: the worker made it, no symlink
+            return base, base
         parent = host.parent.resolve()
         if not parent.is_relative_to(base.resolve()):
             raise InvalidPath(path, "leads out of its folder through a symlink")
@@ -122,16 +124,12 @@ class SharedFolders:
         """The regular files the output paths name, at most ``max_files``; what is skipped
         is said in ``note``."""
         found: list[Found] = []
-        seen: set[str] = set()
-        for out in outputs:
+        for out in outputs:  # a file two outputs name is found (and uploaded) for each
             for root in self._matches(out, note):
                 for path, host, size in self._files(root, out, note):
-                    if path in seen:
-                        continue
                     if len(found) >= self.max_files:
                         note.append(f"output path {path}: more than {self.max_files} files")
                         return found
-                    seen.add(path)
                     found.append(Found(path, host, size, root, out))
         return found
 
