@@ -94,7 +94,7 @@ def _abs_path(
     if not wildcards and has_wildcards(path):
         raise InvalidPath(path, f"may not hold wildcards (*, ?, [) (in {field})")
     root = rest.split("/", 1)[0]
-    never = _NEVER if outputs_ok else (*_NEVER, "outputs")
+    never: tuple[str, ...] = _NEVER if outputs_ok else (*_NEVER, "outputs")
     if inputs_ok:
         never = tuple(n for n in never if n != "inputs")
     if root in never or (root in ("inputs", "outputs") and rest == root):
