@@ -322,3 +322,20 @@ async def test_unknown_tasks_and_bad_views_are_client_errors(tes_stack: Tes) -> 
     assert status == 400 and "page_token" in body["error"]
     status, _ = await g.json("POST", f"{base}/tasks/{'0' * 64}:cancel")
     assert status == 404
+
+
+async def test_the_guide_s_example_runs(tes_stack: Tes, stack: Stack, s3_server: SeaweedS3) -> None:
+    """docs/examples/tes_two_steps.py, the guide's copy-paste example, as a user runs it."""
+    import runpy
+    from pathlib import Path
+
+    await worker(tes_stack, stack, s3_server)
+    example = Path(__file__).parents[2] / "docs" / "examples" / "tes_two_steps.py"
+    run = runpy.run_path(str(example))["run"]
+    done = await asyncio.to_thread(run, f"{tes_stack.gateway.url}/q/{tes_stack.queue}", IMAGE)
+    assert done.state == "COMPLETE"
+    assert done.logs[0].logs[1].stdout == "hello\nAsman\n"
+    status, job = await tes_stack.gateway.json(
+        "GET", f"/api/v1/queues/{tes_stack.queue}/jobs/{done.id}/outputs/hello.txt"
+    )
+    assert (status, job) == (200, "hello\nAsman\n")
