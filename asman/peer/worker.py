@@ -38,7 +38,7 @@ from asman.escape import one_line
 from asman.log import jobs, subjects
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
-from asman.log.definition import JobSpec
+from asman.log.definition import JobSpec, validate_relative_path
 from asman.log.events import JobState, now_ms
 from asman.log.leases import (
     Candidate,
@@ -1015,10 +1015,16 @@ class Worker:
         )
         extra: list[dict[str, Any]] = []
         for f in found:
+            name = container_output_name(f.path)
+            try:
+                name.encode()
+                validate_relative_path(name, "outputPaths")
+            except (UnicodeEncodeError, InvalidInput) as exc:  # a name the job's code chose
+                joblog.system(f"output {one_line(f.path)} skipped ({one_line(str(exc))})")
+                continue
             url = output_url(f.output, f.path, f.root)
             if url is not None:
                 await upload_to_s3(self.blobs, f.host, url)
-            name = container_output_name(f.path)
             if name in names:
                 continue
             total += f.size

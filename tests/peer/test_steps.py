@@ -6,6 +6,8 @@ may fail (``ignoreError``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from workerstack import IMAGE, Stack, containers_of, job_text, output_bytes, run_job
 
@@ -105,3 +107,48 @@ async def test_ignore_error_goes_on_and_stdin_is_fed_from_a_file(stack: Stack) -
     assert [s.exit_code for s in state.result.steps] == [5, 0]
     outs = await output_bytes(blobs, state)
     assert outs["sorted.txt"] == b"a\nb\nc\n" and outs["err.txt"] == b""
+
+
+async def test_the_worker_never_follows_a_step_s_symlinks_nor_trusts_its_names(
+    stack: Stack,
+) -> None:
+    """A step plants symlinks to the host's files and a name with a newline in the shared
+    folders: the worker (root) neither writes a redirect through them nor collects them."""
+    client = await stack.log()
+    blobs = await stack.blobs(client)
+    await stack.start_worker("stephostile")
+    plant = (
+        "ln -s /etc /data/etc; ln -s /etc/passwd /data/out/passwd; "
+        "echo x > \"/data/out/bad$(printf '\\001')name\"; echo fine > /data/out/ok.txt"
+    )
+    state = await run_job(
+        client,
+        "stephostile",
+        {
+            "image": IMAGE,
+            "volumes": ["/data"],
+            "outputPaths": [{"path": "/data/out", "type": "directory"}],
+            "steps": [{"command": ["sh", "-c", f"mkdir -p /data/out; {plant}"]}],
+        },
+    )
+    assert state.reason == "success", state.result
+    outs = await output_bytes(blobs, state)
+    assert outs == {"data/out/ok.txt": b"fine\n"}
+    text = (await job_text(client, state)).get("system", "")
+    assert "data/out/bad\\x01name skipped" in text, text
+
+    state = await run_job(
+        client,
+        "stephostile",
+        {
+            "image": IMAGE,
+            "volumes": ["/data"],
+            "steps": [
+                {"command": ["sh", "-c", "ln -s /etc /data/etc"]},
+                {"command": ["echo", "pwned"], "stdout": "/data/etc/asman-pwned"},
+            ],
+        },
+    )
+    assert state.reason == "error" and state.result is not None
+    assert "symlink" in state.result.message, state.result.message
+    assert not Path("/etc/asman-pwned").exists()  # noqa: ASYNC240
