@@ -270,6 +270,14 @@ def _validate_output_paths(value: Any) -> list[dict[str, Any]]:
             _str(entry["pathPrefix"], f"{where}.pathPrefix")
         if "url" in entry:
             _validate_url(entry["url"], f"{where}.url")
+        folder = OutputPath.from_json(entry).folder
+        if folder in ("/", "/tmp"):
+            raise InvalidPath(
+                path,
+                f"lies in {folder}, a folder that cannot be shared by the steps (it would be "
+                f"bound writable over the container's own): put it in a folder such as "
+                f"/data (in {where}.path)",
+            )
         out.append(entry)
     return out
 

@@ -75,3 +75,12 @@ def test_bad_multistep_fields_get_one_line_saying_what_is_wrong(
         validate_definition({**TWO, **change})
     message = str(err.value)
     assert words in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("path", ["/out.txt", "/tmp/out.txt", "/*.txt", "/tmp/*.txt"])
+def test_an_output_whose_folder_is_root_or_tmp_is_refused(path: str) -> None:
+    """Its folder would be bound writable into every step: the whole root, or over the
+    container's own /tmp (a capped tmpfs)."""
+    with pytest.raises(InvalidInput) as err:
+        validate_definition({**TWO, "outputPaths": [{"path": path, "pathPrefix": "/"}]})
+    assert "folder" in str(err.value), err.value

@@ -152,3 +152,23 @@ async def test_the_worker_never_follows_a_step_s_symlinks_nor_trusts_its_names(
     assert state.reason == "error" and state.result is not None
     assert "symlink" in state.result.message, state.result.message
     assert not Path("/etc/asman-pwned").exists()  # noqa: ASYNC240
+
+
+async def test_a_volume_under_tmp_is_shared_over_the_scratch_tmpfs(stack: Stack) -> None:
+    client = await stack.log()
+    blobs = await stack.blobs(client)
+    await stack.start_worker("steptmp")
+    state = await run_job(
+        client,
+        "steptmp",
+        {
+            "image": IMAGE,
+            "volumes": ["/tmp/work"],
+            "steps": [
+                {"command": ["sh", "-c", "echo kept > /tmp/work/a; echo gone > /tmp/b"]},
+                {"command": ["sh", "-c", "cat /tmp/work/a; ls /tmp"], "stdout": "/outputs/o"},
+            ],
+        },
+    )
+    assert state.reason == "success", state.result
+    assert (await output_bytes(blobs, state))["o"] == b"kept\nwork\n"  # /tmp/b was the step's
