@@ -191,6 +191,10 @@ def task_definition(task: Any) -> dict[str, Any]:
         where = f"inputs[{i}]"
         item = _obj(raw, where, _INPUT_KEYS)
         path = _text(item.get("path"), f"{where}.path")
+        if not path.startswith("/"):
+            raise InvalidInput(f"task field {where}.path {path[:100]!r} must be absolute")
+        if any(m["path"] == path for m in meta_inputs):
+            raise InvalidInput(f"task field {where}.path {path[:100]!r} is given twice")
         ref = _input_ref(item, where)
         if path.startswith("/inputs/"):
             inputs[path[len("/inputs/") :]] = ref

@@ -292,6 +292,12 @@ async def test_list_with_each_filter_and_pages(tes_stack: Tes) -> None:
         ({"outputs": [{"path": "/sys/x", "url": "s3://b/x"}]}, "/sys"),
         ({"outputs": [{"path": "/data/x", "url": "gs://b/x"}]}, "s3://"),
         ({"volumes": ["/dev/shm"]}, "/dev"),
+        ({"inputs": [{"path": "data/x", "content": "x"}]}, "absolute"),
+        (
+            {"inputs": [{"path": "/data/x", "content": "x"}, {"path": "/data/x", "content": "y"}]},
+            "twice",
+        ),
+        ({"outputs": [{"path": "/out.txt", "url": "s3://b/x"}]}, "folder such as /data"),
         ({"executors": [{"image": IMAGE, "command": ["true"], "stdout": "/etc/x"}]}, "share"),
         ({"executors": []}, "at least one executor"),
         ({"priority": 3}, "unknown fields"),
