@@ -186,7 +186,7 @@ def task_definition(task: Any) -> dict[str, Any]:
         meta["tags"] = dict(tags)
     inputs: dict[str, Any] = {}
     config: dict[str, Any] = {}
-    meta_inputs = []
+    meta_inputs: list[dict[str, Any]] = []
     for i, raw in enumerate(_list(t.get("inputs"), "inputs")):
         where = f"inputs[{i}]"
         item = _obj(raw, where, _INPUT_KEYS)
