@@ -141,6 +141,13 @@ def _schemas() -> dict[str, Any]:
                 },
                 "maxDuration": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
                 "tags": {"type": "array", "items": {"type": "string"}},
+                "steps": {
+                    "type": "array",
+                    "description": "Containers run in order in one job (docs/guide.md)",
+                    "items": {"type": "object"},
+                },
+                "volumes": {"type": "array", "items": {"type": "string"}},
+                "outputPaths": {"type": "array", "items": {"type": "object"}},
             },
             "additionalProperties": True,
         },
@@ -154,7 +161,7 @@ def _schemas() -> dict[str, Any]:
                         "value": {},
                         "type": {
                             "type": "string",
-                            "enum": ["utf8", "base64", "json", "url", "key", "blob"],
+                            "enum": ["utf8", "base64", "json", "url", "key", "blob", "s3"],
                         },
                         "hash": {"type": "string"},
                     },
