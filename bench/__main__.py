@@ -2,7 +2,8 @@
 
 Runs, in order: queue path, ``--procs 2`` next to one process, latency, container path,
 blobs (50 MiB x3, 500 MiB x1), scale, many queues (100,000 on one server, 10,000 on an R3
-cluster), gateway. Each prints its table; each writes ``bench/results/<name>.json``; at the end
+cluster), gateway, TES next to Asman's own API. Each prints its table; each writes
+``bench/results/<name>.json``; at the end
 ``bench/results/latest.json`` holds the headline figures, the machine and every result, and
 ``bench/results/latest.md`` the tables (only a run of every benchmark replaces them). Sizes
 are chosen so the whole run takes under 10 minutes on a 2-core box; ``--quick`` shrinks them
@@ -23,10 +24,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-from bench import blobs, container, gateway, latency, procs, queue_path, queues, scale
+from bench import blobs, container, gateway, latency, procs, queue_path, queues, scale, tes
 from bench.common import RESULTS, log, machine
 
-NAMES = ("queue", "procs", "latency", "container", "blobs", "scale", "queues", "gateway")
+NAMES = ("queue", "procs", "latency", "container", "blobs", "scale", "queues", "gateway", "tes")
 
 FULL = {
     "queue": {"n": 2000, "repeat": 3},
@@ -37,6 +38,7 @@ FULL = {
     "scale": {"deep": 100_000, "contended": 2000, "workers": 16},
     "queues": {"queues": 100_000, "cluster_queues": 10_000, "idle_s": 10.0, "probe": 200},
     "gateway": {"n_submit": 1000, "n_read": 2000, "watchers": 500},
+    "tes": {"n": 20},
 }
 QUICK = {
     "queue": {"n": 300, "repeat": 1},
@@ -47,6 +49,7 @@ QUICK = {
     "scale": {"deep": 2000, "contended": 200, "workers": 4},
     "queues": {"queues": 2000, "cluster_queues": 500, "idle_s": 2.0, "probe": 30},
     "gateway": {"n_submit": 100, "n_read": 200, "watchers": 50},
+    "tes": {"n": 4},
 }
 
 
@@ -114,6 +117,8 @@ def _runner(name: str, p: dict[str, Any]) -> tuple[Callable[[], Awaitable[Any]],
         )
     if name == "gateway":
         return lambda: gateway.run(p["n_submit"], p["n_read"], p["watchers"]), gateway.render
+    if name == "tes":
+        return lambda: tes.run(p["n"]), tes.render
     raise ValueError(name)
 
 
@@ -196,6 +201,13 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             gateway_sse_watchers=g["sse"]["watchers"],
             gateway_sse_delivered=g["sse"]["delivered"],
             gateway_sse_p99_ms=g["sse"]["delivery_ms"]["p99"],
+        )
+    t = results.get("tes")
+    if t:
+        out.update(
+            tes_ratio=t["tes_ratio"],
+            tes_p50_ms=t["tes_ms"]["p50"],
+            tes_asman_api_p50_ms=t["asman_api_ms"]["p50"],
         )
     return out
 

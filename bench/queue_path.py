@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from asman.log import jobs
 from asman.log.connection import Log, LogConfig
 from asman.log.keys import PeerKey
 from asman.log.objstore import ObjectStoreBlobs
+from asman.log.policy import Policy, new_private_queue
+from asman.log.queues import write_policy
 from asman.peer.worker import Worker, WorkerConfig
 from bench.claiming import Claimer
 from bench.common import log, median, nats_server, scratch, table
@@ -63,8 +66,10 @@ async def enqueue_asman(client: Log, queue: str, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-async def drain_asman(url: str, queue: str, n: int, slots: int, data_dir: Path) -> float:
-    async with Log(LogConfig(servers=(url,), echo=False), PeerKey.generate()) as wlog:
+async def drain_asman(
+    url: str, queue: str, n: int, slots: int, data_dir: Path, key: PeerKey | None = None
+) -> float:
+    async with Log(LogConfig(servers=(url,), echo=False), key or PeerKey.generate()) as wlog:
         blobs = ObjectStoreBlobs(wlog.js)
         await blobs.ensure()
         runtime = NoopRuntime()
@@ -214,6 +219,7 @@ async def run(n: int = 2000, repeat: int = 3) -> dict[str, Any]:
             "asman_enqueue",
             "asman_drain_1",
             "asman_drain_10",
+            "asman_drain_10_private",
             "protocol_1",
             "protocol_10",
         )
@@ -232,6 +238,14 @@ async def run(n: int = 2000, repeat: int = 3) -> dict[str, Any]:
                     results[key].append(
                         await drain_asman(server.url, queue, n, slots, work / queue)
                     )
+                # the same drain on a private queue whose policy lists the worker's key
+                wkey = PeerKey.generate()
+                private = new_private_queue(client.peer_id)
+                await write_policy(client, private, _trusting(client, wkey, private))
+                await enqueue_asman(client, private, n)
+                results["asman_drain_10_private"].append(
+                    await drain_asman(server.url, private, n, 10, work / f"p{rep}", wkey)
+                )
                 for inflight, key in ((1, "protocol_1"), (10, "protocol_10")):
                     queue = f"proto-r{rep}-i{inflight}"
                     await enqueue_asman(client, queue, n)
@@ -257,9 +271,19 @@ async def run(n: int = 2000, repeat: int = 3) -> dict[str, Any]:
         "drain_1slot_vs_raw_fetch1": med["asman_drain_1"] / med["raw_fetch1"],
         "drain_10_vs_raw_10_inflight": med["asman_drain_10"] / med["raw_fetch1_10"],
         "enqueue_vs_raw": med["asman_enqueue"] / med["raw_enqueue"],
+        "private_drain_10_jobs_per_s": med["asman_drain_10_private"],
+        "private_vs_open_drain_10": med["asman_drain_10_private"] / med["asman_drain_10"],
         "protocol_1_jobs_per_s": med["protocol_1"],
         "protocol_10_jobs_per_s": med["protocol_10"],
     }
+
+
+def _trusting(client: Log, worker: PeerKey, queue: str) -> Callable[[Policy | None], Policy]:
+    me = client.peer_id
+    policy = Policy(
+        queue, 0, me, me, submitters=frozenset({me}), workers=frozenset({worker.peer_id})
+    )
+    return lambda _: policy
 
 
 def render(r: dict[str, Any]) -> str:
@@ -273,6 +297,8 @@ def render(r: dict[str, Any]) -> str:
          m["raw_fetch1_10"], r["drain_10_vs_raw_10_inflight"]],
         ["drain, 10 slots vs raw 1 in flight", "issue-7 ratio", m["asman_drain_10"],
          m["raw_fetch1"], r["drain_vs_raw_fetch1"]],
+        ["drain, 10 slots, private queue", "the same, open queue", m["asman_drain_10_private"],
+         m["asman_drain_10"], r["private_vs_open_drain_10"]],
         ["lease protocol only, 1 in flight", "no worker around it", m["protocol_1"],
          m["raw_fetch1"], m["protocol_1"] / m["raw_fetch1"]],
         ["lease protocol only, 10 in flight", "no worker around it", m["protocol_10"],

@@ -38,3 +38,11 @@ async def test_the_procs_drain_runs_every_job_once_in_each_mode() -> None:
 
     result = await run(40, 1)
     assert result["drain_1proc_jobs_per_s"] > 0 and result["drain_2procs_jobs_per_s"] > 0
+
+
+async def test_the_tes_path_runs_tasks_next_to_the_same_jobs(busybox_image: str) -> None:
+    """bench/tes.py at a toy size: each task and each job ends a success (the run checks)."""
+    from bench.tes import run
+
+    result = await run(1)
+    assert result["tes_ratio"] > 0 and result["tes_ms"]["p50"] > 0

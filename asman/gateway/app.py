@@ -27,7 +27,7 @@ from pathlib import Path
 from aiohttp import web
 
 from asman.errors import ConfigError
-from asman.gateway import api, compat, signing
+from asman.gateway import api, compat, signing, tes
 from asman.gateway.config import GatewayConfig
 from asman.gateway.follow import Followers
 from asman.gateway.limits import RateLimiter
@@ -137,6 +137,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     api.add_routes(app)
     signing.add_routes(app)
     compat.add_routes(app)
+    tes.add_routes(app)
     return app
 
 

@@ -142,6 +142,13 @@ def _schemas() -> dict[str, Any]:
                 },
                 "maxDuration": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
                 "tags": {"type": "array", "items": {"type": "string"}},
+                "steps": {
+                    "type": "array",
+                    "description": "Containers run in order in one job (docs/guide.md)",
+                    "items": {"type": "object"},
+                },
+                "volumes": {"type": "array", "items": {"type": "string"}},
+                "outputPaths": {"type": "array", "items": {"type": "object"}},
             },
             "additionalProperties": True,
         },
@@ -155,7 +162,7 @@ def _schemas() -> dict[str, Any]:
                         "value": {},
                         "type": {
                             "type": "string",
-                            "enum": ["utf8", "base64", "json", "url", "key", "blob"],
+                            "enum": ["utf8", "base64", "json", "url", "key", "blob", "s3"],
                         },
                         "hash": {"type": "string"},
                     },
@@ -999,6 +1006,183 @@ def _compat() -> dict[str, Any]:
     return paths
 
 
+def _tes_schemas() -> dict[str, Any]:
+    """GA4GH TES 1.1's task shapes (asman.gateway.tes): what a client sends and reads."""
+    text, texts = {"type": "string"}, {"type": "array", "items": {"type": "string"}}
+    kinds = {"type": "string", "enum": ["FILE", "DIRECTORY"]}
+    return {
+        "TesExecutor": {
+            "type": "object",
+            "required": ["image", "command"],
+            "properties": {
+                "image": text,
+                "command": {**texts, "minItems": 1},
+                "workdir": text,
+                "stdin": text,
+                "stdout": text,
+                "stderr": text,
+                "env": {"type": "object", "additionalProperties": text},
+                "ignore_error": {"type": "boolean"},
+            },
+        },
+        "TesInput": {
+            "type": "object",
+            "required": ["path"],
+            "properties": {
+                "name": text,
+                "description": text,
+                "url": text,
+                "path": text,
+                "type": kinds,
+                "content": text,
+                "streamable": {"type": "boolean"},
+            },
+        },
+        "TesOutput": {
+            "type": "object",
+            "required": ["path", "url"],
+            "properties": {
+                "name": text,
+                "description": text,
+                "url": text,
+                "path": text,
+                "path_prefix": text,
+                "type": kinds,
+            },
+        },
+        "TesResources": {
+            "type": "object",
+            "properties": {
+                "cpu_cores": {"type": "integer"},
+                "preemptible": {"type": "boolean"},
+                "ram_gb": {"type": "number"},
+                "disk_gb": {"type": "number"},
+                "zones": texts,
+                "backend_parameters": {"type": "object", "additionalProperties": text},
+                "backend_parameters_strict": {"type": "boolean"},
+            },
+        },
+        "TesTask": {
+            "type": "object",
+            "required": ["executors"],
+            "properties": {
+                "id": text,
+                "state": text,
+                "name": text,
+                "description": text,
+                "inputs": {"type": "array", "items": _ref("TesInput")},
+                "outputs": {"type": "array", "items": _ref("TesOutput")},
+                "resources": _ref("TesResources"),
+                "executors": {"type": "array", "items": _ref("TesExecutor"), "minItems": 1},
+                "volumes": texts,
+                "tags": {"type": "object", "additionalProperties": text},
+                "logs": {"type": "array", "items": {"type": "object"}},
+                "creation_time": text,
+            },
+        },
+        "TesListTasksResponse": {
+            "type": "object",
+            "required": ["tasks"],
+            "properties": {
+                "tasks": {"type": "array", "items": _ref("TesTask")},
+                "next_page_token": text,
+            },
+        },
+    }
+
+
+def _tes() -> dict[str, Any]:
+    """GA4GH TES 1.1 per queue, under ``/q/{queue}/ga4gh/tes/v1``."""
+    base = "/q/{queue}/ga4gh/tes/v1"
+    tag = "ga4gh-tes"
+    task_id = _param(
+        "id", "path", {"type": "string", "pattern": SHA_RE}, "Task id (the Asman job id)"
+    )
+    view = _param(
+        "view",
+        "query",
+        {"type": "string", "enum": ["MINIMAL", "BASIC", "FULL"]},
+        "How much of the task: MINIMAL (the default) is id and state",
+        required=False,
+    )
+    task = _json(_ref("TesTask"), "The task")
+    created = _json(
+        {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+        "The task's id (the same task gives the same id: its job's)",
+    )
+    return {
+        f"{base}/service-info": {
+            "get": _op(
+                "TES service info: type org.ga4gh:tes:1.1.0 and the storage it reads",
+                {"200": _json({"type": "object"}, "Service info"), **_errors(400)},
+                QUEUE,
+                tag=tag,
+            )
+        },
+        f"{base}/tasks": {
+            "post": _op(
+                "Create a task: a job whose executors run as its steps",
+                {"200": created, **_errors(400, 403, 413)},
+                QUEUE,
+                body={"required": True, "content": {JSON: {"schema": _ref("TesTask")}}},
+                tag=tag,
+            ),
+            "get": _op(
+                "List the queue's tasks, newest first",
+                {
+                    "200": _json(_ref("TesListTasksResponse"), "A page of tasks"),
+                    **_errors(400),
+                },
+                QUEUE,
+                view,
+                _param("name_prefix", "query", {"type": "string"}, "Name starts with", False),
+                _param(
+                    "state",
+                    "query",
+                    {"type": "string"},
+                    "Only tasks in this TES state",
+                    False,
+                ),
+                _param(
+                    "tag_key",
+                    "query",
+                    {"type": "array", "items": {"type": "string"}},
+                    "Tasks with this tag (repeatable)",
+                    False,
+                ),
+                _param(
+                    "tag_value",
+                    "query",
+                    {"type": "array", "items": {"type": "string"}},
+                    "The value of the tag_key at the same place ('' or absent: any)",
+                    False,
+                ),
+                _param(
+                    "page_size",
+                    "query",
+                    {"type": "integer", "minimum": 1, "maximum": 2047},
+                    "Tasks per page (default 256)",
+                    False,
+                ),
+                _param("page_token", "query", {"type": "string"}, "next_page_token", False),
+                tag=tag,
+            ),
+        },
+        f"{base}/tasks/{{id}}": {
+            "get": _op("A task", {"200": task, **_errors(400, 404)}, QUEUE, task_id, view, tag=tag)
+        },
+        f"{base}/tasks/{{id}}:cancel": {
+            "post": _op(
+                "Cancel a task (CANCELING until its worker stopped it, then CANCELED)",
+                {"200": _json({"type": "object"}, "Accepted"), **_errors(400, 403, 404)},
+                QUEUE,
+                task_id,
+                tag=tag,
+            )
+        },
+    }
+
+
 def openapi_document(config: GatewayConfig) -> dict[str, Any]:
     """The document (``servers`` is the configured public URL when there is one)."""
     doc: dict[str, Any] = {
@@ -1010,11 +1194,12 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
             "/api/v1; the compute-queues routes (/q, /j, /f) keep that system's shapes. "
             "Every error is a JSON body {error, code, status}. See docs/reference/http-api.md.",
         },
-        "paths": {**_native(), **_compat()},
-        "components": {"schemas": _schemas()},
+        "paths": {**_native(), **_compat(), **_tes()},
+        "components": {"schemas": {**_schemas(), **_tes_schemas()}},
         "tags": [
             {"name": "asman", "description": "Asman's own API"},
             {"name": "compute-queues", "description": "Routes and shapes of compute-queues"},
+            {"name": "ga4gh-tes", "description": "GA4GH TES 1.1, per queue"},
         ],
     }
     if config.public_url:

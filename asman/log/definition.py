@@ -26,11 +26,14 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
 import rfc8785
 
 from asman.errors import InvalidDefinition, InvalidPath
+
+if TYPE_CHECKING:
+    from asman.log.steps import OutputPath, StepSpec
 
 __all__ = [
     "DATAREF_TYPES",
@@ -52,8 +55,8 @@ __all__ = [
     "validate_relative_path",
 ]
 
-DataRefType = Literal["utf8", "base64", "json", "url", "key", "blob"]
-DATAREF_TYPES: tuple[DataRefType, ...] = ("utf8", "base64", "json", "url", "key", "blob")
+DataRefType = Literal["utf8", "base64", "json", "url", "key", "blob", "s3"]
+DATAREF_TYPES: tuple[DataRefType, ...] = ("utf8", "base64", "json", "url", "key", "blob", "s3")
 _INLINE_TYPES = frozenset({"utf8", "base64", "json"})
 
 BUILD_KEYS = (
@@ -67,6 +70,9 @@ BUILD_KEYS = (
 )
 REQUIREMENT_KEYS = ("cpus", "gpus", "maxDuration", "memory")
 _SCALAR_KEYS = ("v", "image", "command", "entrypoint", "workdir", "shmSize", "maxDuration", "tags")
+# Asman's multi-step keys: in the canonical form only when a definition has them, so a
+# definition without them keeps the id compute-queues gives it
+_MULTISTEP_KEYS = ("steps", "volumes", "outputPaths")
 # env keys an embedding page injects (compute-queues' isParentInjectedHashParamKey): not part
 # of the job, so not part of its id
 _LEGACY_INJECTED_ENV = frozenset(
@@ -422,7 +428,7 @@ class DataRef:
                 _json_bytes(value)
             except (TypeError, ValueError):
                 raise InvalidDefinition(vfield, "must be a JSON value") from None
-        elif kind in ("url", "key", "blob"):
+        elif kind in ("url", "key", "blob", "s3"):
             _str(value, vfield)
         else:
             _str(value, vfield, nonempty=False, nul_ok=True)
@@ -437,6 +443,16 @@ class DataRef:
             parts = urllib.parse.urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise InvalidDefinition(vfield, f"must be an http(s) URL, got {_show(value)}")
+        elif kind == "s3":
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme != "s3" or not parts.netloc or not parts.path.strip("/"):
+                raise InvalidDefinition(
+                    vfield, f"must be an s3://bucket/key URL, got {_show(value)}"
+                )
+            if "\\" in value or any(seg in (".", "..") for seg in parts.path.split("/")):
+                raise InvalidDefinition(
+                    vfield, f"must not hold '.', '..' or '\\' segments, got {_show(value)}"
+                )
         elif kind == "blob" and not _SHA256_HEX.fullmatch(value):
             raise InvalidDefinition(
                 vfield, f"must be a SHA-256: 64 lower-case hex characters, got {_show(value)}"
@@ -623,13 +639,16 @@ def validate_definition(
 
     if "image" in out and "build" in out:
         raise InvalidDefinition("image", "set either 'image' or 'build', not both")
+    steps_have_images = _is_list(out.get("steps")) and all(
+        isinstance(s, Mapping) and s.get("image") is not None for s in out["steps"]
+    )
     if "image" in out:
         image = _str(out["image"], "image")
         if any(ch.isspace() for ch in image):
             raise InvalidDefinition("image", f"must not contain white space, got {_show(image)}")
     elif "build" in out:
         out["build"] = _validate_build(out["build"])
-    else:
+    elif not (out.get("steps") and steps_have_images):
         raise InvalidDefinition(
             "image",
             "is missing: a job needs an 'image' to pull (such as \"alpine:3.20\") or a 'build' "
@@ -672,6 +691,9 @@ def validate_definition(
             refs += parsed
     _check_no_clash(names)
     _check_no_clash(absolute)
+    from asman.log.steps import validate_multistep  # steps builds on this module's helpers
+
+    validate_multistep(out, limits)
     total = 0
     for where, ref in refs:
         if not ref.is_inline:
@@ -770,6 +792,9 @@ def canonical_form(d: Mapping[str, Any]) -> dict[str, Any]:
                 blob[key] = kept
         elif refs is not None:
             blob[key] = _plain(refs)
+    for key in _MULTISTEP_KEYS:
+        if d.get(key):
+            blob[key] = _plain(d[key])
     return blob
 
 
@@ -933,6 +958,10 @@ class JobSpec:
     gpus: int
     memory: int | None
     v: int | None = None
+    #: a multi-step job's steps (``asman.log.steps``); empty: one container, as always
+    steps: tuple[StepSpec, ...] = ()
+    volumes: tuple[str, ...] = ()
+    output_paths: tuple[OutputPath, ...] = ()
 
     @property
     def image_class(self) -> str:
@@ -943,6 +972,8 @@ class JobSpec:
         cls, d: Mapping[str, Any], limits: DefinitionLimits = DEFAULT_LIMITS
     ) -> JobSpec:
         """Validate ``d`` and build the typed view."""
+        from asman.log.steps import OutputPath, StepSpec
+
         clean = validate_definition(d, limits)
         env: dict[str, str] = dict(clean.get("env", {}))
         req: Mapping[str, Any] = clean.get("requirements", {})
@@ -978,4 +1009,9 @@ class JobSpec:
             if "memory" in req
             else None,
             v=int(clean["v"]) if "v" in clean else None,
+            steps=tuple(
+                StepSpec.from_json(i, s, env) for i, s in enumerate(clean.get("steps", ()))
+            ),
+            volumes=tuple(clean.get("volumes", ())),
+            output_paths=tuple(OutputPath.from_json(o) for o in clean.get("outputPaths", ())),
         )

@@ -108,6 +108,7 @@ __all__ = [
     "RawEvent",
     "Result",
     "Rules",
+    "StepResult",
     "check_event",
     "fold",
     "fold_checked",
@@ -270,6 +271,36 @@ def parse_outputs(items: Any) -> tuple[OutputFile, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class StepResult:
+    """How one step of a multi-step job ended (``finished.steps``): its exit code (None: it
+    never ran to an exit), its times, and the tails of its stdout and stderr."""
+
+    name: str
+    exit_code: int | None
+    started_ms: int | None = None
+    ended_ms: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> StepResult:
+        if not isinstance(obj, Mapping):
+            raise ValueError("a step result must be a map")
+        ints = {k: obj.get(k) for k in ("exit_code", "started_ms", "ended_ms")}
+        for k, v in ints.items():
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ValueError(f"steps: {k} must be an integer")
+        return cls(
+            name=_text(obj, "name")[:256],
+            exit_code=ints["exit_code"],
+            started_ms=ints["started_ms"],
+            ended_ms=ints["ended_ms"],
+            stdout=_text(obj, "stdout")[:MAX_MESSAGE],
+            stderr=_text(obj, "stderr")[:MAX_MESSAGE],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
     """What ``finished`` records. A large outputs list is kept in a blob (``manifest``, CBOR
     of the same list) so that a result always fits in one message; ``outputs`` is then empty
@@ -292,6 +323,8 @@ class Result:
     #: a ``cancelled`` job that a newer job replaced in its namespace (compute-queues'
     #: ``JobReplacedByClient``): that job's id
     replaced_by: str | None = None
+    #: a multi-step job's steps, in order, as far as they ran
+    steps: tuple[StepResult, ...] = ()
 
     @property
     def is_result(self) -> bool:
@@ -457,6 +490,9 @@ def _parse_result(event: Mapping[str, Any], signer: str, attempt: int, ts: int) 
     outputs = parse_outputs(event.get("outputs", []))
     log_ref = event.get("log")
     manifest_ref = event.get("manifest")
+    steps = event.get("steps", [])
+    if not isinstance(steps, list) or len(steps) > 256:
+        raise ValueError("steps must be a list of at most 256 step results")
     return Result(
         reason=reason,
         worker=signer,
@@ -469,6 +505,7 @@ def _parse_result(event: Mapping[str, Any], signer: str, attempt: int, ts: int) 
         outputs=outputs,
         log=Blob.from_wire(log_ref) if log_ref is not None else None,
         manifest=Blob.from_wire(manifest_ref) if manifest_ref is not None else None,
+        steps=tuple(StepResult.from_wire(s) for s in steps),
     )
 
 

@@ -131,8 +131,21 @@ class Ceilings:
     #: ``--network bridge`` runs this queue's jobs with none when False)
     network: bool = True
 
+    @property
+    def unbounded(self) -> bool:
+        return (
+            self.images is None
+            and self.max_duration_ms is None
+            and self.max_memory is None
+            and self.max_millicpus is None
+            and self.max_gpus is None
+        )
+
     def refusal(self, definition: Mapping[str, Any]) -> str:
-        """ "" when ``definition`` is within the ceilings, else why not (one line)."""
+        """An empty string when ``definition`` is within the ceilings, else why not (one
+        line). The fold asks for every job it reads: without ceilings, nothing is parsed."""
+        if self.unbounded:
+            return ""
         from asman.log.definition import JobSpec
 
         try:

@@ -27,6 +27,7 @@ import logging
 import posixpath
 import re
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -119,6 +120,10 @@ class ContainerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
     extra_mounts: tuple[tuple[Path, str], ...] = ()  # (host file, absolute container path), ro
+    #: folders shared by the steps of a multi-step job: (host folder, container folder), rw
+    rw_mounts: tuple[tuple[Path, str], ...] = ()
+    #: a host file fed to the container's stdin (a step's ``stdin``); None: no stdin
+    stdin_file: Path | None = None
     cpus: float | None = None
     memory_bytes: int | None = None
     shm_size_bytes: int | None = None
@@ -555,8 +560,20 @@ class DockerRuntime:
             "attach to the container", api.attach, cid, stream=True, demux=True
         )
         exited = loop.run_in_executor(self._threads, _follow, api, cid, stream, channel)
+        stdin: Any = None
+        feeding: asyncio.Future[None] | None = None
+        if spec.stdin_file is not None:
+            stdin = await self._call(
+                "attach to the container's stdin",
+                api.attach_socket,
+                cid,
+                params={"stdin": 1, "stream": 1},
+            )
         await self._call(f"start the container of job {spec.job_id}", api.start, cid)
         started = _now_ms()
+        if stdin is not None:
+            assert spec.stdin_file is not None
+            feeding = loop.run_in_executor(self._threads, _feed_stdin, stdin, spec.stdin_file, cid)
         failure: list[BaseException] = []
         failed = asyncio.Event()
         why: str | None = None
@@ -598,6 +615,9 @@ class DockerRuntime:
                 aborting.cancel()
                 if not exited.done():  # no exit reported: stop waiting for more output
                     channel.close()
+        if feeding is not None:  # the container is gone: its stdin closed, the copy ends
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(feeding), _KILL_WAIT_S)
         if error is not None:
             raise error
         if failure:
@@ -670,6 +690,15 @@ def _container_args(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]
                 _container_path(target), str(_host_file(host_path)), type="bind", read_only=True
             )
         )
+    for host_path, target in spec.rw_mounts:
+        mounts.append(
+            docker.types.Mount(
+                _container_path(target, scratch_ok=True),
+                str(_host_dir(host_path)),
+                type="bind",
+                read_only=False,
+            )
+        )
     env: dict[str, str] = {"HOME": "/tmp"}
     for key, value in spec.env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
@@ -728,6 +757,8 @@ def _container_args(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]
         },
         "use_config_proxy": False,
     }
+    if spec.stdin_file is not None:
+        create["stdin_open"] = True
     return create, host
 
 
@@ -745,18 +776,23 @@ def _host_dir(path: Path) -> Path:
 
 
 def _host_file(path: Path) -> Path:
-    """A host file to bind read-only: a regular file, never a socket (the Docker socket)."""
+    """A host file to bind read-only: a regular file (or a folder a multi-step job's input
+    fills), never a socket (the Docker socket)."""
     resolved = path.resolve()
-    if str(resolved) in _SOCKETS or not resolved.is_file():
-        raise InvalidPath(str(path), "only regular files can be mounted into a job")
+    if str(resolved) in _SOCKETS or not (resolved.is_file() or resolved.is_dir()):
+        raise InvalidPath(str(path), "only regular files and folders can be mounted into a job")
     return resolved
 
 
-def _container_path(target: str) -> str:
+def _container_path(target: str, *, scratch_ok: bool = False) -> str:
+    """A mount target: normalised, absolute, off the worker's and the kernel's folders
+    (a shared folder of a multi-step job, ``scratch_ok``, may be under ``/tmp``)."""
     norm = posixpath.normpath(target)
     if not target.startswith("/") or norm != target.rstrip("/") or norm == "/":
         raise InvalidPath(target, "a mount target must be a normalized absolute path")
     for reserved in (INPUTS, OUTPUTS, "/proc", "/sys", "/dev", "/tmp"):
+        if reserved == "/tmp" and scratch_ok and norm != reserved:
+            continue
         if norm == reserved or norm.startswith(reserved + "/"):
             raise InvalidPath(target, f"cannot mount over {reserved}")
     if norm in RESERVED_FILES:
@@ -795,6 +831,25 @@ def _follow(api: Any, cid: str, stream: Any, channel: _Channel[tuple[str, bytes]
     except Exception:
         logger.debug("wait for %s failed", cid[:12], exc_info=True)
         return None
+
+
+def _feed_stdin(sock: Any, path: Path, cid: str) -> None:
+    """Stream-pool thread: copy ``path`` (a file the worker opened and checked) to the
+    container's stdin, then close it, so the process reads to its end."""
+    raw = getattr(sock, "_sock", sock)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1024 * 1024):
+                raw.sendall(chunk)
+    except OSError:
+        logger.debug("stdin of %s broke", cid[:12], exc_info=True)
+    finally:
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            sock.close()
+        with contextlib.suppress(OSError):
+            raw.close()
 
 
 def _read_all(

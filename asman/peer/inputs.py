@@ -26,6 +26,7 @@ from asman.errors import BlobError, BlobTooLarge, InvalidPath
 from asman.log.blobs import BlobStore
 from asman.log.definition import DataRef, JobSpec, validate_relative_path
 from asman.peer.netguard import UrlPolicy, guarded_get, guarded_session
+from asman.peer.s3objects import fetch_s3
 
 __all__ = ["InputFetcher"]
 
@@ -78,6 +79,9 @@ class InputFetcher:
 
     async def _write(self, ref: DataRef, dest: Path, deadline: float | None) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if ref.type == "s3":  # a file or a folder, with the worker's own S3 settings
+            await fetch_s3(self.blobs, str(ref.value), dest, max_size=self.url_limit)
+            return
         if ref.is_inline:
             data = ref.inline_bytes()
             await asyncio.to_thread(dest.write_bytes, data)

@@ -28,7 +28,14 @@ from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
-from asman.errors import BlobCorrupt, BlobError, BlobNotFound, BlobUnavailable, ConfigError
+from asman.errors import (
+    BlobCorrupt,
+    BlobError,
+    BlobNotFound,
+    BlobTooLarge,
+    BlobUnavailable,
+    ConfigError,
+)
 from asman.log.blobs import (
     HASH_THREAD_MIN_SIZE,
     READ_SIZE,
@@ -276,6 +283,63 @@ class S3Blobs:
         with self._translate(key):
             return str(self._client.presigned_put_object(self.bucket, obj, _expiry(expires_s)))
 
+    # -- objects by name: s3:// inputs and outputs of a job, in any bucket these credentials
+    # -- reach (asman.peer.s3objects) -----------------------------------------------------
+
+    async def get_object_to_file(self, bucket: str, name: str, dest: Path, *, max_size: int) -> int:
+        """Download ``s3://bucket/name`` to ``dest``; at most ``max_size`` bytes (the size the
+        server announces is not trusted: the bytes are counted). Returns the size."""
+
+        def download(stop: threading.Event) -> int:
+            size = 0
+            resp = self._client.get_object(bucket, name)
+            try:
+                with open(dest, "wb") as f:
+                    for data in resp.stream(READ_SIZE, decode_content=False):
+                        if stop.is_set():
+                            raise TransferCancelled("download cancelled")
+                        size += len(data)
+                        if size > max_size:
+                            raise BlobTooLarge(
+                                f"s3://{bucket}/{name} is over the limit of {max_size} bytes",
+                                key=name,
+                            )
+                        f.write(data)
+            except BaseException:
+                Path(dest).unlink(missing_ok=True)
+                raise
+            finally:
+                resp.close()
+                resp.release_conn()
+            return size
+
+        return await self._call(name, download, cancellable=True, bucket=bucket)
+
+    async def put_object_file(self, bucket: str, name: str, path: Path) -> None:
+        """Upload the file ``path`` to ``s3://bucket/name``."""
+
+        def upload() -> None:
+            self._client.fput_object(bucket, name, str(path), part_size=self.part_size)
+
+        await self._call(name, upload, bucket=bucket)
+
+    async def list_objects(self, bucket: str, prefix: str, *, limit: int) -> list[tuple[str, int]]:
+        """(name, size) of the objects under ``prefix``, at most ``limit`` (more: BlobError)."""
+
+        def listing() -> list[tuple[str, int]]:
+            out: list[tuple[str, int]] = []
+            for obj in self._client.list_objects(bucket, prefix=prefix, recursive=True):
+                if obj.is_dir or obj.object_name is None:
+                    continue
+                if len(out) >= limit:
+                    raise BlobError(
+                        f"s3://{bucket}/{prefix} holds more than {limit} objects", key=prefix
+                    )
+                out.append((obj.object_name, int(obj.size or 0)))
+            return out
+
+        return await self._call(prefix, listing, bucket=bucket)
+
     # -- blocking parts (run in a worker thread) ----------------------------------------------
 
     def _upload_sync(
@@ -325,7 +389,12 @@ class S3Blobs:
     # -- threads and errors -----------------------------------------------------------------
 
     async def _call(
-        self, key: str, fn: Callable[..., T], *args: Any, cancellable: bool = False
+        self,
+        key: str,
+        fn: Callable[..., T],
+        *args: Any,
+        cancellable: bool = False,
+        bucket: str | None = None,
     ) -> T:
         """Run a blocking minio call in a thread; translate its exceptions.
 
@@ -334,7 +403,7 @@ class S3Blobs:
         """
         stop = threading.Event()
         call_args = (stop,) if cancellable else args
-        with self._translate(key):
+        with self._translate(key, bucket):
             try:
                 return await asyncio.to_thread(fn, *call_args)
             except asyncio.CancelledError:
@@ -342,8 +411,8 @@ class S3Blobs:
                 raise
 
     @contextlib.contextmanager
-    def _translate(self, key: str) -> Iterator[None]:
-        where = f"S3 bucket {self.bucket} at {self.endpoint}"
+    def _translate(self, key: str, bucket: str | None = None) -> Iterator[None]:
+        where = f"S3 bucket {bucket or self.bucket} at {self.endpoint}"
         try:
             yield
         except S3Error as exc:

@@ -20,7 +20,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ from asman.escape import one_line
 from asman.log import jobs, subjects
 from asman.log.blobs import BlobStore
 from asman.log.connection import Log
-from asman.log.definition import JobSpec
+from asman.log.definition import JobSpec, validate_relative_path
 from asman.log.events import JobState, now_ms
 from asman.log.leases import (
     Candidate,
@@ -49,6 +49,7 @@ from asman.log.leases import (
     holder_alive,
     young,
 )
+from asman.log.steps import container_output_name, output_url, rw_folders
 from asman.log.workers import WorkerInfo, beat, list_workers, remove
 from asman.peer.callbacks import CallbackSender, CallbackSettings
 from asman.peer.caps import (
@@ -75,6 +76,8 @@ from asman.peer.joblog import SPILL_BYTES, JobLog
 from asman.peer.netguard import UrlPolicy, check_image_reference
 from asman.peer.outputs import OutputLimits, manifest_fields, store_blob, store_outputs
 from asman.peer.runtime import Runtime, docker_build, mounts_folders
+from asman.peer.s3objects import upload_to_s3
+from asman.peer.steps import SharedFolders
 from asman.peer.watch import Running, Watching
 
 __all__ = ["Runtime", "Worker", "WorkerConfig"]
@@ -85,6 +88,8 @@ T = TypeVar("T")
 
 #: How soon a job whose claim failed on a log outage is tried again.
 CLAIM_RETRY_S = 1.0
+#: How much of the end of a step's stdout and stderr its result keeps.
+STEP_TAIL_BYTES = 2048
 #: How long a GPU job that a worker without enough GPUs left alone stays away from it.
 GPU_HANDBACK_S = 10.0
 
@@ -657,13 +662,31 @@ class Worker:
                     spill_bytes=max(SPILL_BYTES, cfg.inline_output_limit),
                 ) as joblog:
                     try:
-                        outcome = await self._execute(running, spec, job_dir, joblog)
+                        shared = None
+                        if folders and (spec.steps or spec.output_paths):
+                            shared = SharedFolders(
+                                job_dir.root,
+                                job_dir.inputs,
+                                job_dir.outputs,
+                                rw_folders(lease.state.definition),
+                                max_files=cfg.max_outputs,
+                            )
+                            await asyncio.to_thread(shared.make)
+                        steps: list[dict[str, Any]] = []
+                        outcome = await self._execute(running, spec, job_dir, joblog, shared, steps)
                         if running.why in ("lost", "handback"):
                             result = {}
                         else:
                             result = await self._collect(
-                                running, outcome, job_dir.outputs if folders else None, joblog
+                                running,
+                                outcome,
+                                job_dir.outputs if folders else None,
+                                joblog,
+                                shared,
+                                spec,
                             )
+                            if spec.steps:
+                                result["steps"] = steps
                     except (LogUnavailable, BlobUnavailable) as exc:
                         # the log or the blob store is unreachable (an election, a
                         # partition): not the job's failure; hand it back so it runs
@@ -733,7 +756,13 @@ class Worker:
                 await asyncio.to_thread(remove_job_dir, job_dir)
 
     async def _execute(
-        self, running: Running, spec: JobSpec, job_dir: JobDir, joblog: JobLog
+        self,
+        running: Running,
+        spec: JobSpec,
+        job_dir: JobDir,
+        joblog: JobLog,
+        shared: SharedFolders | None = None,
+        steps: list[dict[str, Any]] | None = None,
     ) -> RunOutcome:
         lease, cfg = running.lease, self.config
         limits = self.caps.for_job(spec)
@@ -755,6 +784,11 @@ class Worker:
                 mounts = await self.inputs.materialize(
                     spec, job_dir.inputs, job_dir.root / "config"
                 )
+            for step_image in sorted({s.image for s in spec.steps if s.image}):
+                await check_image_reference(step_image, self.inputs.policy)
+                await self.runtime.ensure_image(step_image, on_build_log)
+            if spec.build is None and spec.image is None:
+                return mounts, ""  # every step names its own image
             if spec.build is not None:
                 image = await self.runtime.build(
                     docker_build(spec.build),
@@ -821,13 +855,19 @@ class Worker:
         # and a start that fails stops the container.
         starting = asyncio.ensure_future(self._start(running))
         try:
-            outcome = await self.runtime.run(
-                container,
-                on_output=joblog.on_output,
-                stop=running.stop,
-                timeout_s=max(0.001, deadline - time.monotonic()),
-                grace_s=cfg.kill_grace_s,
-            )
+            if spec.steps:
+                assert steps is not None
+                outcome = await self._run_steps(
+                    running, spec, container, shared, joblog, deadline, steps
+                )
+            else:
+                outcome = await self.runtime.run(
+                    container,
+                    on_output=joblog.on_output,
+                    stop=running.stop,
+                    timeout_s=max(0.001, deadline - time.monotonic()),
+                    grace_s=cfg.kill_grace_s,
+                )
         except BaseException:
             # a second cancel can land while we wait for it: the task then ends on its own,
             # and its outcome is still read (and logged) rather than left behind
@@ -843,8 +883,106 @@ class Worker:
             joblog.system("the container ran out of memory and was killed")
         return outcome
 
+    async def _run_steps(
+        self,
+        running: Running,
+        spec: JobSpec,
+        base: ContainerSpec,
+        shared: SharedFolders | None,
+        joblog: JobLog,
+        deadline: float,
+        results: list[dict[str, Any]],
+    ) -> RunOutcome:
+        """Run a multi-step job's steps in order, each in its own hardened container (the
+        job's, with the step's image, argv, env and workdir, and the shared folders), until
+        one fails without ``ignoreError``, the job is stopped, or its time is up. Each step's
+        outcome goes into ``results``; the job's outcome is the first failing step's, else
+        success."""
+        total = len(spec.steps)
+        outcomes: list[RunOutcome] = []
+        failed: RunOutcome | None = None
+        for step in spec.steps:
+            if running.stop.is_set() or time.monotonic() >= deadline:
+                break
+            label = f"step {step.index + 1} of {total} ({step.name})"
+            files: dict[str, Any] = {}
+            output = _StepOutput(joblog, files)
+            try:
+                stdin = None
+                if step.stdin is not None:
+                    if shared is None:
+                        raise InvalidInput(f"{label}: this runtime cannot redirect stdin")
+                    stdin = await asyncio.to_thread(shared.stdin_file, step.stdin)
+                for stream in ("stdout", "stderr"):
+                    target = getattr(step, stream)
+                    if target is not None:
+                        if shared is None:
+                            raise InvalidInput(f"{label}: this runtime cannot redirect {stream}")
+                        files[stream] = await asyncio.to_thread(shared.open_redirect, target)
+
+                container = replace(
+                    base,
+                    image=step.image or base.image,
+                    command=list(step.command) if step.command is not None else None,
+                    entrypoint=list(step.entrypoint) if step.entrypoint is not None else None,
+                    env=step.env,
+                    workdir=step.workdir or base.workdir,
+                    rw_mounts=shared.mounts if shared is not None else (),
+                    stdin_file=stdin,
+                )
+                outcome = await self.runtime.run(
+                    container,
+                    on_output=output,
+                    stop=running.stop,
+                    timeout_s=max(0.001, deadline - time.monotonic()),
+                    grace_s=self.config.kill_grace_s,
+                )
+            finally:
+                for f in files.values():
+                    await asyncio.to_thread(f.close)
+            outcomes.append(outcome)
+            results.append(
+                {
+                    "name": step.name,
+                    "exit_code": outcome.exit_code,
+                    "started_ms": outcome.started_ms,
+                    "ended_ms": outcome.ended_ms,
+                    **{k: bytes(v).decode(errors="replace") for k, v in output.tails.items()},
+                }
+            )
+            if outcome.timed_out or outcome.stopped:
+                break
+            if outcome.exit_code != 0:
+                if step.ignore_error:
+                    joblog.system(f"{label} exited with {outcome.exit_code}; ignored (ignoreError)")
+                    continue
+                joblog.system(f"{label} exited with {outcome.exit_code}: the job ends failed")
+                failed = outcome
+                break
+        if not outcomes:
+            now = now_ms()
+            return RunOutcome(None, False, time.monotonic() >= deadline, True, now, now, 0)
+        last = outcomes[-1]
+        chosen = failed or last
+        return RunOutcome(
+            exit_code=chosen.exit_code if (failed or last.timed_out or last.stopped) else 0,
+            oom_killed=any(o.oom_killed for o in outcomes),
+            timed_out=last.timed_out,
+            stopped=last.stopped,
+            started_ms=outcomes[0].started_ms,
+            ended_ms=last.ended_ms,
+            duration_ms=sum(o.duration_ms for o in outcomes),
+            output_dropped_bytes=sum(o.output_dropped_bytes for o in outcomes),
+        )
+
     async def _collect(
-        self, running: Running, outcome: RunOutcome, outputs_dir: Path | None, joblog: JobLog
+        self,
+        running: Running,
+        outcome: RunOutcome,
+        outputs_dir: Path | None,
+        joblog: JobLog,
+        shared: SharedFolders | None = None,
+        spec: JobSpec | None = None,
     ) -> dict[str, Any]:
         cfg = self.config
         limits = OutputLimits(
@@ -854,6 +992,8 @@ class Worker:
             inline_total=cfg.inline_outputs_total,
         )
         manifest = await store_outputs(self.blobs, outputs_dir, limits, joblog.system)
+        if shared is not None and spec is not None and spec.output_paths:
+            manifest += await self._collect_paths(shared, spec, manifest, limits, joblog)
         listed = await manifest_fields(self.blobs, manifest)
         if running.why == "cancelled":
             reason = "cancelled"
@@ -872,11 +1012,76 @@ class Worker:
             "message": "",
         }
 
+    async def _collect_paths(
+        self,
+        shared: SharedFolders,
+        spec: JobSpec,
+        manifest: list[dict[str, Any]],
+        limits: OutputLimits,
+        joblog: JobLog,
+    ) -> list[dict[str, Any]]:
+        """The files a job's ``outputPaths`` name, outside ``/outputs`` (those are in the
+        manifest already), stored as outputs named by their path; each one with a ``url``
+        is uploaded there through the worker's S3 settings."""
+        notes: list[str] = []
+        found = await asyncio.to_thread(shared.collect, spec.output_paths, notes)
+        for note in notes:
+            joblog.system(note)
+        names = {entry["path"] for entry in manifest}
+        total = sum(int(entry.get("size", 0)) for entry in manifest)
+        inline_total = sum(
+            int(entry.get("size", 0)) for entry in manifest if entry.get("data") is not None
+        )
+        extra: list[dict[str, Any]] = []
+        for f in found:
+            name = container_output_name(f.path)
+            try:
+                name.encode()
+                validate_relative_path(name, "outputPaths")
+            except (UnicodeEncodeError, InvalidInput) as exc:  # a name the job's code chose
+                joblog.system(f"output {one_line(f.path)} skipped ({one_line(str(exc))})")
+                continue
+            url = output_url(f.output, f.path, f.root)
+            if url is not None:
+                await upload_to_s3(self.blobs, f.host, url)
+            if name in names:
+                continue
+            total += f.size
+            if total > limits.max_bytes:
+                joblog.system(f"outputs over {limits.max_bytes} bytes; the rest dropped")
+                break
+            inline = f.size <= limits.inline_limit and inline_total + f.size <= limits.inline_total
+            blob = await store_blob(self.blobs, f.host, inline=inline)
+            if inline:
+                inline_total += blob.size
+            names.add(name)
+            extra.append({"path": name, **blob.to_wire()})
+        return extra
+
     async def _store_log(self, content: bytes | Path) -> dict[str, Any]:
         """A whole log as a blob: the bytes kept in memory, or the file it spilled to (a
         JobLog spills only past the inline limit, so a file is always uploaded)."""
         inline = isinstance(content, bytes) and len(content) <= self.config.inline_output_limit
         return (await store_blob(self.blobs, content, inline=inline)).to_wire()
+
+
+class _StepOutput:
+    """A step's output: to the job's log, into its redirect files, and its tails kept."""
+
+    def __init__(self, joblog: JobLog, files: dict[str, Any]) -> None:
+        self.joblog = joblog
+        self.files = files
+        self.tails = {"stdout": bytearray(), "stderr": bytearray()}
+
+    async def __call__(self, stream: str, data: bytes) -> None:
+        tail = self.tails.get(stream)
+        if tail is not None:
+            tail += data
+            del tail[: max(0, len(tail) - STEP_TAIL_BYTES)]
+        f = self.files.get(stream)
+        if f is not None:
+            await asyncio.to_thread(f.write, data)
+        await self.joblog.on_output(stream, data)
 
 
 class _Interrupted(Exception):

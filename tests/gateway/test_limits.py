@@ -108,6 +108,7 @@ def test_public_names_are_exported() -> None:
         "signing",
         "sse",
         "state",
+        "tes",
         "views",
     }
     assert set(gateway.__all__) == public

@@ -18,9 +18,10 @@ from asman.log.keys import PeerKey
 async def make_log(nats_url: str) -> AsyncIterator[MakeLog]:
     opened: list[Log] = []
 
-    async def make(**overrides: Any) -> Log:
+    async def make(key: PeerKey | None = None, **overrides: Any) -> Log:
+        """A connected peer (a fresh key unless ``key``), with ``LogConfig`` overrides."""
         config = dataclasses.replace(LogConfig(servers=(nats_url,)), **overrides)
-        log = Log(config, PeerKey.generate())
+        log = Log(config, key or PeerKey.generate())
         await log.connect()
         opened.append(log)
         return log

@@ -3,18 +3,14 @@ part of it, and only the job's submitter may change it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-
 import pytest
+from adversary import MakeLog
 
 from asman.errors import InvalidInput
 from asman.log import jobs
-from asman.log.connection import Log, LogConfig
 from asman.log.control import callback_of, namespace_of, validate_control
 from asman.log.definition import job_id
-from asman.log.keys import PeerKey
 
-MakeLog = Callable[[], Awaitable[Log]]
 DEF = {"image": "asman/busybox:local", "command": "echo control"}
 
 
@@ -23,21 +19,6 @@ def hooks(url: str, payload: object = None) -> dict[str, object]:
     if payload is not None:
         finished["payload"] = payload
     return {"namespace": "ns", "callbacks": {"finished": finished}}
-
-
-@pytest.fixture
-async def make_log(nats_url: str) -> AsyncIterator[MakeLog]:
-    opened: list[Log] = []
-
-    async def make() -> Log:
-        log = Log(LogConfig(servers=(nats_url,)), PeerKey.generate())
-        await log.connect()
-        opened.append(log)
-        return log
-
-    yield make
-    for log in opened:
-        await log.close()
 
 
 async def test_the_control_goes_with_the_job_and_is_not_part_of_it(make_log: MakeLog) -> None:
@@ -92,3 +73,17 @@ def test_a_bad_control_says_what_is_wrong(control: object, says: str) -> None:
 def test_compute_queues_unused_fields_are_accepted_and_dropped() -> None:
     assert validate_control({"maxDuration": "1m", "outputs": {"nhost": {}}}) == {}
     assert validate_control(None) == {} and validate_control({}) == {}
+
+
+async def test_the_namespace_and_control_namespace_are_one_on_the_log(make_log: MakeLog) -> None:
+    """``submit(namespace=…)`` and ``control.namespace`` name one namespace: the job is held
+    for it and its control says it; two different ones are refused before any append."""
+    client = await make_log()
+    callbacks = {"callbacks": hooks("https://x.org/")["callbacks"]}
+    sub = await jobs.submit(client, "ctl-ns", DEF, namespace="a", control=callbacks)
+    assert sub.state.control == callbacks | {"namespace": "a"}
+    assert sub.state.namespaces == ("a",) and sub.namespace == "a"
+    other = {**DEF, "command": "echo other"}
+    with pytest.raises(InvalidInput, match=r"namespace 'b' and control\.namespace 'ns' differ"):
+        await jobs.submit(client, "ctl-ns", other, namespace="b", control=hooks("https://x.org/"))
+    assert await jobs.read_job(client, "ctl-ns", job_id(other)) is None

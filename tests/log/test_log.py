@@ -4,10 +4,9 @@ attempts, cancel, restart. No stand-ins: ack deadlines, redelivery and CAS are t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from adversary import MakeLog
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
@@ -19,37 +18,18 @@ from asman.errors import (
     UnauthorizedSigner,
 )
 from asman.log import jobs, subjects, wire
-from asman.log.connection import Log, LogConfig
+from asman.log.connection import Log
 from asman.log.events import JobState, now_ms
-from asman.log.keys import PeerKey
 from asman.log.leases import Candidate, JobLease, WaitingIndex, claim, finish_lost
 from asman.log.logstream import append_logs, read_logs
 from asman.log.server import NatsServer
 from asman.log.workers import WorkerInfo, beat, list_workers
-
-MakeLog = Callable[..., Awaitable[Log]]
 
 DEF = {"image": "asman/busybox:local", "command": "echo hi"}
 
 
 def definition(n: int) -> dict[str, object]:
     return {"image": "asman/busybox:local", "command": f"echo {n}"}
-
-
-@pytest.fixture
-async def make_log(nats_url: str) -> AsyncIterator[MakeLog]:
-    opened: list[Log] = []
-
-    async def make(key: PeerKey | None = None, **overrides: object) -> Log:
-        config = dataclasses.replace(LogConfig(servers=(nats_url,)), **overrides)  # type: ignore[arg-type]
-        log = Log(config, key or PeerKey.generate())
-        await log.connect()
-        opened.append(log)
-        return log
-
-    yield make
-    for log in opened:
-        await log.close()
 
 
 async def index(log: Log, queue: str) -> dict[str, Candidate]:

@@ -8,41 +8,21 @@ checks, is what refuses them."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from adversary import MakeLog
 
 from asman.errors import InvalidInput, UnauthorizedSigner
 from asman.log import jobs, namespaces, subjects
-from asman.log.connection import Log, LogConfig
+from asman.log.connection import Log
 from asman.log.events import JobState, now_ms
-from asman.log.keys import PeerKey
 from asman.log.leases import JobLease, WaitingIndex, claim
-
-MakeLog = Callable[..., Awaitable[Log]]
 
 DEF = {"image": "asman/busybox:local", "command": "sleep 30"}
 
 
 def definition(n: int) -> dict[str, object]:
     return {"image": "asman/busybox:local", "command": f"sleep 3{n}"}
-
-
-@pytest.fixture
-async def make_log(nats_url: str) -> AsyncIterator[MakeLog]:
-    opened: list[Log] = []
-
-    async def make(**overrides: object) -> Log:
-        config = dataclasses.replace(LogConfig(servers=(nats_url,)), **overrides)  # type: ignore[arg-type]
-        log = Log(config, PeerKey.generate())
-        await log.connect()
-        opened.append(log)
-        return log
-
-    yield make
-    for log in opened:
-        await log.close()
 
 
 async def claim_job(worker: Log, queue: str, job: str) -> JobLease:
