@@ -49,13 +49,21 @@ class DevOptions:
     http_port: int
     slots: int
     new_queue: Callable[[], str]
+    #: more loopback or private destinations for jobs' URLs and callbacks (``--allow-url``)
+    allow_urls: tuple[str, ...] = ()
 
 
 def gateway_config(
-    settings: ClientSettings, host: str, port: int, *, exposed_queues: tuple[str, ...] = ()
+    settings: ClientSettings,
+    host: str,
+    port: int,
+    *,
+    exposed_queues: tuple[str, ...] = (),
+    allow_urls: tuple[str, ...] = (),
 ) -> Any:
     """The gateway's config from the client settings (the gateway has its own key);
-    ``exposed_queues`` are the queues its routes without a queue search."""
+    ``exposed_queues`` are the queues its routes without a queue search, ``allow_urls`` the
+    loopback or private destinations its callbacks may reach."""
     from asman.gateway.app import GatewayConfig
     from asman.peer.client import log_config
 
@@ -68,6 +76,7 @@ def gateway_config(
         s3_access_key=settings.blobs.access_key,
         s3_secret_key=settings.blobs.secret_key,
         exposed_queues=exposed_queues,
+        allow_urls=allow_urls,
     )
 
 
@@ -157,32 +166,38 @@ async def run_dev(options: DevOptions) -> int:
                     "  `asman dev` again. The queue and the gateway run without it.",
                     err=True,
                 )
+            ports = (options.nats_port, options.http_port)
+            # its own services, for jobs' inputs and for callbacks, and what the user adds
+            allowed = own_services(ports) + options.allow_urls
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(
                     serve_gateway(
                         # its own queue: /j/<id> links work without ?queue=
                         gateway_config(
-                            settings, "127.0.0.1", options.http_port, exposed_queues=(queue,)
+                            settings,
+                            "127.0.0.1",
+                            options.http_port,
+                            exposed_queues=(queue,),
+                            allow_urls=allowed,
                         ),
                         stop,
                         ready=gateway_ready,
                     )
                 )
-                ports = (options.nats_port, options.http_port)
                 if runtime is not None:
                     config = WorkerConfig(
                         queues=(queue,),
                         data_dir=data / "worker",
                         slots=options.slots,
                         drain_grace_s=10.0,
-                        allow_urls=own_services(ports),
+                        allow_urls=allowed,
                     )
                     tg.create_task(Worker(client.log, client.blobs, runtime, config).run(stop))
+                extra = f", and {' '.join(options.allow_urls)}" if options.allow_urls else ""
                 urls = (
-                    f"  urls:    jobs may fetch from 127.0.0.1:{ports[0]} and :{ports[1]} (this "
-                    "machine's own services); other loopback and private addresses are refused\n"
-                    if runtime is not None
-                    else ""
+                    f"  urls:    jobs' inputs and callbacks may reach 127.0.0.1:{ports[0]} and "
+                    f":{ports[1]} (this machine's own services){extra}; other loopback and "
+                    "private addresses are refused (--allow-url HOST:PORT allows one)\n"
                 )
                 sample = {"image": "asman/busybox:local", "command": "echo hello from asman"}
                 click.echo(
@@ -205,9 +220,9 @@ async def run_dev(options: DevOptions) -> int:
 
 
 def own_services(ports: Iterable[int]) -> tuple[str, ...]:
-    """The ``--allow-url`` entries of ``asman dev``'s worker: the stack's own services on
-    loopback (nats-server and the gateway, whose ``/f/<sha256>`` URLs jobs use as inputs),
-    by address and as ``localhost``. Every other local port stays refused."""
+    """The ``--allow-url`` entries of ``asman dev``'s worker and gateway: the stack's own
+    services on loopback (nats-server and the gateway, whose ``/f/<sha256>`` URLs jobs use as
+    inputs), by address and as ``localhost``. Every other local port stays refused."""
     return tuple(f"{host}:{port}" for port in ports for host in ("127.0.0.1", "localhost"))
 
 

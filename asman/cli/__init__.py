@@ -105,6 +105,19 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     help="Hold the job for this namespace: a newer job you submit there replaces it "
     "(compute-queues' control.namespace) [default: _, which replaces nothing].",
 )
+@click.option(
+    "--on-queued",
+    metavar="URL",
+    default=None,
+    help="POST a signed JSON callback to URL once the job is on the queue (this command "
+    "sends it, retried for up to 10 minutes before it exits).",
+)
+@click.option(
+    "--on-finished",
+    metavar="URL",
+    default=None,
+    help="POST a signed JSON callback to URL when the job finishes (the worker sends it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @log_options
 @asyncmain
@@ -117,6 +130,8 @@ async def submit(
     outputs_dir: str | None,
     rerun: bool,
     namespace: str | None,
+    on_queued: str | None,
+    on_finished: str | None,
     as_json: bool,
     **kwargs: Any,
 ) -> None:
@@ -126,6 +141,7 @@ async def submit(
     replaced: each is cancelled once no other namespace holds it, after compute-queues'
     grace (none for a job up to 20 s old, 4 s past that, 8 s past a minute), which this
     command waits for."""
+    from asman.log.control import validate_control
     from asman.log.subjects import validate_queue
     from asman.peer.client import Client, collect_files
     from asman.render import Transfer, print_logs, result_json
@@ -146,8 +162,19 @@ async def submit(
         kwargs.pop("memory"),
         kwargs.pop("tags"),
     )
+    callbacks: dict[str, Any] = {}
+    for event, url in (("queued", on_queued), ("finished", on_finished)):
+        if url is not None:
+            try:
+                validate_control({"callbacks": {event: {"url": url}}})
+            except InvalidInput:
+                raise InvalidInput(
+                    f"--on-{event} {url[:200]!r} is not an absolute http:// or https:// URL"
+                ) from None
+            callbacks[event] = {"url": url}
+    control = validate_control({"callbacks": callbacks} if callbacks else None)
     inputs = collect_files(files)
-    async with Client.connect(settings) as client:
+    async with Client.connect(settings) as client, client.callback_sender() as sender:
         with Transfer(enabled=not as_json) as progress:
             sub = await client.submit(
                 queue,
@@ -156,6 +183,8 @@ async def submit(
                 rerun=rerun,
                 progress=progress.update,
                 namespace=namespace,
+                control=control,
+                callbacks=sender,
             )
         if not as_json:
             for r in sub.replacing:
@@ -164,7 +193,8 @@ async def submit(
                     f"(replaces job {r.job_id[:12]} in namespace {r.namespace!r}{grace})", err=True
                 )
         # replaced jobs first (their graces are seconds; the logs are replayed from the start)
-        await client.replace(sub.replacing)
+        # a replaced job that never ran is finished by this command: it sends the callback
+        await client.replace(sub.replacing, callbacks=sender)
         if not wait:
             if as_json:
                 emit_json(
@@ -184,6 +214,8 @@ async def submit(
                     click.echo(
                         "(finished earlier: the result is cached; --rerun runs it again)", err=True
                     )
+            if sender.pending:
+                click.echo("delivering callbacks… (Ctrl-C gives up)", err=True)
             return
         if not as_json:
             click.echo(f"job {sub.job_id} on queue {queue}", err=True)
@@ -368,8 +400,11 @@ async def jobs_cancel(
 
     if namespace is not None:
         validate_namespace(namespace, allow_all=True)
-    async with Client.connect(settings_from(kwargs, (queue,))) as client:
-        state = await client.cancel(queue, job, namespace=namespace)
+    async with (
+        Client.connect(settings_from(kwargs, (queue,))) as client,
+        client.callback_sender() as sender,
+    ):
+        state = await client.cancel(queue, job, namespace=namespace, callbacks=sender)
     if as_json:
         emit_json(state_json(state))
     elif state.finished:
@@ -824,9 +859,21 @@ def worker(
     "repeatable or comma-separated. Whoever knows a job's definition can then find it and "
     "its outputs: expose only public queues. [default: none]",
 )
+@click.option(
+    "--allow-url",
+    "allow_urls",
+    envvar="ASMAN_ALLOW_URL",
+    multiple=True,
+    metavar="HOST",
+    help="Let the callbacks of jobs submitted here reach HOST although it is loopback or "
+    "private: a name, an address or a network (10.0.0.0/8), each with an optional :PORT; "
+    "repeatable. [default: public addresses only]",
+)
 @log_options
 @asyncmain
-async def gateway(host: str, port: int, expose: tuple[str, ...], **kwargs: Any) -> None:
+async def gateway(
+    host: str, port: int, expose: tuple[str, ...], allow_urls: tuple[str, ...], **kwargs: Any
+) -> None:
     """Serve the browser page and the HTTP API."""
     from asman.dev import gateway_config, serve_gateway
 
@@ -834,7 +881,7 @@ async def gateway(host: str, port: int, expose: tuple[str, ...], **kwargs: Any) 
     exposed = tuple(dict.fromkeys(q.strip() for v in expose for q in v.split(",") if q.strip()))
     stop = stop_on_signals()
     await serve_gateway(
-        gateway_config(settings, host, port, exposed_queues=exposed),
+        gateway_config(settings, host, port, exposed_queues=exposed, allow_urls=allow_urls),
         stop,
         # once it listens and has the log: a refused start prints its error, not a URL
         ready=lambda: click.echo(f"gateway on http://{host}:{port}/", err=True),
@@ -871,8 +918,22 @@ async def gateway(host: str, port: int, expose: tuple[str, ...], **kwargs: Any) 
     type=click.IntRange(1, 64),
     help="Jobs the local worker runs at once.",
 )
+@click.option(
+    "--allow-url",
+    "allow_urls",
+    envvar="ASMAN_ALLOW_URL",
+    multiple=True,
+    metavar="HOST",
+    help="Besides its own services, let jobs' URLs and callbacks reach HOST although it is "
+    "loopback or private (e.g. 127.0.0.1:9000 for a webhook receiver); repeatable.",
+)
 def dev(
-    queue: str | None, data_dir: str | None, nats_port: int, http_port: int, slots: int
+    queue: str | None,
+    data_dir: str | None,
+    nats_port: int,
+    http_port: int,
+    slots: int,
+    allow_urls: tuple[str, ...],
 ) -> None:
     """Everything on this machine: nats-server, object store, gateway and a worker."""
     from asman.dev import DevOptions, run_dev
@@ -884,6 +945,7 @@ def dev(
         http_port=http_port,
         slots=slots,
         new_queue=new_queue_name,
+        allow_urls=allow_urls,
     )
     raise SystemExit(run_async(run_dev(options)))
 

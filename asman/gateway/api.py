@@ -19,7 +19,16 @@ from asman.errors import InvalidDefinition, InvalidInput, JobNotFound
 from asman.gateway import files, sse
 from asman.gateway.limits import read_json
 from asman.gateway.metrics import CONTENT_TYPE, queue_metrics
-from asman.gateway.state import BLOBS, CLOSING, CONFIG, FOLLOWERS, LOG, METRICS, REPLACER
+from asman.gateway.state import (
+    BLOBS,
+    CALLBACKS,
+    CLOSING,
+    CONFIG,
+    FOLLOWERS,
+    LOG,
+    METRICS,
+    REPLACER,
+)
 from asman.gateway.views import (
     chunk_view,
     job_summary,
@@ -27,6 +36,7 @@ from asman.gateway.views import (
     worker_view,
 )
 from asman.log import jobs, namespaces, subjects
+from asman.log.control import validate_control, with_namespace
 from asman.log.definition import (
     DataRef,
     image_class,
@@ -43,6 +53,7 @@ __all__ = [
     "PREFIX",
     "add_routes",
     "bounded_logs",
+    "cancel_and_notify",
     "check_message",
     "find_input",
     "find_output",
@@ -101,26 +112,34 @@ async def submit_definition(
     rerun: bool = False,
     signed: jobs.SignedEvent | None = None,
     namespace: str | None = None,
+    control: Any = None,
 ) -> jobs.Submitted:
     """Validate ``definition`` with the gateway's limits and submit it, signed by the gateway
     (or, with ``signed``, by the key that signed that very submission), held for
-    ``namespace``; the jobs it replaces there are released in the background, each after
-    its grace (``asman.log.namespaces``)."""
+    ``namespace``, with its ``control`` (callbacks: not part of the job; its namespace and
+    ``namespace`` are one, ``InvalidInput`` when they differ); the jobs it replaces there
+    are released in the background, each after its grace (``asman.log.namespaces``). A job
+    this puts on the queue (created, or run again) gets its ``queued`` callback, sent in the
+    background by the gateway, which appended the event whoever signed it."""
     config = request.app[CONFIG]
     if not isinstance(definition, Mapping):
         raise InvalidDefinition("", "a job definition must be a JSON object")
     clean = validate_definition(definition, config.limits.definition_limits())
+    checked, named = with_namespace(control, namespace)
     submitted = await namespaces.submit(
         request.app[LOG],
         queue,
         clean,
-        namespace=namespace,
+        namespace=named,
         rerun=rerun,
         via=config.name,
         grace=config.replace_grace,
         signed=signed,
+        control=checked,
     )
     request.app[REPLACER].schedule(submitted.replacing)
+    if submitted.created or submitted.requeued:
+        request.app[CALLBACKS].queued(queue, submitted.job_id, checked, submitted.state.last_seq)
     if submitted.created:
         outcome = "created"
     elif submitted.cached:
@@ -248,9 +267,10 @@ async def submit_job(request: web.Request) -> web.Response:
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
     if not isinstance(body, dict) or "definition" not in body:
         raise InvalidInput(
-            'the body must be {"definition": {...}, "rerun": false, "namespace": "..."}'
+            'the body must be {"definition": {...}, "rerun": false, "namespace": "...", '
+            '"control": {...}}'
         )
-    unknown = set(body) - {"definition", "rerun", "namespace"}
+    unknown = set(body) - {"definition", "rerun", "namespace", "control"}
     if unknown:
         raise InvalidInput(f"unknown body fields: {', '.join(sorted(unknown))}")
     submitted = await submit_definition(
@@ -259,6 +279,7 @@ async def submit_job(request: web.Request) -> web.Response:
         body["definition"],
         rerun=_bool(body.get("rerun"), "rerun"),
         namespace=_namespace(body.get("namespace")),
+        control=body.get("control"),
     )
     return submitted_response(submitted)
 
@@ -276,17 +297,18 @@ def submitted_response(submitted: jobs.Submitted) -> web.Response:
 async def validate(request: web.Request) -> web.Response:
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
     if not isinstance(body, dict) or "definition" not in body:
-        raise InvalidInput('the body must be {"definition": {...}}')
-    unknown = set(body) - {"definition"}
+        raise InvalidInput('the body must be {"definition": {...}, "control": {...}}')
+    unknown = set(body) - {"definition", "control"}
     if unknown:
         raise InvalidInput(f"unknown body fields: {', '.join(sorted(unknown))}")
     definition = body["definition"]
     if not isinstance(definition, Mapping):
         raise InvalidDefinition("", "a job definition must be a JSON object")
     clean = validate_definition(definition, request.app[CONFIG].limits.definition_limits())
-    return web.json_response(
-        {"jobId": job_id(clean), "class": image_class(clean), "definition": clean}
-    )
+    answer = {"jobId": job_id(clean), "class": image_class(clean), "definition": clean}
+    if body.get("control") is not None:
+        answer["control"] = validate_control(body["control"])
+    return web.json_response(answer)
 
 
 async def list_queue(request: web.Request) -> web.Response:
@@ -327,8 +349,33 @@ async def cancel_job(request: web.Request) -> web.Response:
         if body.get("message") is not None:
             message = check_message(body["message"])
         namespace = _namespace(body.get("namespace"), allow_all=True)
-    state = await jobs.cancel(request.app[LOG], queue, job, message, namespace=namespace)
+    state = await cancel_and_notify(request, queue, job, message, namespace=namespace)
     return web.json_response(job_view(state, job_base(queue, job), history=False))
+
+
+async def cancel_and_notify(
+    request: web.Request,
+    queue: str,
+    job: str,
+    message: str,
+    before: JobState | None = None,
+    *,
+    namespace: str | None = None,
+    signed: jobs.SignedEvent | None = None,
+) -> JobState:
+    """Cancel the job (``jobs.cancel``: only ``namespace``, or with the ``signed`` cancel of
+    another key); when that very cancel finished it (a job that never ran, or whose last
+    namespace it removed), send its ``finished`` callback: the event the gateway appended
+    ended it. ``before`` is the job as already read, if it was."""
+    log = request.app[LOG]
+    before = before or await load_job(request, queue, job)
+    if before.finished:
+        return before
+    state = await jobs.cancel(log, queue, job, message, namespace=namespace, signed=signed)
+    signer = signed.signer if signed is not None else log.peer_id
+    if state.result is not None and state.result.worker == signer:
+        request.app[CALLBACKS].finished(state)
+    return state
 
 
 def check_message(value: Any) -> str:

@@ -10,7 +10,8 @@ as many as you like; any of them answers any request the same.
 2. ``CLOSING`` is set, so event streams end at once;
 3. requests in flight get ``shutdown_timeout_s`` to finish, then are cancelled;
 4. the resources context does the namespace replacements still in their grace at once,
-   closes the blob store's temp dir and drains the log connection.
+   gives callbacks still underway (those releases' among them) their grace, closes the
+   blob store's temp dir and drains the log connection.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from asman.gateway.openapi import openapi_document
 from asman.gateway.page import page, static_file
 from asman.gateway.state import (
     BLOBS,
+    CALLBACKS,
     CLOSING,
     CONFIG,
     FOLLOWERS,
@@ -54,6 +56,7 @@ from asman.log.connection import Log
 from asman.log.keys import PeerKey
 from asman.log.namespaces import Replacer
 from asman.log.objstore import ObjectStoreBlobs
+from asman.peer.callbacks import CallbackSender
 
 __all__ = ["GatewayConfig", "create_app", "serve"]
 
@@ -76,13 +79,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Connect the log with the gateway's key, open the blob store and a scratch dir."""
     config = app[CONFIG]
     key = await asyncio.to_thread(PeerKey.load_or_create, config.key_path)
-    async with Log(config.log, key) as log:
+    async with (
+        Log(config.log, key) as log,
+        CallbackSender(key, config.url_policy(), config.callbacks) as callbacks,
+    ):
         app[LOG] = log
+        app[CALLBACKS] = callbacks
         app[BLOBS] = await _open_blobs(config, log)
         tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="asman-gateway-"))
         app[TMP_DIR] = tmp
         app[FOLLOWERS] = followers = Followers(log, poll_s=config.poll_s)
-        app[REPLACER] = replacer = Replacer(log)
+        # a release that ends a job still queued is the gateway's event: it sends ``finished``
+        app[REPLACER] = replacer = Replacer(log, on_finished=callbacks.finished)
         app[METRICS].followers.set_function(lambda: len(followers))
         logger.info("gateway %s connected as peer %s", config.name, log.peer_id)
         try:

@@ -129,27 +129,18 @@ async def _logs(request: web.Request, state: JobState) -> list[Any]:
     return kept
 
 
-def _control_namespace(body: Mapping[str, Any]) -> str | None:
-    """``control.namespace`` of an EnqueueJob (None: the default one)."""
-    control = body.get("control")
-    if control is None:
-        return None
-    if not isinstance(control, Mapping):
-        raise InvalidInput('control must be an object such as {"namespace": "..."}')
-    namespace = control.get("namespace")
-    return None if namespace is None else validate_namespace(namespace)
-
-
 async def submit(request: web.Request) -> web.Response:
     queue = api.queue_param(request)
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
-    namespace = None
+    if isinstance(body, dict) and isinstance(body.get("enqueued"), Mapping):
+        body = body["enqueued"]  # StateChangeValueQueued {type, time, enqueued: EnqueueJob}
+    control = None
     if isinstance(body, dict) and isinstance(body.get("definition"), Mapping):
         definition = body["definition"]  # EnqueueJob {id?, definition, debug?, control?}
-        namespace = _control_namespace(body)
+        control = body.get("control")  # its namespace holds the job; its callbacks go with it
     else:
         definition = body
-    submitted = await api.submit_definition(request, queue, definition, namespace=namespace)
+    submitted = await api.submit_definition(request, queue, definition, control=control)
     cq_state, cq_reason = submitted.state.cq_state
     return web.json_response(
         {
@@ -313,7 +304,7 @@ async def cancel(request: web.Request) -> web.Response:
         return web.json_response({"message": "Job not found"})  # compute-queues: 200
     if before.finished:
         return web.json_response({"message": "Job already Finished|Removed"})
-    await jobs.cancel(request.app[LOG], queue, jid, message, namespace=namespace)
+    await api.cancel_and_notify(request, queue, jid, message, before, namespace=namespace)
     return web.json_response({"success": True, "jobId": jid, "namespace": namespace})
 
 
@@ -327,7 +318,8 @@ async def namespaces(request: web.Request) -> web.Response:
 
 async def copy(request: web.Request) -> web.Response:
     """compute-queues' ``POST /j/<id>/copy`` ``{queue, control?}``: the same job (id and
-    definition) submitted to another queue, held for ``control.namespace``."""
+    definition) submitted to another queue, held for ``control.namespace``, with the
+    control's callbacks."""
     body = await read_json(request, request.app[CONFIG].limits.max_body_bytes)
     if not isinstance(body, dict):
         raise InvalidInput(
@@ -337,9 +329,10 @@ async def copy(request: web.Request) -> web.Response:
     if not body.get("queue"):
         raise InvalidInput('the copy needs the queue to copy the job to: {"queue": "<queue>"}')
     target = subjects.validate_queue(body["queue"])
-    namespace = _control_namespace(body)
     state = await _load(request)
-    submitted = await api.submit_definition(request, target, state.definition, namespace=namespace)
+    submitted = await api.submit_definition(
+        request, target, state.definition, control=body.get("control")
+    )
     return web.json_response({"success": True, "jobId": submitted.job_id})
 
 

@@ -6,6 +6,7 @@ and ``ASMAN_*`` variables onto these fields (docs/reference/http-api.md lists th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from asman.log.connection import LogConfig
 from asman.log.definition import DefinitionLimits
 from asman.log.namespaces import DEFAULT_GRACE, ReplaceGrace
 from asman.log.subjects import validate_queue
+from asman.peer.callbacks import CallbackSettings
+from asman.peer.netguard import UrlPolicy
 
 __all__ = ["GatewayConfig", "GatewayLimits"]
 
@@ -100,6 +103,10 @@ class GatewayConfig:
     answer 400. A job id is computed from its definition, so on an exposed queue whoever
     knows (or guesses) a definition finds its job and its outputs: expose only public queues.
 
+    ``allow_urls`` are the loopback or private destinations the gateway's callbacks may
+    reach anyway (``UrlPolicy.parse``; by default public addresses only: a callback URL
+    comes from whoever submits). ``callbacks`` says how they are delivered.
+
     ``replace_grace`` is how long a job replaced by a newer one in its namespace keeps
     running, by its age (compute-queues' values by default; ``asman.log.namespaces``).
     ``cq_finished_listed_s`` is how long compute-queues' listings (``GET /q/<queue>``,
@@ -119,6 +126,8 @@ class GatewayConfig:
     trust_forwarded: bool = False
     public_url: str | None = None
     exposed_queues: tuple[str, ...] = ()
+    allow_urls: tuple[str, ...] = ()
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
     presign_expires_s: int = 3600
     replace_grace: ReplaceGrace = DEFAULT_GRACE
     cq_finished_listed_s: float = 60.0
@@ -151,6 +160,7 @@ class GatewayConfig:
                 raise ConfigError(f"exposed queue: {exc}") from exc
         if len(set(self.exposed_queues)) != len(self.exposed_queues):
             raise ConfigError(f"exposed queues {self.exposed_queues!r} name a queue twice")
+        self.url_policy()  # checks the entries
         if not 1 <= self.presign_expires_s <= 7 * 24 * 3600:
             raise ConfigError("presign_expires_s must be between 1 s and 7 days")
         if not self.cq_finished_listed_s >= 0:
@@ -158,6 +168,11 @@ class GatewayConfig:
         for name in ("poll_s", "sse_ping_s", "shutdown_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"gateway {name} must be > 0")
+
+    def url_policy(self) -> UrlPolicy:
+        """Where the gateway's callbacks may go besides public addresses."""
+        policy = UrlPolicy.parse(self.allow_urls)
+        return dataclasses.replace(policy, who="the gateway", command="asman gateway")
 
     @property
     def address(self) -> str:

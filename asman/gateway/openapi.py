@@ -180,6 +180,38 @@ def _schemas() -> dict[str, Any]:
                     "description": "Hold the job for this namespace (compute-queues'); "
                     "a newer job in it replaces this one",
                 },
+                "control": {
+                    **_ref("Control"),
+                    "description": "Callbacks, and the namespace again: when both name one "
+                    "they must agree",
+                },
+            },
+            "additionalProperties": False,
+        },
+        "Callback": {
+            "type": "object",
+            "description": "POST a signed JSON body to url (docs/guide.md, Callbacks); "
+            "payload comes back as the body's config",
+            "required": ["url"],
+            "properties": {
+                "url": {"type": "string", "pattern": "^https?://", "maxLength": 2048},
+                "payload": {},
+            },
+            "additionalProperties": False,
+        },
+        "Control": {
+            "type": "object",
+            "description": "How the queue treats the job (compute-queues' control); not "
+            "part of the job id",
+            "properties": {
+                "namespace": NAMESPACE,
+                "callbacks": {
+                    "type": "object",
+                    "properties": {"queued": _ref("Callback"), "finished": _ref("Callback")},
+                    "additionalProperties": False,
+                },
+                "maxDuration": {},
+                "outputs": {},
             },
             "additionalProperties": False,
         },
@@ -192,6 +224,11 @@ def _schemas() -> dict[str, Any]:
                     "type": "string",
                     "pattern": SHA_RE,
                     "description": "Your Ed25519 public key: its 32 raw bytes in hex",
+                },
+                "namespace": NAMESPACE,
+                "control": {
+                    **_ref("Control"),
+                    "description": "Goes in the event you sign, as with a plain submission",
                 },
             },
             "additionalProperties": False,
@@ -298,6 +335,7 @@ def _schemas() -> dict[str, Any]:
                 "submitter": {"type": "string"},
                 "via": {"type": "string"},
                 "seq": {"type": "integer"},
+                "control": _ref("Control"),
                 "result": {"oneOf": [_ref("Result"), {"type": "null"}]},
                 "waiting": _ref("Waiting"),
                 "definition": _ref("Definition"),
@@ -422,7 +460,10 @@ def _native() -> dict[str, Any]:
                             "schema": {
                                 "type": "object",
                                 "required": ["definition"],
-                                "properties": {"definition": _ref("Definition")},
+                                "properties": {
+                                    "definition": _ref("Definition"),
+                                    "control": _ref("Control"),
+                                },
                             }
                         }
                     },
@@ -747,10 +788,7 @@ def _compat() -> dict[str, Any]:
                             "properties": {
                                 "definition": _ref("Definition"),
                                 "id": {"type": "string"},
-                                "control": {
-                                    "type": "object",
-                                    "properties": {"namespace": NAMESPACE},
-                                },
+                                "control": _ref("Control"),
                                 "debug": {"type": "boolean"},
                             },
                         },
@@ -844,10 +882,7 @@ def _compat() -> dict[str, Any]:
                     "required": ["queue"],
                     "properties": {
                         "queue": {"type": "string", "pattern": QUEUE_RE},
-                        "control": {
-                            "type": "object",
-                            "properties": {"namespace": NAMESPACE},
-                        },
+                        "control": _ref("Control"),
                     },
                 }
             }

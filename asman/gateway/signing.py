@@ -7,11 +7,16 @@ gateway verifies them as any reader of the log would, checks that they are the v
 would append itself (a ``submitted`` of a definition within its limits and with its ``via``,
 or a ``cancel``), and appends them by compare-and-set through ``asman.log.jobs``:
 
-* ``POST …/queues/{queue}/jobs/prepare`` ``{definition, key}``: the submission to sign;
+* ``POST …/queues/{queue}/jobs/prepare`` ``{definition, key, namespace?, control?}``: the
+  submission to sign, with its namespace and control (callbacks) in the event, as a plain
+  submission writes them;
 * ``POST …/queues/{queue}/jobs/{job}/cancel/prepare`` ``{key, message?}``: the cancel to sign
   (``403`` when that key did not submit the job);
 * ``POST …/queues/{queue}/jobs/{job}/signed`` ``{protected, payload, signature}``: append it.
   ``409`` when the job moved on since the prepare: prepare and sign again.
+
+The gateway appended it, so the gateway sends the callbacks of what it appended: the
+``queued`` of a signed submission, the ``finished`` of a job a signed cancel ended.
 
 Bytes travel as base64url without padding; ``key`` is the public key as a peer id (64
 lower-case hex digits).
@@ -29,6 +34,7 @@ from aiohttp import web
 from asman.errors import BadSignature, EnvelopeError, InvalidInput, WrongSubject
 from asman.gateway.api import (
     PREFIX,
+    cancel_and_notify,
     check_message,
     job_base,
     job_param,
@@ -40,6 +46,7 @@ from asman.gateway.limits import parse_json, read_json
 from asman.gateway.state import CONFIG, LOG
 from asman.gateway.views import job_view
 from asman.log import jobs, subjects
+from asman.log.control import with_namespace
 from asman.log.definition import job_id, validate_definition
 from asman.log.keys import PUBLIC_KEY_SIZE
 
@@ -113,16 +120,24 @@ async def prepare_submit(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = _body(
         await read_json(request, config.limits.max_body_bytes),
-        ("definition", "key"),
-        '{"definition": {...}, "key": "<your public key, hex>"}',
+        ("definition", "key", "namespace", "control"),
+        '{"definition": {...}, "key": "<your public key, hex>", "namespace": "...", '
+        '"control": {...}}',
     )
     key = _key(body.get("key"))
     definition = body.get("definition")
     if not isinstance(definition, dict):
         raise InvalidInput('the body needs "definition": a job definition (a JSON object)')
     clean = validate_definition(definition, config.limits.definition_limits())
+    control, namespace = with_namespace(body.get("control"), body.get("namespace"))
     prepared = await jobs.prepare_submit(
-        request.app[LOG], queue, clean, signer=key, via=config.name
+        request.app[LOG],
+        queue,
+        clean,
+        signer=key,
+        via=config.name,
+        namespace=namespace,
+        control=control,
     )
     return web.json_response(_prepared_view(prepared))
 
@@ -182,11 +197,26 @@ async def commit(request: web.Request) -> web.Response:
                 f"the signed definition hashes to job {computed}, not to job {job} of this "
                 "route: send it to its own job's route"
             )
-        submitted = await submit_definition(request, queue, clean, signed=signed)
+        # the namespace and control it signed: the submission is checked to be the very
+        # event the gateway writes with them
+        event = signed.opened.event
+        control = event.get("control")
+        if control is not None:
+            if not isinstance(control, str):
+                raise InvalidInput("the signed submission's control is not JSON text")
+            control = parse_json(control, what="the signed control")
+        submitted = await submit_definition(
+            request,
+            queue,
+            clean,
+            signed=signed,
+            namespace=event.get("namespace"),
+            control=control,
+        )
         return submitted_response(submitted)
     if signed.kind == "cancel":
         message = check_message(signed.opened.event.get("message"))
-        state = await jobs.cancel(request.app[LOG], queue, job, message, signed=signed)
+        state = await cancel_and_notify(request, queue, job, message, signed=signed)
         return web.json_response(job_view(state, job_base(queue, job), history=False))
     raise InvalidInput(
         f"only submitted or cancel events may be signed through the gateway, not "

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from asman import __version__
 from asman.errors import AsmanError, InvalidInput
-from asman.gateway.api import load_job, queue_param, submit_definition
+from asman.gateway.api import cancel_and_notify, load_job, queue_param, submit_definition
 from asman.gateway.limits import read_json
 from asman.gateway.state import BLOBS, CONFIG, LOG
 from asman.log import jobs, subjects
@@ -624,7 +624,8 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def cancel_task(request: web.Request) -> web.Response:
     queue, task = queue_param(request), _task_id(request)
-    await jobs.cancel(request.app[LOG], queue, task, "cancelled through TES")
+    # a task that never ran ends with the gateway's cancel: its finished callback is ours
+    await cancel_and_notify(request, queue, task, "cancelled through TES")
     return web.json_response({})
 
 

@@ -190,6 +190,7 @@ def job_view(
         "via": state.via,
         "class": state.job_class,
         "seq": state.last_seq,
+        "control": state.control,
         "result": result_view(state.result, base) if state.result else None,
         "waiting": waiting(state, workers) if workers is not None else None,
         "links": {

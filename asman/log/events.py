@@ -28,7 +28,8 @@ Who may sign what, and what the fold does otherwise (docs/architecture.md has th
 ============  ==================================================================
 submitted     anyone, as the first valid event; the definition must hash to the job id.
               Its signer is the job's *submitter*. Holds the job for its ``namespace``
-              (``_`` when it names none)
+              (``_`` when it names none); its ``control`` (callbacks, not part of the
+              job) is the job's
 hold          anyone, on a job not finished and not being cancelled: holds it for the
               signer's ``namespace`` (again: the signer's hold becomes the newest)
 claimed       anyone, on a job not finished: takes a queued job (attempt = claims + 1),
@@ -54,8 +55,17 @@ released      the holder: the job goes back to queued, the attempt is not counte
               draining worker); on a job with a cancel request it finishes it ``cancelled``
 requeued      on a finished job: anyone when it finished without a result (``error``,
               ``cancelled``, ``worker_lost``); only the submitter when it has one. Holds
-              the job for the signer's ``namespace``
+              the job for the signer's ``namespace``. The submitter's may bring a new
+              ``control``; anyone else's keeps the job's
 ============  ==================================================================
+
+Under a queue policy (``asman.log.policy``, the version in force at the event's server
+time) the same rules hold, narrowed: ``submitted`` and ``hold`` only from a key it lets
+submit (and ``submitted`` within its ceilings); ``claimed`` only from a worker it trusts
+(listed, or carrying a certificate it accepts); the holder's events only while it still
+trusts the holder. Its admins may do what the submitter may (``cancel``, forcing a cancel,
+``requeued`` of a result), and anyone may re-run a result past its retention; the control
+stays the submitter's all the same: only the submitter's ``requeued`` brings a new one.
 """
 
 from __future__ import annotations
@@ -71,6 +81,12 @@ from typing import Any, Literal
 
 from asman.errors import EnvelopeError, InvalidDefinition, InvalidInput
 from asman.log import wire
+from asman.log.control import (
+    ALL_NAMESPACES,
+    DEFAULT_NAMESPACE,
+    validate_control,
+    validate_namespace,
+)
 from asman.log.definition import job_id as definition_job_id
 from asman.log.definition import parse_duration_ms
 from asman.log.policy import Policy, PolicyView, check_cert
@@ -117,33 +133,6 @@ RESULT_REASONS: frozenset[str] = frozenset({"success", "failed", "timed_out"})
 
 MAX_MESSAGE = 4096
 OVER_LIMIT = "history over limit"
-
-#: compute-queues' default namespace: the one a job is held by when its submission names none
-DEFAULT_NAMESPACE = "_"
-#: in a cancel, every namespace (the ones the signer may remove)
-ALL_NAMESPACES = "*"
-MAX_NAMESPACE = 256
-
-
-def validate_namespace(value: object, *, allow_all: bool = False) -> str:
-    """A namespace as compute-queues takes it (``control.namespace``, ``?namespace=``): any
-    text of 1 to 256 characters without control characters. ``*`` means every namespace,
-    so it names one only in a cancel (``allow_all``)."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"a namespace must be text, got {type(value).__name__}")
-    if not 1 <= len(value) <= MAX_NAMESPACE:
-        raise InvalidInput(
-            f"namespace {value[:40]!r} must be 1 to {MAX_NAMESPACE} characters long, "
-            f"not {len(value)}"
-        )
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 or 0xD800 <= ord(c) < 0xE000 for c in value):
-        raise InvalidInput(f"namespace {value[:40]!r} holds a control character: remove it")
-    if value == ALL_NAMESPACES and not allow_all:
-        raise InvalidInput(
-            "namespace '*' means every namespace: it can cancel, not hold a job; "
-            "submit with another name"
-        )
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +420,8 @@ class JobState:
     cancel_by: str = ""
     #: the job that replaced this one in its last namespace (carried into its result)
     replaced_by: str | None = None
+    #: the submission's checked ``control`` (``asman.log.control``): callbacks, namespace
+    control: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -545,6 +536,18 @@ class _Event:
         return value if type(value) is int else 0
 
 
+def _control(event: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``control`` an event carries (JSON text), checked; None when it carries none or
+    one that does not check (a job is never refused for its control: it is not the job)."""
+    text = event.get("control")
+    if not isinstance(text, str):
+        return None
+    try:
+        return validate_control(json.loads(text))
+    except (ValueError, InvalidInput):
+        return None
+
+
 def _submitted(
     ev: _Event, queue: str, job: str, rules: Rules, policy: Policy | None
 ) -> tuple[JobState | None, str]:
@@ -582,6 +585,7 @@ def _submitted(
             job_class=job_class if job_class in ("cpu", "gpu") else "cpu",
             life_ms=rules.life_ms(definition),
             holds=(Hold(namespace, ev.signer, ev.seq),),
+            control=_control(ev.body) or {},
         ),
         "",
     )
@@ -842,9 +846,12 @@ def _apply(
             and not past_retention(state, policy, ev.ts)
         ):
             return state, "only the submitter (or a queue admin) may re-run a job that has a result"
+        # the submitter's re-run may bring a new control; anyone else's keeps the job's
+        control = _control(ev.body) if signer == state.submitter else None
         return (
             replace(
                 state,
+                control=state.control if control is None else control,
                 state="queued",
                 result=None,
                 lease=None,

@@ -34,6 +34,7 @@ from asman.errors import (
 )
 from asman.log import subjects, wire
 from asman.log.connection import DONE_TTL, Log
+from asman.log.control import control_text, validate_control, with_namespace
 from asman.log.definition import JobSpec, image_class, job_id, validate_definition
 from asman.log.events import (
     ALL_NAMESPACES,
@@ -112,10 +113,13 @@ def definition_text(definition: Mapping[str, Any]) -> str:
 
 
 def submitted_event(
-    clean: Mapping[str, Any], via: str = "", namespace: str = DEFAULT_NAMESPACE
+    clean: Mapping[str, Any],
+    via: str = "",
+    namespace: str = DEFAULT_NAMESPACE,
+    control: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``submitted`` event of a validated definition (without ``prev``), held for
-    ``namespace``."""
+    ``namespace``, with its checked ``control`` (``asman.log.control``) when it has one."""
     event = {
         "type": "submitted",
         "ts": now_ms(),
@@ -125,6 +129,8 @@ def submitted_event(
     }
     if namespace != DEFAULT_NAMESPACE:
         event["namespace"] = namespace
+    if control:
+        event["control"] = control_text(control)
     return event
 
 
@@ -431,6 +437,7 @@ async def submit(
     via: str = "",
     signed: SignedEvent | None = None,
     namespace: str | None = None,
+    control: Mapping[str, Any] | None = None,
 ) -> Submitted:
     """Put a job on ``queue``. Safe to repeat; see the module docstring.
 
@@ -446,15 +453,21 @@ async def submit(
     The job is held for ``namespace`` (``_`` when None) by this peer: a job that exists gets
     a ``hold`` event when this peer does not hold it for that namespace yet. Replacing the
     other jobs of a namespace is ``asman.log.namespaces.submit``'s.
+
+    ``control`` (``asman.log.control``: callbacks, namespace) is not part of the job: it goes
+    with the submission that creates the job, or with a re-run, and is otherwise dropped
+    (the job keeps the control it was created with). ``namespace`` and ``control.namespace``
+    are one: either names it for both, and ``InvalidInput`` says when they differ.
     """
     subjects.validate_queue(queue)
-    ns = DEFAULT_NAMESPACE if namespace is None else validate_namespace(namespace)
+    checked, named = with_namespace(control, namespace)
+    ns = DEFAULT_NAMESPACE if named is None else named
     clean = validate_definition(definition)
     jid = job_id(clean)
     subject = subjects.job_subject(queue, jid)
     submitter = signed.signer if signed is not None else log.peer_id
     await _check_submit(log, queue, clean, submitter)
-    event = submitted_event(clean, via, ns)
+    event = submitted_event(clean, via, ns, checked)
     if signed is not None:
         signed.check(subject, event)
     created = False
@@ -501,7 +514,7 @@ async def submit(
             return Submitted(
                 queue, jid, state, created=False, cached=True, requeued=False, namespace=ns
             )
-        state = await requeue(log, queue, jid, _state=state, namespace=ns)
+        state = await requeue(log, queue, jid, _state=state, namespace=ns, control=checked)
         requeued = True
     before = None if created or requeued else state.hold_of(log.peer_id, ns)
     if not created and not requeued:
@@ -552,18 +565,30 @@ async def _is_admin(log: Log, queue: str) -> bool:
 
 
 async def prepare_submit(
-    log: Log, queue: str, definition: Mapping[str, Any], *, signer: str, via: str = ""
+    log: Log,
+    queue: str,
+    definition: Mapping[str, Any],
+    *,
+    signer: str,
+    via: str = "",
+    namespace: str | None = None,
+    control: Mapping[str, Any] | None = None,
 ) -> Prepared:
     """The ``submitted`` event of ``definition`` for the key ``signer`` (a peer id) to sign,
-    then to ``submit(..., signed=...)``. It follows the subject's last message when that
-    holds only junk (as ``submit`` does); a job that exists is found by the submit."""
+    then to ``submit(..., signed=...)`` with the same ``namespace`` and ``control`` (which
+    the event carries, as ``submit`` writes them). It follows the subject's last message
+    when that holds only junk (as ``submit`` does); a job that exists is found by the
+    submit."""
     subjects.validate_queue(queue)
+    checked, named = with_namespace(control, namespace)
     clean = validate_definition(definition)
     jid = job_id(clean)
     history = JobHistory(log, queue, jid)
     state = await history.read()
     prev = history.last_seq if state is None else 0
-    return _prepared(queue, jid, signer, {**submitted_event(clean, via), "prev": prev})
+    ns = DEFAULT_NAMESPACE if named is None else named
+    event = submitted_event(clean, via, ns, checked)
+    return _prepared(queue, jid, signer, {**event, "prev": prev})
 
 
 async def prepare_cancel(
@@ -621,15 +646,19 @@ async def requeue(
     *,
     _state: JobState | None = None,
     namespace: str = DEFAULT_NAMESPACE,
+    control: Mapping[str, Any] | None = None,
 ) -> JobState:
     """Run a finished job again (an explicit choice), held for ``namespace`` by this peer.
     A job not finished is left as it is. Only the submitter may re-run a job that has a
-    result (``UnauthorizedSigner``)."""
+    result (``UnauthorizedSigner``). The submitter's re-run may bring a new ``control``
+    (anyone else's keeps the job's)."""
     state = _state or await _require(log, queue, job)
     subject = subjects.job_subject(queue, job)
     event: dict[str, Any] = {"type": "requeued"}
     if namespace != DEFAULT_NAMESPACE:
         event["namespace"] = validate_namespace(namespace)
+    if control:
+        event["control"] = control_text(validate_control(control))
     for _ in range(CAS_RETRIES):
         if not state.finished:
             break

@@ -20,6 +20,10 @@ grace and releases (``replace``, or a ``Replacer`` for a long-lived peer such as
 gateway). A peer that dies in the grace leaves the older job held; the next submission in
 that namespace replaces it.
 
+A release that finishes a job (one still queued: no worker will) is the releasing peer's
+event, so that peer sends the job's ``finished`` callback: ``on_finished`` is called with the
+job's state (``asman.peer.callbacks`` sends; this layer knows nothing of HTTP).
+
 Newest is the order of the stream: of two holds of one name by one key, the one with the
 higher sequence. Two concurrent submissions each see the other (each looks after its own
 hold is on the log), and both agree which is older, so exactly one job is left.
@@ -30,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,6 +45,7 @@ from asman.log.events import DEFAULT_NAMESPACE, Hold, JobState, now_ms
 
 __all__ = [
     "DEFAULT_GRACE",
+    "OnFinished",
     "ReplaceGrace",
     "Replacement",
     "Replacer",
@@ -53,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 #: live jobs read at once when looking for a namespace's other jobs
 READ_CONCURRENCY = 16
+
+OnFinished = Callable[[JobState], object]
+"""Called with a job's state when this peer's release finished it (it was still queued);
+what it returns is ignored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +141,24 @@ async def submit(
     via: str = "",
     grace: ReplaceGrace = DEFAULT_GRACE,
     signed: jobs.SignedEvent | None = None,
+    control: Mapping[str, Any] | None = None,
 ) -> jobs.Submitted:
     """``jobs.submit`` held for ``namespace``, and the live jobs of the queue this peer holds
     for the same namespace that must go (``Submitted.replacing``, each with its grace):
     every one but the newest hold, which is this submission's unless a newer one came
     meanwhile (then this very job may be among them). A cached result replaces nothing,
     as in compute-queues. Nothing is released here: ``replace_now`` or a ``Replacer``
-    does it."""
+    does it. ``control`` goes with the job (``jobs.submit``; its namespace and
+    ``namespace`` are one)."""
     sub = await jobs.submit(
-        log, queue, definition, rerun=rerun, via=via, namespace=namespace, signed=signed
+        log,
+        queue,
+        definition,
+        rerun=rerun,
+        via=via,
+        namespace=namespace,
+        signed=signed,
+        control=control,
     )
     ns = sub.namespace
     if ns == DEFAULT_NAMESPACE or sub.cached:
@@ -184,12 +202,18 @@ async def submit(
     return replace(sub, replacing=replacing)
 
 
-async def _release(log: Log, r: Replacement) -> JobState | None:
+async def _release(
+    log: Log, r: Replacement, on_finished: OnFinished | None = None
+) -> JobState | None:
     """Release ``r``'s namespace from its job; None when that could not be done (logged):
     the hold went already, the log is away. The next submission in the namespace tries
-    again."""
+    again. ``on_finished`` gets the job when this very release finished it."""
     try:
-        return await jobs.cancel(
+        if on_finished is not None:
+            before = await jobs.read_job(log, r.queue, r.job_id)
+            if before is None or before.finished:
+                return before
+        state = await jobs.cancel(
             log,
             r.queue,
             r.job_id,
@@ -201,14 +225,20 @@ async def _release(log: Log, r: Replacement) -> JobState | None:
     except AsmanError as exc:
         logger.warning("job=%s queue=%s not replaced: %s", r.job_id, r.queue, exc)
         return None
+    if on_finished is not None and state.result is not None and state.result.worker == log.peer_id:
+        on_finished(state)
+    return state
 
 
-async def replace_now(log: Log, replacements: Sequence[Replacement]) -> list[JobState | None]:
-    """Wait each replacement's grace and release it (all at once); the jobs' states after."""
+async def replace_now(
+    log: Log, replacements: Sequence[Replacement], on_finished: OnFinished | None = None
+) -> list[JobState | None]:
+    """Wait each replacement's grace and release it (all at once); the jobs' states after.
+    ``on_finished`` gets each job a release finished."""
 
     async def one(r: Replacement) -> JobState | None:
         await asyncio.sleep(r.delay_ms / 1000)
-        return await _release(log, r)
+        return await _release(log, r, on_finished)
 
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(one(r)) for r in replacements]
@@ -219,10 +249,12 @@ class Replacer:
     """Releases replaced jobs in the background, each after its grace, for a peer that
     answers before they are done (the gateway). It owns its tasks: ``close`` cuts the
     graces still running short and waits for every release (a replacement done early rather
-    than lost), so it is called before the log closes."""
+    than lost), so it is called before the log closes. ``on_finished`` gets each job a
+    release finished (the gateway sends its ``finished`` callback)."""
 
-    def __init__(self, log: Log) -> None:
+    def __init__(self, log: Log, on_finished: OnFinished | None = None) -> None:
         self.log = log
+        self.on_finished = on_finished
         self._tasks: set[asyncio.Task[None]] = set()
         self._hurry = asyncio.Event()
         self._closed = False
@@ -251,4 +283,4 @@ class Replacer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(r.delay_ms / 1000):
                 await self._hurry.wait()
-        await _release(self.log, r)
+        await _release(self.log, r, self.on_finished)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -28,6 +29,7 @@ from asman.errors import BlobCorrupt, BlobError, ConfigError, InvalidInput, Inva
 from asman.log import jobs, logstream, namespaces, workers
 from asman.log.blobs import BlobInfo, BlobStore
 from asman.log.connection import Log, LogConfig
+from asman.log.control import with_namespace
 from asman.log.definition import validate_relative_path
 from asman.log.events import JobState, OutputFile
 from asman.log.keys import PeerKey
@@ -35,11 +37,16 @@ from asman.log.logstream import LogChunk
 from asman.log.migrate import Migration, migrate
 from asman.log.objstore import ObjectStoreBlobs
 from asman.log.workers import WorkerInfo
+from asman.peer.callbacks import CallbackSender, CallbackSettings
+from asman.peer.netguard import UrlPolicy
 
 __all__ = ["Client", "FileInput", "NoBlobStore", "Progress", "collect_files", "open_blobs"]
 
 #: Files up to this size are inlined in the definition (compute-queues' threshold).
 INLINE_LIMIT = 200
+
+#: a client's callbacks go where its user says (``Client.callback_sender``)
+ANY_ADDRESS = UrlPolicy.parse(["0.0.0.0/0", "::/0"])
 
 Progress = Callable[[str, int, int], None]
 """``progress(what, done_bytes, total_bytes)``: called as transfers move."""
@@ -242,12 +249,18 @@ class Client:
         progress: Progress | None = None,
         namespace: str | None = None,
         grace: namespaces.ReplaceGrace = namespaces.DEFAULT_GRACE,
+        control: Mapping[str, Any] | None = None,
+        callbacks: CallbackSender | None = None,
     ) -> jobs.Submitted:
         """Submit ``definition`` (plus ``files`` as inputs) to ``queue``; idempotent.
 
         The job is held for ``namespace`` (compute-queues'; ``_`` when None). The jobs this
         client holds there that the submission replaces are in ``Submitted.replacing``;
-        ``replace`` releases them, each after its grace."""
+        ``replace`` releases them, each after its grace.
+
+        ``control`` (``asman.log.control``) goes with it (its namespace and ``namespace`` are
+        one); when this puts the job on the queue (created, or run again), ``callbacks``
+        sends its ``queued`` callback."""
         final = dict(definition)
         if files:
             inputs = dict(final.get("inputs") or {})
@@ -256,16 +269,42 @@ class Client:
                     raise InvalidPath(name, "is both in the definition's inputs and a --file")
                 inputs[name] = ref
             final["inputs"] = inputs
-        return await namespaces.submit(
-            self.log, queue, final, namespace=namespace, rerun=rerun, via="client", grace=grace
+        checked, named = with_namespace(control, namespace)
+        sub = await namespaces.submit(
+            self.log,
+            queue,
+            final,
+            namespace=named,
+            rerun=rerun,
+            via="client",
+            grace=grace,
+            control=checked,
         )
+        if callbacks is not None and (sub.created or sub.requeued):
+            callbacks.queued(queue, sub.job_id, checked, sub.state.last_seq)
+        return sub
+
+    def callback_sender(self, settings: CallbackSettings | None = None) -> CallbackSender:
+        """A sender of this client's callbacks, signed with its key. A client's user names
+        the URLs itself, so they may be on any address (a gateway's and a worker's come from
+        others, and are refused on loopback and private addresses); before it ends, it waits
+        for deliveries underway for the whole delivery window."""
+        settings = settings or CallbackSettings()
+        settings = dataclasses.replace(settings, grace_s=settings.window_s)
+        return CallbackSender(self.log.key, ANY_ADDRESS, settings)
 
     async def replace(
-        self, replacements: Sequence[namespaces.Replacement]
+        self,
+        replacements: Sequence[namespaces.Replacement],
+        *,
+        callbacks: CallbackSender | None = None,
     ) -> list[JobState | None]:
         """Release the jobs a submission replaced in its namespace, each after its grace
-        (compute-queues': up to 8 s for a job older than a minute); their states after."""
-        return await namespaces.replace_now(self.log, replacements)
+        (compute-queues': up to 8 s for a job older than a minute); their states after.
+        A release that finished a job (it never ran) has ``callbacks`` send its
+        ``finished`` callback."""
+        on_finished = callbacks.finished if callbacks is not None else None
+        return await namespaces.replace_now(self.log, replacements, on_finished)
 
     # -- read --------------------------------------------------------------------------
 
@@ -312,10 +351,19 @@ class Client:
         message: str = "cancelled",
         *,
         namespace: str | None = None,
+        callbacks: CallbackSender | None = None,
     ) -> JobState:
         """Cancel a job you submitted; with ``namespace``, remove only that namespace (``*``:
-        all you may) and cancel the job once no namespace holds it."""
-        return await jobs.cancel(self.log, queue, job_id, message, namespace=namespace)
+        all you may) and cancel the job once no namespace holds it. When the cancel finished
+        it (it never ran), ``callbacks`` sends its ``finished`` callback."""
+        before = await self.state(queue, job_id)
+        if before.finished:
+            return before
+        state = await jobs.cancel(self.log, queue, job_id, message, namespace=namespace)
+        finished_here = state.result is not None and state.result.worker == self.log.peer_id
+        if callbacks is not None and finished_here:
+            callbacks.finished(state)
+        return state
 
     # -- outputs -----------------------------------------------------------------------
 

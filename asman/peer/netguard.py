@@ -47,6 +47,7 @@ __all__ = [
     "check_image_reference",
     "check_url",
     "guarded_get",
+    "guarded_post",
     "guarded_session",
     "non_public",
     "registry_of",
@@ -139,6 +140,9 @@ class UrlPolicy:
 
     names: frozenset[tuple[str, int | None]] = frozenset()
     networks: tuple[tuple[IPNetwork, int | None], ...] = ()
+    #: who is told to allow a refused address, and with which command (for the message)
+    who: str = "the worker"
+    command: str = "asman worker"
 
     @classmethod
     def parse(cls, entries: Iterable[str]) -> UrlPolicy:
@@ -199,7 +203,7 @@ class UrlPolicy:
         where = f"{shown} is" if _ip(host) is not None else f"{shown} resolves to {address},"
         raise UrlRefused(
             f"{prefix}{where} a {why} address: refused "
-            f"(to allow it, start the worker with `asman worker --allow-url {shown}`)",
+            f"(to allow it, start {self.who} with `{self.command} --allow-url {shown}`)",
             host=host,
             address=address,
         )
@@ -312,6 +316,35 @@ async def guarded_get(
             if resp.status not in _REDIRECTS or not location:
                 yield resp
                 return
+        current = current.join(URL(location))
+    raise UrlRefused(f"{label}: more than {MAX_REDIRECTS} redirects")
+
+
+async def guarded_post(
+    session: aiohttp.ClientSession,
+    url: str,
+    policy: UrlPolicy,
+    *,
+    data: bytes,
+    headers: Mapping[str, str],
+    target: str = "",
+) -> int:
+    """POST ``data`` to ``url`` through a :func:`guarded_session`; the answer's status.
+    Only the method-keeping redirects (307, 308) are followed, at most :data:`MAX_REDIRECTS`,
+    each Location checked like the first URL; any other status is returned as it is."""
+    label = target or f"posting to {url}"
+    current = URL(url)
+    for hop in range(MAX_REDIRECTS + 1):
+        what = label if hop == 0 else f"{label} (redirected to {_shown(current)})"
+        check_url(current, policy, what)
+        try:
+            resp = await session.post(current, data=data, headers=headers, allow_redirects=False)
+        except UrlRefused as exc:  # from the resolver, which does not know the URL
+            raise UrlRefused(f"{what}: {exc}", host=exc.host, address=exc.address) from None
+        async with resp:
+            location = resp.headers.get("Location")
+            if resp.status not in (307, 308) or not location:
+                return resp.status
         current = current.join(URL(location))
     raise UrlRefused(f"{label}: more than {MAX_REDIRECTS} redirects")
 

@@ -20,7 +20,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +51,7 @@ from asman.log.leases import (
 )
 from asman.log.steps import container_output_name, output_url, rw_folders
 from asman.log.workers import WorkerInfo, beat, list_workers, remove
+from asman.peer.callbacks import CallbackSender, CallbackSettings
 from asman.peer.caps import (
     DEFAULT_LOG_BYTES,
     DEFAULT_OUTPUT_BYTES,
@@ -132,6 +133,8 @@ class WorkerConfig:
     procs: int = 1
     #: how often containers left by a dead worker on this engine are looked for
     orphan_sweep_s: float = 30.0
+    #: how ``finished`` callbacks are delivered (``asman.peer.callbacks``)
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
 
     def __post_init__(self) -> None:
         if not self.queues:
@@ -200,6 +203,11 @@ class Worker:
             url_timeout_s=config.url_timeout_s,
             policy=UrlPolicy.parse(config.allow_urls),
         )
+        #: the ``finished`` callbacks of the jobs this worker finishes, under the same URL
+        #: rules as the jobs' inputs
+        self.callbacks = CallbackSender(
+            log.key, UrlPolicy.parse(config.allow_urls), config.callbacks
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -207,7 +215,8 @@ class Worker:
         cfg = self.config
         (cfg.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
         with DataDirLock(cfg.data_dir):
-            await self._run(stop)
+            async with self.callbacks:
+                await self._run(stop)
 
     async def _run(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -515,11 +524,20 @@ class Worker:
         finally:
             if not claimed:
                 self.dispatcher.done(cand)
+            if lease is not None:
+                self._callback(lease)
             if running is None or running.holds_slot:
                 self._release_slot(gpus)
             else:
                 self._finishing -= 1
                 self._slot_freed.set()  # wakes a drain waiting for the running jobs to end
+
+    def _callback(self, lease: JobLease) -> None:
+        """The job's ``finished`` callback, when our event finished it (a result, or a
+        release that ended a cancelled job): the worker is the one that knows."""
+        state = lease.state
+        if lease.done and state.result is not None and state.result.worker == self.worker_id:
+            self.callbacks.finished(state)
 
     async def _take_gpus(self, lease: JobLease, wanted: int) -> tuple[str, ...] | None:
         if wanted > len(self.config.gpus):
@@ -610,6 +628,7 @@ class Worker:
                     raise
                 assert state is not None
                 await lease.mark_done()
+                lease.state, lease.done = state, True  # our finished, found on the log
                 return state
 
     async def _finish_error(self, lease: JobLease, message: str) -> None:

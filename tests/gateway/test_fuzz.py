@@ -13,7 +13,9 @@ import copy
 from typing import Any
 
 import pytest
-from gatewaystack import IMAGE, Gateway
+from gatewaystack import IMAGE, Stack
+
+from asman.peer.callbacks import CallbackSettings
 
 pytestmark = [pytest.mark.slow]
 
@@ -76,7 +78,10 @@ def fuzz(doc: dict[str, Any], base_url: str) -> tuple[list[str], collections.Cou
     return failures, statuses
 
 
-async def test_fuzz_the_api_from_its_openapi_document(gateway: Gateway) -> None:
+async def test_fuzz_the_api_from_its_openapi_document(stack: Stack) -> None:
+    # generated controls name callback URLs on made-up hosts: the gateway sends none (it
+    # would resolve them), as if that many deliveries were underway already
+    gateway = await stack.gateway(callbacks=CallbackSettings(max_pending=0))
     definition = {
         "image": IMAGE,
         "command": "echo fuzz",

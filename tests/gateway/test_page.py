@@ -229,6 +229,109 @@ async def test_a_short_link_without_a_queue_says_so_instead_of_a_sample_job(
     assert await page.is_disabled("#run")
 
 
+async def test_a_links_control_is_shown_and_sent_with_the_job(stack: Stack, page: Any) -> None:
+    """compute-queues' `control` hash parameter (callbacks, namespace) was ignored: now the
+    page shows it and sends it with the job, and the gateway calls back."""
+    from receiver import Receiver, guide_function
+
+    from asman.peer.callbacks import CallbackSettings
+    from asman.peer.links import encode_hash_param
+
+    receiver = await Receiver().start()
+    try:
+        gw = await stack.gateway(
+            allow_urls=("127.0.0.1",), callbacks=CallbackSettings(first_delay_s=0.1)
+        )
+        control = {
+            "namespace": "page-ns",
+            "callbacks": {"queued": {"url": receiver.url("/queued"), "payload": {"from": "page"}}},
+        }
+        definition = {"image": IMAGE, "command": "echo with callbacks"}
+        link = job_link(gw.url, definition, queue="controlled")
+        link = link.replace("#?", f"#?control={encode_hash_param(control)}&", 1)
+        await page.goto(link)
+        await page.wait_for_function(
+            "id => document.getElementById('job-id').textContent === id", arg=job_id(definition)
+        )
+        shown = await page.text_content("#control")
+        assert shown == f"on queued → {receiver.url('/queued')} · namespace page-ns", shown
+        await shot(page, "control-1-link")
+
+        await page.click("#run")
+        call = await receiver.delivered("/queued")
+        assert call.json == {
+            "event": "queued",
+            "jobId": job_id(definition),  # the control is not part of the job
+            "queue": "controlled",
+            "namespace": "page-ns",
+            "config": {"from": "page"},
+        }
+        status, job = await gw.json("GET", f"/api/v1/queues/controlled/jobs/{job_id(definition)}")
+        assert status == 200 and job["control"] == control
+        # the browser's key signed the submission, control included; the gateway, which
+        # appended it, called back, and the guide's receiver check accepts it for this job
+        _, info = await gw.json("GET", "/api/v1/info")
+        assert job["submitter"] != info["peerId"] and job["namespaces"] == ["page-ns"]
+        sender = guide_function("verify_asman_callback")(call.headers, call.body)
+        assert sender == info["peerId"]
+        check = guide_function("sent_by_the_job_peer")
+        assert await asyncio.to_thread(check, gw.url, call.json, sender)
+        await page.wait_for_selector("#control[data-whose='job']")
+        await shot(page, "control-2-submitted")
+    finally:
+        await receiver.close()
+
+
+async def test_a_bad_control_in_a_link_says_why_and_keeps_run_off(
+    gateway: Gateway, page: Any
+) -> None:
+    from asman.peer.links import encode_hash_param
+
+    definition = {"image": IMAGE, "command": "echo x"}
+    bad = {"callbacks": {"queued": {"url": "ftp://example.org/hook"}}}
+    link = job_link(gateway.url, definition, queue="q1")
+    await page.goto(link.replace("#?", f"#?control={encode_hash_param(bad)}&", 1))
+    await page.wait_for_selector("#control .bad:has-text('callbacks.queued.url')")
+    # the job itself is fine: its id is shown; Run stays off rather than drop the callback
+    await page.wait_for_function(
+        "id => document.getElementById('job-id').textContent === id", arg=job_id(definition)
+    )
+    assert await page.is_disabled("#run")
+
+
+async def test_a_queue_given_as_a_url_is_understood(gateway: Gateway, page: Any) -> None:
+    """compute-queues accepts a queue URL (https://host/<queue>); the page disabled Run
+    without a word. Now the name is read from the URL, and a URL it cannot read says why."""
+    definition = {"image": IMAGE, "command": "echo by url"}
+    # a link whose queue is a URL on another host: the queue is taken, the host said
+    await page.goto(job_link(gateway.url, definition, queue="https://example.org/q/url-queue"))
+    await page.wait_for_selector("#queue-note:has-text('queue url-queue, from the URL')")
+    note = await page.text_content("#queue-note")
+    assert note is not None and "example.org" in note and "127.0.0.1" in note, note
+    await page.wait_for_function("() => !document.getElementById('run').disabled")
+    await shot(page, "queue-url-1")
+    await page.click("#run")
+    await page.wait_for_selector("#state[data-state='queued']")
+    status, job = await gateway.json("GET", f"/api/v1/queues/url-queue/jobs/{job_id(definition)}")
+    assert status == 200 and job["queue"] == "url-queue", job
+
+    # compute-queues' own form, on this gateway: nothing to say about another host
+    await page.fill("#queue", f"{gateway.url}/plain-q")
+    await page.wait_for_selector("#queue-note:text-is('queue plain-q, from the URL')")
+    assert not await page.is_disabled("#run")
+
+    for typed, says in (
+        ("https://example.org/q/bad.name", "not a queue name"),
+        ("https://example.org/", "names no queue"),
+        (f"{gateway.url}/j/{'ab' * 32}", "job's link"),
+        ("not a queue!", "is not a queue name"),
+    ):
+        await page.fill("#queue", typed)
+        await page.wait_for_selector(f'#queue-note.bad:has-text("{says}")')
+        assert await page.is_disabled("#run"), typed
+    await shot(page, "queue-url-2-refused")
+
+
 # -- each browser's own key (issue 14, item 4) ------------------------------------------------
 
 

@@ -1,6 +1,8 @@
 // Asman's page. The job lives in the URL hash, in compute-queues' format:
 //   #?job=<base64(encodeURIComponent(stable JSON))>&inputs=<same, {name: text}>&queue=<q>
 // Any other hash parameter is merged into the job's env (as compute-queues does).
+// `control` (same encoding) goes with the job, not in it: its callbacks (webhooks).
+// The queue may be given as a URL (https://host/q/<queue>, https://host/<queue>).
 // No build step, no dependencies: plain DOM, fetch and EventSource.
 // What this page submits and cancels is signed by this browser's own Ed25519 key (WebCrypto,
 // not extractable, kept in IndexedDB): the gateway prepares the bytes, the browser signs them.
@@ -19,7 +21,8 @@
 
   const $ = (id) => document.getElementById(id);
   const el = {
-    queue: $("queue"), run: $("run"), cancel: $("cancel"), badge: $("state"),
+    queue: $("queue"), queueNote: $("queue-note"), control: $("control"),
+    run: $("run"), cancel: $("cancel"), badge: $("state"),
     definition: $("definition"), validation: $("validation"), files: $("files"),
     addFile: $("add-file"), workers: document.querySelector("#workers tbody"),
     workersNote: $("workers-note"), jobId: $("job-id"), jobLink: $("job-link"),
@@ -32,6 +35,8 @@
     params: {},        // raw hash parameters (values as written in the URL)
     job: null,         // the `job` parameter: the definition without inputs
     inputs: {},        // the `inputs` parameter: {file name: text}
+    control: null,     // the `control` parameter: sent with the job (callbacks), not part of it
+    controlError: null, // why the link's control cannot be sent, if it cannot
     jobId: null,       // id of the definition the page shows (from /api/v1/validate)
     followed: null,    // {queue, jobId} followed by `source`
     source: null,      // EventSource of the followed job
@@ -110,11 +115,42 @@
     history.replaceState(null, "", `${path}#?${query}`);
   }
 
-  function queueName() {
-    const override = plainParam("queueOverride");
-    if (override && plainParam("ignoreQueueOverride") !== "true") return override;
-    return el.queue.value.trim();
+  // A queue as typed or linked: a name, or a URL whose hash or query names `queue=`, or
+  // whose last path segment is the queue (compute-queues' https://host/<queue>, and
+  // https://host/q/<queue>). {queue, note} when understood, {queue: "", error} when not.
+  function parseQueue(text) {
+    const value = (text || "").trim();
+    if (!value || QUEUE_RE.test(value)) return { queue: value, note: "" };
+    if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(value)) {
+      return { queue: "", error: `"${value.slice(0, 80)}" is not a queue name: use 1–64 letters, digits, - or _, or a queue URL such as https://host/q/<queue>` };
+    }
+    let url;
+    try { url = new URL(value); } catch (e) { return { queue: "", error: "this queue URL does not parse: check it" }; }
+    const named = [url.hash.replace(/^#\??/, ""), url.search.replace(/^\?/, "")]
+      .map((q) => new URLSearchParams(q).get("queue")).find((q) => q);
+    const segments = url.pathname.split("/").filter(Boolean);
+    let name = named;
+    if (!name) {
+      if (segments.length === 2 && segments[0] === "j") {
+        return { queue: "", error: "this is a job's link, not a queue's: add #?queue=<its queue> to it, or give the queue" };
+      }
+      if (!segments.length) return { queue: "", error: `the URL names no queue: end it with one, e.g. ${url.origin}/q/<queue>` };
+      try { name = decodeURIComponent(segments[segments.length - 1]); } catch (e) { name = segments[segments.length - 1]; }
+    }
+    if (!QUEUE_RE.test(name)) {
+      return { queue: "", error: `the URL's queue "${name.slice(0, 80)}" is not a queue name: use 1–64 letters, digits, - or _` };
+    }
+    const elsewhere = url.origin !== location.origin ? ` (from ${url.host}; this page runs it on ${location.host})` : "";
+    return { queue: name, note: `queue ${name}, from the URL${elsewhere}` };
   }
+
+  function queueParsed() {
+    const override = plainParam("queueOverride");
+    if (override && plainParam("ignoreQueueOverride") !== "true") return parseQueue(override);
+    return parseQueue(el.queue.value);
+  }
+
+  function queueName() { return queueParsed().queue; }
 
   // The definition the browser submits: job + env from extra params + inputs as configFiles.
   function definition() {
@@ -306,6 +342,7 @@
     el.worker.title = view.worker || "";
     el.submitter.textContent = whose(view.submitter);
     el.submitter.title = view.submitter || "";
+    if (view.control && Object.keys(view.control).length) renderControl(view.control, "job");
     el.message.textContent = result && result.message ? result.message : "";
     el.message.classList.remove("bad");
     if (view.state !== "queued") showWaiting(null);
@@ -364,6 +401,7 @@
     li.textContent = "none yet";
     el.outputs.append(li);
     for (const k of ["jobState", "exitCode", "duration", "worker", "submitter"]) el[k].textContent = "–";
+    renderControl(app.control, "link");
     el.message.textContent = "";
     el.message.classList.remove("bad");
     showWaiting(null);
@@ -491,16 +529,45 @@
   // -- actions ------------------------------------------------------------------------------
 
   function updateButtons() {
-    const queueOk = QUEUE_RE.test(queueName());
-    el.queue.setCustomValidity(queueOk || !el.queue.value ? "" : "letters, digits, - or _");
-    el.run.disabled = !(app.job && app.jobId && queueOk);
+    const parsed = queueParsed();
+    const queueOk = QUEUE_RE.test(parsed.queue);
+    el.queue.setCustomValidity(parsed.error || "");
+    el.queueNote.textContent = parsed.error || parsed.note || "";
+    el.queueNote.className = parsed.error ? "note bad" : "note";
+    el.run.disabled = !(app.job && app.jobId && queueOk && !app.controlError);
+    el.run.title = app.controlError ? `the link's control cannot be sent: ${app.controlError}` : "";
+  }
+
+  // -- the control: callbacks and namespace, sent with the job ------------------------------
+
+  function renderControl(control, whose) {
+    el.control.replaceChildren();
+    if (app.controlError && whose === "link") {
+      const span = document.createElement("span");
+      span.className = "bad";
+      span.textContent = `the link's control cannot be sent: ${app.controlError}`;
+      el.control.append(span);
+      return;
+    }
+    const parts = [];
+    const callbacks = (control && control.callbacks) || {};
+    for (const event of ["queued", "finished"]) {
+      const cb = callbacks[event];
+      if (cb && cb.url) parts.push(`on ${event} → ${cb.url}`);
+    }
+    if (control && control.namespace) parts.push(`namespace ${control.namespace}`);
+    el.control.textContent = parts.length ? parts.join(" · ") : "–";
+    el.control.dataset.whose = parts.length ? whose : "";
+    el.control.title = parts.length ? (whose === "job" ? "as the job holds them" : "from the link: sent with the job") : "";
   }
 
   async function validate() {
     const seq = ++app.validateSeq;
     const def = definition();
     try {
-      const res = await call("POST", `${API}/validate`, { definition: def });
+      const body = { definition: def };
+      if (app.control && !app.controlError) body.control = app.control;
+      const res = await call("POST", `${API}/validate`, body);
       if (seq !== app.validateSeq) return;
       app.jobId = res.jobId;
       el.jobId.textContent = res.jobId;
@@ -508,6 +575,12 @@
       el.validation.className = "note";
     } catch (err) {
       if (seq !== app.validateSeq) return;
+      if (app.control && !app.controlError && /^control\b/.test(err.message)) {
+        // the job is fine, the link's control is not: say so there, and check the job alone
+        app.controlError = err.message;
+        renderControl(app.control, "link");
+        return validate();
+      }
       app.jobId = null;
       el.jobId.textContent = "–";
       el.validation.textContent = err.message;
@@ -528,9 +601,10 @@
     el.run.disabled = true;
     try {
       const jobs = `${API}/queues/${encodeURIComponent(queue)}/jobs`;
-      const res = me.key
-        ? await signed(`${jobs}/prepare`, { definition: definition() })
-        : await call("POST", jobs, { definition: definition() });
+      // the link's control (callbacks, namespace) goes with the job: signed with it, or not
+      const body = { definition: definition() };
+      if (app.control) body.control = app.control;
+      const res = me.key ? await signed(`${jobs}/prepare`, body) : await call("POST", jobs, body);
       app.jobId = res.jobId;
       el.jobId.textContent = res.jobId;
       stopFollowing();
@@ -594,6 +668,18 @@
     el.queue.value = plainParam("queue") || "";
     app.inputs = {};
     app.job = null;
+    app.control = null;
+    app.controlError = null;
+    if (app.params.control) {
+      try {
+        const control = decodeParam(app.params.control);
+        if (!control || typeof control !== "object" || Array.isArray(control)) throw new Error("it is not a JSON object");
+        app.control = control;
+      } catch (err) {
+        app.controlError = err.message;
+      }
+    }
+    renderControl(app.control, "link");
     let linkError = null;
     try {
       const short = location.pathname.match(/^\/j\/([0-9a-f]{64})/);
