@@ -209,7 +209,10 @@ async def job(request: web.Request) -> web.StreamResponse:
     state = await _load(request)
     logs = await _logs(request, state) if state.finished else None
     record = cq_record(state, blob_url=_blob_url(request), with_result=True, logs=logs)
-    return web.json_response({"data": {"definition": state.definition, "results": record}})
+    # ``queue`` is Asman's: a lookup by id alone says where the job was found
+    return web.json_response(
+        {"data": {"definition": state.definition, "results": record, "queue": state.queue}}
+    )
 
 
 def _wants_html(request: web.Request) -> bool:

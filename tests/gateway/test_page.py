@@ -229,6 +229,32 @@ async def test_a_short_link_without_a_queue_says_so_instead_of_a_sample_job(
     assert await page.is_disabled("#run")
 
 
+async def test_a_short_link_without_a_queue_finds_the_job_on_an_exposed_queue(
+    stack: Stack, busybox_image: str, page: Any
+) -> None:
+    """compute-queues' links carry no queue: on a gateway that exposes queues for lookups
+    by id, /j/<id> opens that job on its queue, and an id on none of them says so."""
+    gw = await stack.gateway(exposed_queues=("other", "shared"))
+    await stack.worker("shared")
+    definition = {"image": IMAGE, "command": "echo found by id"}
+    status, sub = await gw.json(
+        "POST", "/api/v1/queues/shared/jobs", json={"definition": definition}
+    )
+    assert status == 201, sub
+    await gw.wait_job("shared", sub["jobId"])
+
+    await page.goto(f"{gw.url}/j/{sub['jobId']}")
+    await page.wait_for_selector("#state[data-state='success']")
+    assert await page.input_value("#queue") == "shared"
+    assert json.loads(await page.input_value("#definition")) == definition
+    await page.wait_for_selector("#logs:has-text('found by id')")
+    await shot(page, "queueless-found")
+
+    await page.goto(f"{gw.url}/j/{'cd' * 32}")
+    await page.wait_for_selector("#validation.bad:has-text('on the queues this gateway exposes')")
+    assert await page.is_disabled("#run")
+
+
 async def test_a_links_control_is_shown_and_sent_with_the_job(stack: Stack, page: Any) -> None:
     """compute-queues' `control` hash parameter (callbacks, namespace) was ignored: now the
     page shows it and sends it with the job, and the gateway calls back."""

@@ -692,7 +692,16 @@
         if (res.data === null) throw new Error(`no job ${short[1]} on queue ${queueName()}`);
         app.job = { ...res.data };
       } else if (short) {
-        throw new Error(`the link names job ${short[1]} but no queue: add #?queue=<its queue> to it`);
+        // no queue in the link: look the job up on the queues this gateway exposes
+        let res;
+        try {
+          res = await call("GET", `/j/${short[1]}.json`);
+        } catch (err) {
+          if (err.status === 404) throw new Error(`no job ${short[1]} on the queues this gateway exposes: add #?queue=<its queue> to the link`);
+          throw new Error(`the link names job ${short[1]} but no queue: add #?queue=<its queue> to it (${err.message})`);
+        }
+        el.queue.value = res.data.queue;
+        app.job = { ...res.data.definition };
       }
       if (app.params.inputs) {
         const files = decodeParam(app.params.inputs);
