@@ -54,6 +54,7 @@ __all__ = [
     "output_url",
     "rw_folders",
     "validate_multistep",
+    "validate_steps",
 ]
 
 MAX_STEPS = 64
@@ -350,20 +351,25 @@ def validate_multistep(out: dict[str, Any], limits: DefinitionLimits) -> None:
         out["volumes"] = _validate_volumes(out["volumes"])
     if "outputPaths" in out:
         out["outputPaths"] = _validate_output_paths(out["outputPaths"])
-    if "steps" not in out:
-        return
+    if "steps" in out:
+        out["steps"] = validate_steps(out, limits)
+
+
+def validate_steps(out: dict[str, Any], limits: DefinitionLimits) -> list[dict[str, Any]]:
+    """The checked ``steps`` of a definition whose volumes and outputPaths are checked
+    already: each step, and that every redirect lands in a folder the steps share."""
     steps = out["steps"]
     if not _is_list(steps) or not steps:
         raise InvalidDefinition("steps", f"must be a non-empty list of steps, got {_show(steps)}")
     if len(steps) > MAX_STEPS:
         raise InvalidDefinition("steps", f"has {len(steps)} steps, over the limit of {MAX_STEPS}")
     has_image = "image" in out or "build" in out
-    out["steps"] = [_validate_step(s, i, limits, has_image) for i, s in enumerate(steps)]
+    checked = [_validate_step(s, i, limits, has_image) for i, s in enumerate(steps)]
     writable = ["/outputs", *rw_folders(out)]
     readable = [*writable, "/inputs"]
     configs = out.get("configFiles") or {}
     readable += [name for name in configs if name.startswith("/")]
-    for i, step in enumerate(out["steps"]):
+    for i, step in enumerate(checked):
         for key, folders, what in (
             ("stdin", readable, "/inputs, an absolute config file, /outputs or a volume"),
             ("stdout", writable, "/outputs, a volume or an output path's folder"),
@@ -375,3 +381,4 @@ def validate_multistep(out: dict[str, Any], limits: DefinitionLimits) -> None:
                     f"steps[{i}].{key}",
                     f"{path!r} is in no folder the steps share: put it under {what}",
                 )
+    return checked

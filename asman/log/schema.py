@@ -1,0 +1,527 @@
+"""The job definition's schema, once: pydantic models that validate it and describe it.
+
+Each field of a model says three things in one place: its JSON type (``json_schema_input_type``,
+what the JSON Schema and so the OpenAPI document and the page's editor show), its description,
+and the rule that checks it (a function of ``asman.log.definition`` or ``asman.log.steps``
+that raises :class:`~asman.errors.InvalidDefinition` or :class:`~asman.errors.InvalidPath`
+with its one-line message naming the field). pydantic runs the rules in the order the fields
+are declared, which is the order the checks have always run in, so the first fault reported
+for a definition is the same as before. The models validate; they do not re-serialise: the
+definition that is stored and hashed is the one given, with ``null`` values removed
+(:func:`asman.log.definition.validate_definition`).
+
+Why pydantic v2 and not msgspec (docs/architecture.md, "One schema source"): a rule may raise
+its own exception, which pydantic lets through untouched, so every message stays the one line
+it was; rules get a validation context (the limits, the path of a nested field); and
+``model_json_schema`` writes JSON Schema 2020-12, the dialect of OpenAPI 3.1. msgspec decodes
+faster but its errors are its own ("Expected `int`, got `str` - at `$.x`"), it has no
+per-field validators, and the definition is validated from Python values, not JSON bytes, on
+the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, model_validator
+
+from asman.errors import InvalidDefinition
+from asman.log import definition as d
+from asman.log import steps as s
+
+__all__ = [
+    "Build",
+    "DataRefObject",
+    "Definition",
+    "OutputPathModel",
+    "Requirements",
+    "Step",
+    "definition_json_schema",
+    "validate_with_model",
+]
+
+
+@dataclass(slots=True)
+class Context:
+    """What the rules of one validation share: the limits, the definition being checked (nulls
+    removed; checked values are written back into it), the prefix of a nested field's name,
+    and the file tables that inputs and configFiles fill for the clash checks."""
+
+    limits: d.DefinitionLimits
+    out: dict[str, Any]
+    prefix: str = ""
+    names: dict[str, str] = field(default_factory=dict)
+    absolute: dict[str, str] = field(default_factory=dict)
+    refs: list[tuple[str, d.DataRef]] = field(default_factory=list)
+
+    def nested(self, prefix: str, out: dict[str, Any]) -> Context:
+        return Context(self.limits, out, prefix)
+
+
+Rule = Callable[[Any, Context, str], Any]
+
+
+def _ctx(info: ValidationInfo) -> Context:
+    ctx = info.context
+    if not isinstance(ctx, Context):
+        raise TypeError("validate a definition with asman.log.definition.validate_definition")
+    return ctx
+
+
+def rule(check: Rule, json_type: Any) -> PlainValidator:
+    """A field checked by ``check(value, context, name)`` and shown as ``json_type``."""
+
+    def run(value: Any, info: ValidationInfo) -> Any:
+        ctx = _ctx(info)
+        name = info.field_name or ""
+        alias = _ALIASES.get(name, name)
+        return check(value, ctx, ctx.prefix + alias)
+
+    return PlainValidator(run, json_schema_input_type=json_type)
+
+
+_ALIASES = {
+    "shm_size": "shmSize",
+    "max_duration": "maxDuration",
+    "config_files": "configFiles",
+    "output_paths": "outputPaths",
+    "ignore_error": "ignoreError",
+    "build_context": "buildContext",
+    "build_args": "buildArgs",
+    "path_prefix": "pathPrefix",
+}
+
+
+def _doc(text: str, **schema: Any) -> Any:
+    return Field(default=None, description=text, json_schema_extra=schema or None)
+
+
+def _always(text: str, **schema: Any) -> Any:
+    """A field whose rule runs even when it is absent (to say it is missing)."""
+    return Field(
+        default=None, description=text, json_schema_extra=schema or None, validate_default=True
+    )
+
+
+# -- rules of the top level --------------------------------------------------------------------
+
+
+def _v(value: Any, ctx: Context, name: str) -> Any:
+    if not d._is_int(value):
+        raise InvalidDefinition(name, f"must be a whole number, got {d._show(value)}")
+    return value
+
+
+def _image(value: Any, ctx: Context, name: str) -> Any:
+    out = ctx.out
+    if "image" in out and "build" in out:
+        raise InvalidDefinition("image", "set either 'image' or 'build', not both")
+    if value is not None:
+        image = d._str(value, name)
+        if any(ch.isspace() for ch in image):
+            raise InvalidDefinition(name, f"must not contain white space, got {d._show(image)}")
+        return image
+    steps: Any = out.get("steps")
+    steps_have_images = d._is_list(steps) and all(
+        isinstance(x, Mapping) and x.get("image") is not None for x in steps
+    )
+    if "build" not in out and not (steps and steps_have_images):
+        raise InvalidDefinition(
+            "image",
+            "is missing: a job needs an 'image' to pull (such as \"alpine:3.20\") or a 'build' "
+            "(a Dockerfile and/or a context URL)",
+        )
+    return None
+
+
+def _argv(value: Any, ctx: Context, name: str) -> Any:
+    d._validate_argv(value, name)
+    return value
+
+
+def _env(value: Any, ctx: Context, name: str) -> Any:
+    return d._validate_env(value, ctx.limits)
+
+
+def _workdir(value: Any, ctx: Context, name: str) -> Any:
+    workdir = d._str(value, name)
+    if not workdir.startswith("/"):
+        raise InvalidDefinition(name, f"must be an absolute path, got {d._show(workdir)}")
+    return workdir
+
+
+def _size(value: Any, ctx: Context, name: str) -> Any:
+    d._check_size(value, name, ctx.limits)
+    return value
+
+
+def _duration(value: Any, ctx: Context, name: str) -> Any:
+    d._check_duration(value, name, ctx.limits)
+    return value
+
+
+def _tags(value: Any, ctx: Context, name: str) -> Any:
+    if not d._is_list(value):
+        raise InvalidDefinition(name, f"must be a list of strings, got {d._show(value)}")
+    for i, tag in enumerate(value):
+        d._str(tag, f"{name}[{i}]")
+    return value
+
+
+def _nested(model: type[BaseModel]) -> Rule:
+    """A rule that checks an object with ``model`` (nulls removed) and returns it."""
+
+    def check(value: Any, ctx: Context, name: str) -> Any:
+        obj = d._without_nulls(d._mapping(value, name))
+        model.model_validate(obj, context=ctx.nested(f"{name}.", obj))
+        return obj
+
+    return check
+
+
+def _count_files(ctx: Context) -> None:
+    out = ctx.out
+    count = sum(len(out[k]) for k in ("inputs", "configFiles") if isinstance(out.get(k), Mapping))
+    if count > ctx.limits.max_files:
+        raise InvalidDefinition(
+            "inputs",
+            f"inputs and configFiles hold {count} files, over the limit of {ctx.limits.max_files}",
+        )
+
+
+def _inputs(value: Any, ctx: Context, name: str) -> Any:
+    _count_files(ctx)
+    if value is None:
+        return None
+    refs, parsed = d._validate_refs(value, "inputs", ctx.names, ctx.absolute)
+    ctx.refs += parsed
+    return refs
+
+
+def _config_files(value: Any, ctx: Context, name: str) -> Any:
+    refs = None
+    if value is not None:
+        refs, parsed = d._validate_refs(value, "configFiles", ctx.names, ctx.absolute)
+        ctx.refs += parsed
+    d._check_no_clash(ctx.names)
+    d._check_no_clash(ctx.absolute)
+    return refs
+
+
+def _volumes(value: Any, ctx: Context, name: str) -> Any:
+    ctx.out["volumes"] = s._validate_volumes(value)  # the steps' rule reads it
+    return ctx.out["volumes"]
+
+
+def _output_paths(value: Any, ctx: Context, name: str) -> Any:
+    ctx.out["outputPaths"] = s._validate_output_paths(value)  # the steps' rule reads it
+    return ctx.out["outputPaths"]
+
+
+def _steps(value: Any, ctx: Context, name: str) -> Any:
+    return s.validate_steps(ctx.out, ctx.limits)
+
+
+# -- nested objects ----------------------------------------------------------------------------
+
+
+class Build(BaseModel):
+    """How to build the job's image (instead of pulling ``image``)."""
+
+    model_config = ConfigDict(extra="allow", title="Build")
+
+    context: Annotated[
+        Any,
+        rule(lambda v, c, n: d._str(v, n), str | None),
+        _doc("A git or archive URL the image is built from"),
+    ] = None
+    target: Annotated[
+        Any, rule(lambda v, c, n: d._str(v, n), str | None), _doc("The Dockerfile stage to build")
+    ] = None
+    dockerfile: Annotated[
+        Any,
+        rule(lambda v, c, n: d._str(v, n), str | None),
+        _doc("The Dockerfile's text (instead of, or over, the context's)"),
+    ] = None
+    platform: Annotated[
+        Any, rule(lambda v, c, n: d._str(v, n), str | None), _doc('Such as "linux/amd64"')
+    ] = None
+    build_context: Annotated[
+        Any,
+        rule(lambda v, c, n: _build_path(v, n, dot_ok=True), str | None),
+        Field(default=None, alias="buildContext", description="Folder of the context to build in"),
+    ] = None
+    filename: Annotated[
+        Any,
+        rule(lambda v, c, n: _build_path(v, n), str | None),
+        _doc("The Dockerfile's path in the context"),
+    ] = None
+    build_args: Annotated[
+        Any,
+        rule(lambda v, c, n: _build_args(v, n), list[str] | dict[str, str] | None),
+        Field(
+            default=None,
+            alias="buildArgs",
+            description='Build arguments: ["NAME=value", …] or {"NAME": "value"}',
+        ),
+    ] = None
+
+    @model_validator(mode="after")
+    def _needs_a_source(self, info: ValidationInfo) -> Build:
+        ctx = _ctx(info)
+        if "context" not in ctx.out and "dockerfile" not in ctx.out:
+            raise InvalidDefinition(
+                "build", "needs a 'context' (a git or archive URL) or a 'dockerfile' (its text)"
+            )
+        return self
+
+
+def _build_path(value: Any, name: str, dot_ok: bool = False) -> Any:
+    if dot_ok and value == ".":
+        return value
+    text = d._str(value, name)
+    d.validate_relative_path(text.rstrip("/") if dot_ok else text, name)
+    return value
+
+
+def _build_args(value: Any, name: str) -> Any:
+    if isinstance(value, Mapping):
+        for k, v in d._mapping(value, name).items():
+            if not k or "=" in k:
+                raise InvalidDefinition(
+                    d._key(name, k), "a build argument name must not be empty or hold '='"
+                )
+            d._str(v, d._key(name, k), nonempty=False)
+    elif d._is_list(value):
+        for i, arg in enumerate(value):
+            if not isinstance(arg, str) or arg.find("=") < 1:
+                raise InvalidDefinition(
+                    f"{name}[{i}]", f'must be a string "NAME=value", got {d._show(arg)}'
+                )
+    else:
+        raise InvalidDefinition(
+            name, f'must be a list of "NAME=value" strings or an object, got {d._show(value)}'
+        )
+    return value
+
+
+def _cpus(value: Any, ctx: Context, name: str) -> Any:
+    if not (d._is_number(value) and 0 < value <= ctx.limits.max_cpus):
+        raise InvalidDefinition(
+            name, f"must be a number > 0 and at most {ctx.limits.max_cpus}, got {d._show(value)}"
+        )
+    return value
+
+
+def _gpus(value: Any, ctx: Context, name: str) -> Any:
+    if not (d._is_int(value) and 0 <= value <= ctx.limits.max_gpus):
+        raise InvalidDefinition(
+            name, f"must be a whole number from 0 to {ctx.limits.max_gpus}, got {d._show(value)}"
+        )
+    return value
+
+
+_SIZE_TYPE = int | str | None
+_DURATION_TYPE = int | str | None
+_LIMITS = d.DEFAULT_LIMITS
+
+
+class Requirements(BaseModel):
+    """What the job needs of a worker."""
+
+    model_config = ConfigDict(extra="allow", title="Requirements")
+
+    cpus: Annotated[
+        Any,
+        rule(_cpus, float | None),
+        _doc("CPUs (may be a fraction)", exclusiveMinimum=0, maximum=_LIMITS.max_cpus),
+    ] = None
+    gpus: Annotated[
+        Any,
+        rule(_gpus, int | None),
+        _doc("GPUs, each the job's alone", minimum=0, maximum=_LIMITS.max_gpus),
+    ] = None
+    memory: Annotated[
+        Any,
+        rule(_size, _SIZE_TYPE),
+        _doc('Memory: bytes, or "512m", "2g", "2GiB" (powers of 1024)'),
+    ] = None
+    max_duration: Annotated[
+        Any,
+        rule(_duration, _DURATION_TYPE),
+        Field(
+            default=None,
+            alias="maxDuration",
+            description='Longest run: seconds, or "30s", "20m", "1h30m" (at most 30 days)',
+        ),
+    ] = None
+
+
+class DataRefObject(BaseModel):
+    """A file's content: inline (utf8, base64, json) or by reference (url, key, blob, s3)."""
+
+    model_config = ConfigDict(extra="allow", title="DataRefObject")
+
+    type: Annotated[Any, rule(lambda v, c, n: v, Literal[d.DATAREF_TYPES] | None)] = Field(
+        default=None, description="How value is read (default utf8)"
+    )
+    value: Annotated[Any, rule(lambda v, c, n: v, Any)] = Field(
+        default=None,
+        description="The text, base64, JSON value, http(s) URL, key, SHA-256 or s3:// URL",
+    )
+    hash: Annotated[Any, rule(lambda v, c, n: v, str | None)] = Field(
+        default=None,
+        description="SHA-256 of the content (a cache key, not part of the job id)",
+        json_schema_extra={"pattern": "^[0-9a-f]{64}$"},
+    )
+    size: Annotated[Any, rule(lambda v, c, n: v, int | None)] = Field(
+        default=None, description="Bytes of the content", json_schema_extra={"minimum": 0}
+    )
+
+
+class Step(BaseModel):
+    """One container of a multi-step job (docs/guide.md, "Steps")."""
+
+    model_config = ConfigDict(extra="forbid", title="Step")
+
+    name: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Shown in logs")] = None
+    image: Annotated[
+        Any, rule(lambda v, c, n: v, str | None), _doc("The step's image (else the job's)")
+    ] = None
+    command: Annotated[
+        Any, rule(lambda v, c, n: v, str | list[str] | None), _doc("A string or an argv")
+    ] = None
+    entrypoint: Annotated[Any, rule(lambda v, c, n: v, str | list[str] | None), _doc("")] = None
+    workdir: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Absolute folder")] = None
+    env: Annotated[
+        Any, rule(lambda v, c, n: v, dict[str, str] | None), _doc("Over the job's env")
+    ] = None
+    stdin: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Absolute path read")] = None
+    stdout: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Absolute path")] = None
+    stderr: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Absolute path")] = None
+    ignore_error: Annotated[Any, rule(lambda v, c, n: v, bool | None)] = Field(
+        default=None, alias="ignoreError", description="Go on when the step exits non-zero"
+    )
+
+
+class OutputPathModel(BaseModel):
+    """A file or folder collected from outside /outputs."""
+
+    model_config = ConfigDict(extra="forbid", title="OutputPath")
+
+    path: Annotated[Any, rule(lambda v, c, n: v, str)] = Field(
+        description="Absolute path; may hold wildcards (*, ?, [) with a pathPrefix"
+    )
+    type: Annotated[Any, rule(lambda v, c, n: v, Literal["file", "directory"] | None)] = None
+    path_prefix: Annotated[Any, rule(lambda v, c, n: v, str | None)] = Field(
+        default=None, alias="pathPrefix", description="Cut from each match of a wildcard path"
+    )
+    url: Annotated[Any, rule(lambda v, c, n: v, str | None)] = Field(
+        default=None, description="s3://bucket/key the worker uploads it to"
+    )
+
+
+_DATAREF = str | DataRefObject
+_ARGV = str | list[str] | None
+
+
+class Definition(BaseModel):
+    """A job definition in compute-queues' shape, with Asman's extensions."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        title="Definition",
+        json_schema_extra={
+            "description": "A job definition in compute-queues' shape: an image (or a build, "
+            "or steps that each name one), command, env, inputs, configFiles, requirements, "
+            "maxDuration. Unknown keys are kept and ignored; null equals absent.",
+            "anyOf": [{"required": ["image"]}, {"required": ["build"]}, {"required": ["steps"]}],
+        },
+    )
+
+    v: Annotated[Any, rule(_v, int | None), _doc("compute-queues' version tag")] = None
+    image: Annotated[
+        Any,
+        rule(_image, str | None),
+        _always('The image to pull, such as "alpine:3.20"', minLength=1, pattern="^\\S+$"),
+    ] = None
+    build: Annotated[
+        Any, rule(_nested(Build), Build | None), _doc("Build the image instead of pulling")
+    ] = None
+    command: Annotated[
+        Any, rule(_argv, _ARGV), _doc("A shell-like string or an argv list (no shell runs)")
+    ] = None
+    entrypoint: Annotated[Any, rule(_argv, _ARGV), _doc("Overrides the image's")] = None
+    env: Annotated[
+        Any, rule(_env, dict[str, str] | None), _doc("Environment", maxProperties=_LIMITS.max_env)
+    ] = None
+    workdir: Annotated[Any, rule(_workdir, str | None), _doc("Absolute folder")] = None
+    shm_size: Annotated[Any, rule(_size, _SIZE_TYPE)] = Field(
+        default=None, alias="shmSize", description='Size of /dev/shm, such as "2g"'
+    )
+    max_duration: Annotated[Any, rule(_duration, _DURATION_TYPE)] = Field(
+        default=None,
+        alias="maxDuration",
+        description='Longest run: seconds, or "30s", "20m", "1h30m" (at most 30 days)',
+    )
+    tags: Annotated[Any, rule(_tags, list[str] | None), _doc("Free labels")] = None
+    requirements: Annotated[
+        Any, rule(_nested(Requirements), Requirements | None), _doc("CPUs, GPUs, memory")
+    ] = None
+    inputs: Annotated[
+        Any,
+        rule(_inputs, dict[str, _DATAREF] | None),
+        _always("Files under /inputs, by relative path"),
+    ] = None
+    config_files: Annotated[
+        Any,
+        rule(_config_files, dict[str, _DATAREF] | None),
+        Field(
+            default=None,
+            alias="configFiles",
+            validate_default=True,
+            description="Files by relative path (under /inputs) or absolute container path",
+        ),
+    ] = None
+    volumes: Annotated[
+        Any,
+        rule(_volumes, list[str] | None),
+        _doc("Absolute folders shared, writable, by the steps", maxItems=s.MAX_VOLUMES),
+    ] = None
+    output_paths: Annotated[Any, rule(_output_paths, list[OutputPathModel] | None)] = Field(
+        default=None,
+        alias="outputPaths",
+        description="Files collected from outside /outputs",
+        json_schema_extra={"maxItems": s.MAX_OUTPUT_PATHS},
+    )
+    steps: Annotated[
+        Any,
+        rule(_steps, list[Step] | None),
+        _doc("Containers run in order, in one job", minItems=1, maxItems=s.MAX_STEPS),
+    ] = None
+
+    @model_validator(mode="after")
+    def _whole(self, info: ValidationInfo) -> Definition:
+        ctx = _ctx(info)
+        for name, f in type(self).model_fields.items():
+            if name in self.model_fields_set:
+                ctx.out[f.alias or name] = getattr(self, name)
+        d._check_inline_and_size(ctx.out, ctx.refs, ctx.limits)
+        return self
+
+
+def validate_with_model(out: dict[str, Any], limits: d.DefinitionLimits) -> dict[str, Any]:
+    """Check ``out`` (a definition with nulls removed) in place with :class:`Definition`."""
+    Definition.model_validate(out, context=Context(limits, out))
+    return out
+
+
+@cache
+def definition_json_schema() -> dict[str, Any]:
+    """The JSON Schema (2020-12) of a job definition, with the default limits."""
+    schema = Definition.model_json_schema(ref_template="#/$defs/{model}")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
