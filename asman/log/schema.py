@@ -36,7 +36,7 @@ __all__ = [
     "Build",
     "DataRefObject",
     "Definition",
-    "OutputPathModel",
+    "OutputPath",
     "Requirements",
     "Step",
     "definition_json_schema",
@@ -407,7 +407,7 @@ class Step(BaseModel):
     )
 
 
-class OutputPathModel(BaseModel):
+class OutputPath(BaseModel):
     """A file or folder collected from outside /outputs."""
 
     model_config = ConfigDict(extra="forbid", title="OutputPath")
@@ -491,7 +491,7 @@ class Definition(BaseModel):
         rule(_volumes, list[str] | None),
         _doc("Absolute folders shared, writable, by the steps", maxItems=s.MAX_VOLUMES),
     ] = None
-    output_paths: Annotated[Any, rule(_output_paths, list[OutputPathModel] | None)] = Field(
+    output_paths: Annotated[Any, rule(_output_paths, list[OutputPath] | None)] = Field(
         default=None,
         alias="outputPaths",
         description="Files collected from outside /outputs",
