@@ -414,60 +414,16 @@ class DataRef:
                 f'must be a data reference {{"value": …, "type": …}} or a string, got {_show(obj)}',
             )
         ref = _without_nulls(obj)
-        kind = ref.get("type", "utf8")
-        if kind not in DATAREF_TYPES:
-            raise InvalidDefinition(
-                f"{field}.type", f"must be one of {', '.join(DATAREF_TYPES)}, got {_show(kind)}"
-            )
-        if "value" not in ref:
-            raise InvalidDefinition(f"{field}.value", "is missing: a data reference needs a value")
-        value = ref["value"]
-        vfield = f"{field}.value"
-        if kind == "json":
-            try:
-                _json_bytes(value)
-            except (TypeError, ValueError):
-                raise InvalidDefinition(vfield, "must be a JSON value") from None
-        elif kind in ("url", "key", "blob", "s3"):
-            _str(value, vfield)
-        else:
-            _str(value, vfield, nonempty=False, nul_ok=True)
-        if kind == "base64":
-            try:
-                base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidDefinition(
-                    vfield, "must be standard base64 (A-Z a-z 0-9 + /, '=' padding)"
-                ) from None
-        elif kind == "url":
-            parts = urllib.parse.urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise InvalidDefinition(vfield, f"must be an http(s) URL, got {_show(value)}")
-        elif kind == "s3":
-            parts = urllib.parse.urlsplit(value)
-            if parts.scheme != "s3" or not parts.netloc or not parts.path.strip("/"):
-                raise InvalidDefinition(
-                    vfield, f"must be an s3://bucket/key URL, got {_show(value)}"
-                )
-            if "\\" in value or any(seg in (".", "..") for seg in parts.path.split("/")):
-                raise InvalidDefinition(
-                    vfield, f"must not hold '.', '..' or '\\' segments, got {_show(value)}"
-                )
-        elif kind == "blob" and not _SHA256_HEX.fullmatch(value):
-            raise InvalidDefinition(
-                vfield, f"must be a SHA-256: 64 lower-case hex characters, got {_show(value)}"
-            )
-        digest = ref.get("hash")
-        if digest is not None and not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
-            raise InvalidDefinition(
-                f"{field}.hash", f"must be 64 lower-case hex characters, got {_show(digest)}"
-            )
+        from asman.log.schema import check_data_ref  # the models build on this module
+
+        check_data_ref(ref, field)
         size = ref.get("size")
-        if size is not None and not (_is_int(size) and size >= 0):
-            raise InvalidDefinition(
-                f"{field}.size", f"must be a whole number ≥ 0, got {_show(size)}"
-            )
-        return cls(kind, value, digest, None if size is None else int(size))
+        return cls(
+            ref.get("type", "utf8"),
+            ref["value"],
+            ref.get("hash"),
+            None if size is None else int(size),
+        )
 
     def to_json(self) -> DataRefJSON:
         out: DataRefJSON = {"value": self.value, "type": self.type}
@@ -490,6 +446,42 @@ class DataRef:
 
 # ---------------------------------------------------------------------------------------------
 # validation
+
+
+def _check_ref_value(kind: str, value: Any, vfield: str) -> None:
+    """The rule of a data reference's ``value``, by its ``type``."""
+    if kind == "json":
+        try:
+            _json_bytes(value)
+        except (TypeError, ValueError):
+            raise InvalidDefinition(vfield, "must be a JSON value") from None
+    elif kind in ("url", "key", "blob", "s3"):
+        _str(value, vfield)
+    else:
+        _str(value, vfield, nonempty=False, nul_ok=True)
+    if kind == "base64":
+        try:
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidDefinition(
+                vfield, "must be standard base64 (A-Z a-z 0-9 + /, '=' padding)"
+            ) from None
+    elif kind == "url":
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InvalidDefinition(vfield, f"must be an http(s) URL, got {_show(value)}")
+    elif kind == "s3":
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme != "s3" or not parts.netloc or not parts.path.strip("/"):
+            raise InvalidDefinition(vfield, f"must be an s3://bucket/key URL, got {_show(value)}")
+        if "\\" in value or any(seg in (".", "..") for seg in parts.path.split("/")):
+            raise InvalidDefinition(
+                vfield, f"must not hold '.', '..' or '\\' segments, got {_show(value)}"
+            )
+    elif kind == "blob" and not _SHA256_HEX.fullmatch(value):
+        raise InvalidDefinition(
+            vfield, f"must be a SHA-256: 64 lower-case hex characters, got {_show(value)}"
+        )
 
 
 def _validate_argv(value: Any, field: str) -> None:

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, model_validator
 
-from asman.errors import InvalidDefinition
+from asman.errors import InvalidDefinition, InvalidPath
 from asman.log import definition as d
 from asman.log import steps as s
 
@@ -39,6 +39,7 @@ __all__ = [
     "OutputPath",
     "Requirements",
     "Step",
+    "check_data_ref",
     "definition_json_schema",
     "validate_with_model",
 ]
@@ -56,9 +57,27 @@ class Context:
     names: dict[str, str] = field(default_factory=dict)
     absolute: dict[str, str] = field(default_factory=dict)
     refs: list[tuple[str, d.DataRef]] = field(default_factory=list)
+    #: for a step: whether the job names an image (or a build) the step may run
+    has_image: bool = False
 
-    def nested(self, prefix: str, out: dict[str, Any]) -> Context:
-        return Context(self.limits, out, prefix)
+
+def _check_object(
+    model: type[BaseModel], value: Any, where: str, ctx: Context, has_image: bool = False
+) -> dict[str, Any]:
+    """``value`` (an object, nulls removed) checked by ``model``, its checked fields written
+    back into it; ``where`` names it in messages."""
+    obj = d._without_nulls(d._mapping(value, where))
+    checked = model.model_validate(
+        obj, context=Context(ctx.limits, obj, f"{where}.", has_image=has_image)
+    )
+    _write_back(checked, obj)
+    return obj
+
+
+def _write_back(checked: BaseModel, out: dict[str, Any]) -> None:
+    for name, info in type(checked).model_fields.items():
+        if name in checked.model_fields_set:
+            out[info.alias or name] = getattr(checked, name)
 
 
 Rule = Callable[[Any, Context, str], Any]
@@ -175,9 +194,7 @@ def _nested(model: type[BaseModel]) -> Rule:
     """A rule that checks an object with ``model`` (nulls removed) and returns it."""
 
     def check(value: Any, ctx: Context, name: str) -> Any:
-        obj = d._without_nulls(d._mapping(value, name))
-        model.model_validate(obj, context=ctx.nested(f"{name}.", obj))
-        return obj
+        return _check_object(model, value, name, ctx)
 
     return check
 
@@ -217,12 +234,44 @@ def _volumes(value: Any, ctx: Context, name: str) -> Any:
 
 
 def _output_paths(value: Any, ctx: Context, name: str) -> Any:
-    ctx.out["outputPaths"] = s._validate_output_paths(value)  # the steps' rule reads it
-    return ctx.out["outputPaths"]
+    if not d._is_list(value):
+        raise InvalidDefinition(
+            name, f'must be a list of {{"path": "/abs/path"}} objects, got {d._show(value)}'
+        )
+    if len(value) > s.MAX_OUTPUT_PATHS:
+        raise InvalidDefinition(
+            name, f"has {len(value)} entries, over the limit of {s.MAX_OUTPUT_PATHS}"
+        )
+    checked = [_check_object(OutputPath, x, f"{name}[{i}]", ctx) for i, x in enumerate(value)]
+    ctx.out["outputPaths"] = checked  # the steps' rule reads it
+    return checked
 
 
 def _steps(value: Any, ctx: Context, name: str) -> Any:
-    return s.validate_steps(ctx.out, ctx.limits)
+    out = ctx.out
+    if not d._is_list(value) or not value:
+        raise InvalidDefinition(name, f"must be a non-empty list of steps, got {d._show(value)}")
+    if len(value) > s.MAX_STEPS:
+        raise InvalidDefinition(name, f"has {len(value)} steps, over the limit of {s.MAX_STEPS}")
+    has_image = "image" in out or "build" in out
+    checked = [_check_object(Step, x, f"{name}[{i}]", ctx, has_image) for i, x in enumerate(value)]
+    writable = ["/outputs", *s.rw_folders(out)]
+    readable = [*writable, "/inputs"]
+    configs = out.get("configFiles") or {}
+    readable += [n for n in configs if n.startswith("/")]
+    for i, step in enumerate(checked):
+        for key, folders, what in (
+            ("stdin", readable, "/inputs, an absolute config file, /outputs or a volume"),
+            ("stdout", writable, "/outputs, a volume or an output path's folder"),
+            ("stderr", writable, "/outputs, a volume or an output path's folder"),
+        ):
+            path = step.get(key)
+            if path is not None and not any(s._inside(path, f) for f in folders):
+                raise InvalidDefinition(
+                    f"{name}[{i}].{key}",
+                    f"{path!r} is in no folder the steps share: put it under {what}",
+                )
+    return checked
 
 
 # -- nested objects ----------------------------------------------------------------------------
@@ -327,6 +376,7 @@ def _gpus(value: Any, ctx: Context, name: str) -> Any:
 _SIZE_TYPE = int | str | None
 _DURATION_TYPE = int | str | None
 _LIMITS = d.DEFAULT_LIMITS
+_ARGV = str | list[str] | None
 
 
 class Requirements(BaseModel):
@@ -360,26 +410,120 @@ class Requirements(BaseModel):
     ] = None
 
 
+def _ref_type(value: Any, ctx: Context, name: str) -> Any:
+    if value not in d.DATAREF_TYPES:
+        raise InvalidDefinition(
+            name, f"must be one of {', '.join(d.DATAREF_TYPES)}, got {d._show(value)}"
+        )
+    return value
+
+
+def _ref_value(value: Any, ctx: Context, name: str) -> Any:
+    if "value" not in ctx.out:
+        raise InvalidDefinition(name, "is missing: a data reference needs a value")
+    d._check_ref_value(ctx.out.get("type", "utf8"), value, name)
+    return value
+
+
+def _ref_hash(value: Any, ctx: Context, name: str) -> Any:
+    if not (isinstance(value, str) and d._SHA256_HEX.fullmatch(value)):
+        raise InvalidDefinition(name, f"must be 64 lower-case hex characters, got {d._show(value)}")
+    return value
+
+
+def _ref_size(value: Any, ctx: Context, name: str) -> Any:
+    if not (d._is_int(value) and value >= 0):
+        raise InvalidDefinition(name, f"must be a whole number ≥ 0, got {d._show(value)}")
+    return value
+
+
 class DataRefObject(BaseModel):
-    """A file's content: inline (utf8, base64, json) or by reference (url, key, blob, s3)."""
+    """A file's content: inline (utf8, base64, json) or by reference (url, key, blob, s3).
+    A plain string is a utf8 content, or a ``data:`` URL."""
 
-    model_config = ConfigDict(extra="allow", title="DataRefObject")
+    model_config = ConfigDict(
+        extra="allow", title="DataRefObject", json_schema_extra={"required": ["value"]}
+    )
 
-    type: Annotated[Any, rule(lambda v, c, n: v, Literal[d.DATAREF_TYPES] | None)] = Field(
+    type: Annotated[Any, rule(_ref_type, Literal[d.DATAREF_TYPES] | None)] = Field(
         default=None, description="How value is read (default utf8)"
     )
-    value: Annotated[Any, rule(lambda v, c, n: v, Any)] = Field(
+    value: Annotated[Any, rule(_ref_value, Any)] = Field(
         default=None,
+        validate_default=True,
         description="The text, base64, JSON value, http(s) URL, key, SHA-256 or s3:// URL",
     )
-    hash: Annotated[Any, rule(lambda v, c, n: v, str | None)] = Field(
+    hash: Annotated[Any, rule(_ref_hash, str | None)] = Field(
         default=None,
         description="SHA-256 of the content (a cache key, not part of the job id)",
         json_schema_extra={"pattern": "^[0-9a-f]{64}$"},
     )
-    size: Annotated[Any, rule(lambda v, c, n: v, int | None)] = Field(
+    size: Annotated[Any, rule(_ref_size, int | None)] = Field(
         default=None, description="Bytes of the content", json_schema_extra={"minimum": 0}
     )
+
+
+def check_data_ref(ref: dict[str, Any], where: str) -> None:
+    """Check a data reference object (nulls removed); ``where`` names it in messages."""
+    DataRefObject.model_validate(ref, context=Context(d.DEFAULT_LIMITS, ref, f"{where}."))
+
+
+def _unknown_keys(ctx: Context, allowed: tuple[str, ...], says: str) -> None:
+    unknown = set(ctx.out) - set(allowed)
+    if unknown:
+        raise InvalidDefinition(
+            ctx.prefix[:-1], f"unknown keys {', '.join(sorted(unknown))}: {says}"
+        )
+
+
+def _text(value: Any, ctx: Context, name: str) -> Any:
+    return d._str(value, name)
+
+
+def _step_image(value: Any, ctx: Context, name: str) -> Any:
+    if value is None:
+        if not ctx.has_image:
+            raise InvalidDefinition(
+                name, "is missing: give each step an image, or the job an 'image' or a 'build'"
+            )
+        return None
+    image = d._str(value, name)
+    if any(ch.isspace() for ch in image):
+        raise InvalidDefinition(name, f"must not contain white space: {image!r}")
+    return image
+
+
+def _step_env(value: Any, ctx: Context, name: str) -> Any:
+    env = d._without_nulls(d._mapping(value, name))
+    if len(env) > ctx.limits.max_env:
+        raise InvalidDefinition(
+            name, f"has {len(env)} variables, over the limit of {ctx.limits.max_env}"
+        )
+    for k, v in env.items():
+        if not k or "=" in k or "\x00" in k:
+            raise InvalidDefinition(
+                f"{name}[{k!r}]", "a variable name must not be empty or hold '=' or NUL"
+            )
+        d._str(v, f"{name}[{k!r}]", nonempty=False)
+    return env
+
+
+def _step_workdir(value: Any, ctx: Context, name: str) -> Any:
+    workdir = d._str(value, name)
+    if not workdir.startswith("/"):
+        raise InvalidDefinition(name, f"must be absolute, got {d._show(workdir)}")
+    return workdir
+
+
+def _redirect(value: Any, ctx: Context, name: str) -> Any:
+    stdin = name.endswith(".stdin")
+    return s._abs_path(value, name, outputs_ok=True, inputs_ok=stdin)
+
+
+def _bool(value: Any, ctx: Context, name: str) -> Any:
+    if not isinstance(value, bool):
+        raise InvalidDefinition(name, "must be true or false")
+    return value
 
 
 class Step(BaseModel):
@@ -387,45 +531,115 @@ class Step(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="Step")
 
-    name: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Shown in logs")] = None
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data: Any, info: ValidationInfo) -> Any:
+        keys = ", ".join(s.STEP_KEYS)
+        _unknown_keys(_ctx(info), s.STEP_KEYS, f"a step has {keys}")
+        return data
+
+    name: Annotated[Any, rule(_text, str | None), _doc("Shown in logs")] = None
     image: Annotated[
-        Any, rule(lambda v, c, n: v, str | None), _doc("The step's image (else the job's)")
+        Any,
+        rule(_step_image, str | None),
+        _always("The step's image (else the job's)", minLength=1, pattern="^\\S+$"),
     ] = None
-    command: Annotated[
-        Any, rule(lambda v, c, n: v, str | list[str] | None), _doc("A string or an argv")
+    command: Annotated[Any, rule(_argv, _ARGV), _doc("A string or an argv")] = None
+    entrypoint: Annotated[Any, rule(_argv, _ARGV), _doc("Overrides the image's")] = None
+    env: Annotated[Any, rule(_step_env, dict[str, str] | None), _doc("Over the job's env")] = None
+    workdir: Annotated[Any, rule(_step_workdir, str | None), _doc("Absolute folder")] = None
+    stdin: Annotated[
+        Any, rule(_redirect, str | None), _doc("Absolute path of a file read as stdin")
     ] = None
-    entrypoint: Annotated[Any, rule(lambda v, c, n: v, str | list[str] | None), _doc("")] = None
-    workdir: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Absolute folder")] = None
-    env: Annotated[
-        Any, rule(lambda v, c, n: v, dict[str, str] | None), _doc("Over the job's env")
+    stdout: Annotated[
+        Any, rule(_redirect, str | None), _doc("Absolute path stdout is written to")
     ] = None
-    stdin: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Absolute path read")] = None
-    stdout: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Absolute path")] = None
-    stderr: Annotated[Any, rule(lambda v, c, n: v, str | None), _doc("Absolute path")] = None
-    ignore_error: Annotated[Any, rule(lambda v, c, n: v, bool | None)] = Field(
+    stderr: Annotated[
+        Any, rule(_redirect, str | None), _doc("Absolute path stderr is written to")
+    ] = None
+    ignore_error: Annotated[Any, rule(_bool, bool | None)] = Field(
         default=None, alias="ignoreError", description="Go on when the step exits non-zero"
     )
+
+
+def _output_path(value: Any, ctx: Context, name: str) -> Any:
+    if value is None:
+        raise InvalidDefinition(name, "is missing: give an absolute path")
+    return s._abs_path(value, name, outputs_ok=True, wildcards=True)
+
+
+def _output_type(value: Any, ctx: Context, name: str) -> Any:
+    if value not in ("file", "directory"):
+        raise InvalidDefinition(name, f'must be "file" or "directory", got {value!r}')
+    return value
+
+
+def _path_prefix(value: Any, ctx: Context, name: str) -> Any:
+    path = ctx.out["path"]
+    if s.has_wildcards(path):
+        if value is None:
+            raise InvalidDefinition(
+                name, "is missing: a path with wildcards needs the prefix to cut from each match"
+            )
+        prefix = d._str(value, name)
+        if not path.startswith(prefix):
+            raise InvalidDefinition(name, f"{prefix!r} does not start the path {path!r}")
+    elif value is not None:
+        d._str(value, name)
+    return value
+
+
+def _s3_url(value: Any, ctx: Context, name: str) -> Any:
+    return s._validate_url(value, name)
 
 
 class OutputPath(BaseModel):
     """A file or folder collected from outside /outputs."""
 
-    model_config = ConfigDict(extra="forbid", title="OutputPath")
+    model_config = ConfigDict(
+        extra="forbid", title="OutputPath", json_schema_extra={"required": ["path"]}
+    )
 
-    path: Annotated[Any, rule(lambda v, c, n: v, str)] = Field(
-        description="Absolute path; may hold wildcards (*, ?, [) with a pathPrefix"
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data: Any, info: ValidationInfo) -> Any:
+        _unknown_keys(_ctx(info), _OUTPUT_KEYS, "use path, type, pathPrefix, url")
+        return data
+
+    path: Annotated[Any, rule(_output_path, str)] = Field(
+        default=None,
+        validate_default=True,
+        description="Absolute path; may hold wildcards (*, ?, [) with a pathPrefix",
     )
-    type: Annotated[Any, rule(lambda v, c, n: v, Literal["file", "directory"] | None)] = None
-    path_prefix: Annotated[Any, rule(lambda v, c, n: v, str | None)] = Field(
-        default=None, alias="pathPrefix", description="Cut from each match of a wildcard path"
+    type: Annotated[Any, rule(_output_type, Literal["file", "directory"] | None)] = Field(
+        default=None, description="file (the default) or directory"
     )
-    url: Annotated[Any, rule(lambda v, c, n: v, str | None)] = Field(
+    path_prefix: Annotated[Any, rule(_path_prefix, str | None)] = Field(
+        default=None,
+        alias="pathPrefix",
+        validate_default=True,
+        description="Cut from each match of a wildcard path",
+    )
+    url: Annotated[Any, rule(_s3_url, str | None)] = Field(
         default=None, description="s3://bucket/key the worker uploads it to"
     )
 
+    @model_validator(mode="after")
+    def _shared_folder(self, info: ValidationInfo) -> OutputPath:
+        ctx = _ctx(info)
+        folder = s.OutputPath.from_json(ctx.out).folder
+        if folder in ("/", "/tmp"):
+            raise InvalidPath(
+                ctx.out["path"],
+                f"lies in {folder}, a folder that cannot be shared by the steps (it would be "
+                f"bound writable over the container's own): put it in a folder such as "
+                f"/data (in {ctx.prefix}path)",
+            )
+        return self
 
+
+_OUTPUT_KEYS = ("path", "type", "pathPrefix", "url")
 _DATAREF = str | DataRefObject
-_ARGV = str | list[str] | None
 
 
 class Definition(BaseModel):
