@@ -534,7 +534,8 @@ def _validate_env(value: Any, limits: DefinitionLimits) -> dict[str, Any]:
             raise InvalidDefinition(
                 _key("env", k), "a variable name must not be empty or hold '=' or NUL"
             )
-        _str(v, _key("env", k), nonempty=False)
+        if not (isinstance(v, str) and v.isascii() and "\x00" not in v):
+            _str(v, _key("env", k), nonempty=False)  # the field's name only when needed
     return env
 
 

@@ -64,20 +64,17 @@ class Context:
 def _check_object(
     model: type[BaseModel], value: Any, where: str, ctx: Context, has_image: bool = False
 ) -> dict[str, Any]:
-    """``value`` (an object, nulls removed) checked by ``model``, its checked fields written
-    back into it; ``where`` names it in messages."""
+    """``value`` (an object, nulls removed) checked by ``model``; ``where`` names it in
+    messages. The rules that normalise a field (nulls removed) write it back (``_put``)."""
     obj = d._without_nulls(d._mapping(value, where))
-    checked = model.model_validate(
-        obj, context=Context(ctx.limits, obj, f"{where}.", has_image=has_image)
-    )
-    _write_back(checked, obj)
+    model.model_validate(obj, context=Context(ctx.limits, obj, f"{where}.", has_image=has_image))
     return obj
 
 
-def _write_back(checked: BaseModel, out: dict[str, Any]) -> None:
-    for name, info in type(checked).model_fields.items():
-        if name in checked.model_fields_set:
-            out[info.alias or name] = getattr(checked, name)
+def _put(ctx: Context, name: str, value: Any) -> Any:
+    """Write a checked, normalised field back into the object being checked."""
+    ctx.out[name[len(ctx.prefix) :]] = value
+    return value
 
 
 Rule = Callable[[Any, Context, str], Any]
@@ -94,10 +91,11 @@ def rule(check: Rule, json_type: Any) -> PlainValidator:
     """A field checked by ``check(value, context, name)`` and shown as ``json_type``."""
 
     def run(value: Any, info: ValidationInfo) -> Any:
-        ctx = _ctx(info)
+        ctx = info.context
+        if ctx.__class__ is not Context:
+            ctx = _ctx(info)
         name = info.field_name or ""
-        alias = _ALIASES.get(name, name)
-        return check(value, ctx, ctx.prefix + alias)
+        return check(value, ctx, ctx.prefix + _ALIASES.get(name, name))
 
     return PlainValidator(run, json_schema_input_type=json_type)
 
@@ -162,7 +160,7 @@ def _argv(value: Any, ctx: Context, name: str) -> Any:
 
 
 def _env(value: Any, ctx: Context, name: str) -> Any:
-    return d._validate_env(value, ctx.limits)
+    return _put(ctx, name, d._validate_env(value, ctx.limits))
 
 
 def _workdir(value: Any, ctx: Context, name: str) -> Any:
@@ -194,7 +192,7 @@ def _nested(model: type[BaseModel]) -> Rule:
     """A rule that checks an object with ``model`` (nulls removed) and returns it."""
 
     def check(value: Any, ctx: Context, name: str) -> Any:
-        return _check_object(model, value, name, ctx)
+        return _put(ctx, name, _check_object(model, value, name, ctx))
 
     return check
 
@@ -215,7 +213,7 @@ def _inputs(value: Any, ctx: Context, name: str) -> Any:
         return None
     refs, parsed = d._validate_refs(value, "inputs", ctx.names, ctx.absolute)
     ctx.refs += parsed
-    return refs
+    return _put(ctx, name, refs)
 
 
 def _config_files(value: Any, ctx: Context, name: str) -> Any:
@@ -223,14 +221,14 @@ def _config_files(value: Any, ctx: Context, name: str) -> Any:
     if value is not None:
         refs, parsed = d._validate_refs(value, "configFiles", ctx.names, ctx.absolute)
         ctx.refs += parsed
+        _put(ctx, name, refs)
     d._check_no_clash(ctx.names)
     d._check_no_clash(ctx.absolute)
     return refs
 
 
 def _volumes(value: Any, ctx: Context, name: str) -> Any:
-    ctx.out["volumes"] = s._validate_volumes(value)  # the steps' rule reads it
-    return ctx.out["volumes"]
+    return _put(ctx, name, s._validate_volumes(value))  # the steps' rule reads it
 
 
 def _output_paths(value: Any, ctx: Context, name: str) -> Any:
@@ -243,8 +241,7 @@ def _output_paths(value: Any, ctx: Context, name: str) -> Any:
             name, f"has {len(value)} entries, over the limit of {s.MAX_OUTPUT_PATHS}"
         )
     checked = [_check_object(OutputPath, x, f"{name}[{i}]", ctx) for i, x in enumerate(value)]
-    ctx.out["outputPaths"] = checked  # the steps' rule reads it
-    return checked
+    return _put(ctx, name, checked)  # the steps' rule reads it
 
 
 def _steps(value: Any, ctx: Context, name: str) -> Any:
@@ -271,7 +268,7 @@ def _steps(value: Any, ctx: Context, name: str) -> Any:
                     f"{name}[{i}].{key}",
                     f"{path!r} is in no folder the steps share: put it under {what}",
                 )
-    return checked
+    return _put(ctx, name, checked)
 
 
 # -- nested objects ----------------------------------------------------------------------------
@@ -505,7 +502,7 @@ def _step_env(value: Any, ctx: Context, name: str) -> Any:
                 f"{name}[{k!r}]", "a variable name must not be empty or hold '=' or NUL"
             )
         d._str(v, f"{name}[{k!r}]", nonempty=False)
-    return env
+    return _put(ctx, name, env)
 
 
 def _step_workdir(value: Any, ctx: Context, name: str) -> Any:
@@ -720,9 +717,6 @@ class Definition(BaseModel):
     @model_validator(mode="after")
     def _whole(self, info: ValidationInfo) -> Definition:
         ctx = _ctx(info)
-        for name, f in type(self).model_fields.items():
-            if name in self.model_fields_set:
-                ctx.out[f.alias or name] = getattr(self, name)
         d._check_inline_and_size(ctx.out, ctx.refs, ctx.limits)
         return self
 
