@@ -83,10 +83,10 @@ class TesOutput(_Tes):
 class TesResources(_Tes):
     """What a task needs (Asman: the job's requirements)."""
 
-    cpu_cores: int | None = None
-    preemptible: bool | None = None
-    ram_gb: float | None = None
-    disk_gb: float | None = None
+    cpu_cores: int | None = Field(default=None, ge=1, description="CPUs (requirements.cpus)")
+    preemptible: bool | None = Field(default=None, description="Accepted and ignored")
+    ram_gb: float | None = Field(default=None, gt=0, description="Memory (requirements.memory)")
+    disk_gb: float | None = Field(default=None, gt=0, description="Accepted and ignored")
     zones: list[str] | None = None
     backend_parameters: dict[str, str] | None = None
     backend_parameters_strict: bool | None = None
