@@ -374,6 +374,8 @@ _SIZE_TYPE = int | str | None
 _DURATION_TYPE = int | str | None
 _LIMITS = d.DEFAULT_LIMITS
 _ARGV = str | list[str] | None
+# no ASCII white space: every JSON Schema regex dialect agrees on it, and the rule refuses it
+_NO_SPACE = "^[^ \\t\\n\\r\\f\\v]+$"
 
 
 class Requirements(BaseModel):
@@ -526,7 +528,10 @@ def _bool(value: Any, ctx: Context, name: str) -> Any:
 class Step(BaseModel):
     """One container of a multi-step job (docs/guide.md, "Steps")."""
 
-    model_config = ConfigDict(extra="forbid", title="Step")
+    # an unknown key is refused, unless null (null equals absent)
+    model_config = ConfigDict(
+        extra="forbid", title="Step", json_schema_extra={"additionalProperties": {"type": "null"}}
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -539,11 +544,13 @@ class Step(BaseModel):
     image: Annotated[
         Any,
         rule(_step_image, str | None),
-        _always("The step's image (else the job's)", minLength=1, pattern="^\\S+$"),
+        _always("The step's image (else the job's)", minLength=1, pattern=_NO_SPACE),
     ] = None
     command: Annotated[Any, rule(_argv, _ARGV), _doc("A string or an argv")] = None
     entrypoint: Annotated[Any, rule(_argv, _ARGV), _doc("Overrides the image's")] = None
-    env: Annotated[Any, rule(_step_env, dict[str, str] | None), _doc("Over the job's env")] = None
+    env: Annotated[
+        Any, rule(_step_env, dict[str, str | None] | None), _doc("Over the job's env")
+    ] = None
     workdir: Annotated[Any, rule(_step_workdir, str | None), _doc("Absolute folder")] = None
     stdin: Annotated[
         Any, rule(_redirect, str | None), _doc("Absolute path of a file read as stdin")
@@ -594,7 +601,9 @@ class OutputPath(BaseModel):
     """A file or folder collected from outside /outputs."""
 
     model_config = ConfigDict(
-        extra="forbid", title="OutputPath", json_schema_extra={"required": ["path"]}
+        extra="forbid",
+        title="OutputPath",
+        json_schema_extra={"required": ["path"], "additionalProperties": {"type": "null"}},
     )
 
     @model_validator(mode="before")
@@ -657,7 +666,7 @@ class Definition(BaseModel):
     image: Annotated[
         Any,
         rule(_image, str | None),
-        _always('The image to pull, such as "alpine:3.20"', minLength=1, pattern="^\\S+$"),
+        _always('The image to pull, such as "alpine:3.20"', minLength=1, pattern=_NO_SPACE),
     ] = None
     build: Annotated[
         Any, rule(_nested(Build), Build | None), _doc("Build the image instead of pulling")
@@ -667,7 +676,9 @@ class Definition(BaseModel):
     ] = None
     entrypoint: Annotated[Any, rule(_argv, _ARGV), _doc("Overrides the image's")] = None
     env: Annotated[
-        Any, rule(_env, dict[str, str] | None), _doc("Environment", maxProperties=_LIMITS.max_env)
+        Any,
+        rule(_env, dict[str, str | None] | None),
+        _doc("Environment", maxProperties=_LIMITS.max_env),
     ] = None
     workdir: Annotated[Any, rule(_workdir, str | None), _doc("Absolute folder")] = None
     shm_size: Annotated[Any, rule(_size, _SIZE_TYPE)] = Field(
@@ -684,12 +695,12 @@ class Definition(BaseModel):
     ] = None
     inputs: Annotated[
         Any,
-        rule(_inputs, dict[str, _DATAREF] | None),
+        rule(_inputs, dict[str, _DATAREF | None] | None),
         _always("Files under /inputs, by relative path"),
     ] = None
     config_files: Annotated[
         Any,
-        rule(_config_files, dict[str, _DATAREF] | None),
+        rule(_config_files, dict[str, _DATAREF | None] | None),
         Field(
             default=None,
             alias="configFiles",
