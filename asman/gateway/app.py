@@ -27,7 +27,7 @@ from pathlib import Path
 from aiohttp import web
 
 from asman.errors import ConfigError
-from asman.gateway import api, compat, signing, tes
+from asman.gateway import api, compat, schemas, signing, tes
 from asman.gateway.config import GatewayConfig
 from asman.gateway.follow import Followers
 from asman.gateway.limits import RateLimiter
@@ -134,6 +134,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/", page)
     app.router.add_get("/static/{name}", static_file)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get(schemas.SCHEMA_ROUTE, schemas.definition_schema)
     api.add_routes(app)
     signing.add_routes(app)
     compat.add_routes(app)

@@ -1,7 +1,9 @@
 """The OpenAPI 3.1 document of the gateway, served at ``/openapi.json``.
 
-Written by hand, next to the handlers it describes; a test fuzzes the gateway from it
-(schemathesis) and checks that every route the app serves is in it.
+Written by hand, next to the handlers it describes, but for the schemas of the job
+definition and of the TES task types, which are generated from their pydantic models
+(``asman.gateway.schemas``); a test fuzzes the gateway from it (schemathesis) and checks that
+every route the app serves is in it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any
 
 from asman import __version__
 from asman.gateway.config import GatewayConfig
+from asman.gateway.schemas import component_schemas
 
 __all__ = ["openapi_document"]
 
@@ -115,59 +118,6 @@ def _schemas() -> dict[str, Any]:
                 "jobId": {"type": "string"},
                 "path": {"type": "string"},
             },
-        },
-        "Definition": {
-            "type": "object",
-            "description": "A job definition in compute-queues' shape (image or build, "
-            "command, env, inputs, configFiles, requirements, maxDuration, ...)",
-            "required": ["image"],
-            "properties": {
-                "image": {"type": "string", "pattern": "^[^\\s]{1,100}$"},
-                "command": {
-                    "oneOf": [
-                        {"type": "string"},
-                        {"type": "array", "items": {"type": "string"}},
-                    ]
-                },
-                "env": {"type": "object", "additionalProperties": {"type": "string"}},
-                "inputs": {"type": "object", "additionalProperties": _ref("DataRef")},
-                "configFiles": {"type": "object", "additionalProperties": _ref("DataRef")},
-                "requirements": {
-                    "type": "object",
-                    "properties": {
-                        "cpus": {"type": "number"},
-                        "gpus": {"type": "integer"},
-                        "memory": {"type": "string"},
-                    },
-                },
-                "maxDuration": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
-                "tags": {"type": "array", "items": {"type": "string"}},
-                "steps": {
-                    "type": "array",
-                    "description": "Containers run in order in one job (docs/guide.md)",
-                    "items": {"type": "object"},
-                },
-                "volumes": {"type": "array", "items": {"type": "string"}},
-                "outputPaths": {"type": "array", "items": {"type": "object"}},
-            },
-            "additionalProperties": True,
-        },
-        "DataRef": {
-            "oneOf": [
-                {"type": "string"},
-                {
-                    "type": "object",
-                    "required": ["value"],
-                    "properties": {
-                        "value": {},
-                        "type": {
-                            "type": "string",
-                            "enum": ["utf8", "base64", "json", "url", "key", "blob", "s3"],
-                        },
-                        "hash": {"type": "string"},
-                    },
-                },
-            ]
         },
         "SubmitRequest": {
             "type": "object",
@@ -468,6 +418,13 @@ def _native() -> dict[str, Any]:
                         }
                     },
                 },
+            )
+        },
+        f"{p}/schema/definition.json": {
+            "get": _op(
+                "The job definition's JSON Schema (2020-12), generated from the models that "
+                "validate it; the page's editor reads it",
+                {"200": _json({"type": "object"}, "JSON Schema")},
             )
         },
         f"{p}/info": {
@@ -1006,91 +963,6 @@ def _compat() -> dict[str, Any]:
     return paths
 
 
-def _tes_schemas() -> dict[str, Any]:
-    """GA4GH TES 1.1's task shapes (asman.gateway.tes): what a client sends and reads."""
-    text, texts = {"type": "string"}, {"type": "array", "items": {"type": "string"}}
-    kinds = {"type": "string", "enum": ["FILE", "DIRECTORY"]}
-    return {
-        "TesExecutor": {
-            "type": "object",
-            "required": ["image", "command"],
-            "properties": {
-                "image": text,
-                "command": {**texts, "minItems": 1},
-                "workdir": text,
-                "stdin": text,
-                "stdout": text,
-                "stderr": text,
-                "env": {"type": "object", "additionalProperties": text},
-                "ignore_error": {"type": "boolean"},
-            },
-        },
-        "TesInput": {
-            "type": "object",
-            "required": ["path"],
-            "properties": {
-                "name": text,
-                "description": text,
-                "url": text,
-                "path": text,
-                "type": kinds,
-                "content": text,
-                "streamable": {"type": "boolean"},
-            },
-        },
-        "TesOutput": {
-            "type": "object",
-            "required": ["path", "url"],
-            "properties": {
-                "name": text,
-                "description": text,
-                "url": text,
-                "path": text,
-                "path_prefix": text,
-                "type": kinds,
-            },
-        },
-        "TesResources": {
-            "type": "object",
-            "properties": {
-                "cpu_cores": {"type": "integer"},
-                "preemptible": {"type": "boolean"},
-                "ram_gb": {"type": "number"},
-                "disk_gb": {"type": "number"},
-                "zones": texts,
-                "backend_parameters": {"type": "object", "additionalProperties": text},
-                "backend_parameters_strict": {"type": "boolean"},
-            },
-        },
-        "TesTask": {
-            "type": "object",
-            "required": ["executors"],
-            "properties": {
-                "id": text,
-                "state": text,
-                "name": text,
-                "description": text,
-                "inputs": {"type": "array", "items": _ref("TesInput")},
-                "outputs": {"type": "array", "items": _ref("TesOutput")},
-                "resources": _ref("TesResources"),
-                "executors": {"type": "array", "items": _ref("TesExecutor"), "minItems": 1},
-                "volumes": texts,
-                "tags": {"type": "object", "additionalProperties": text},
-                "logs": {"type": "array", "items": {"type": "object"}},
-                "creation_time": text,
-            },
-        },
-        "TesListTasksResponse": {
-            "type": "object",
-            "required": ["tasks"],
-            "properties": {
-                "tasks": {"type": "array", "items": _ref("TesTask")},
-                "next_page_token": text,
-            },
-        },
-    }
-
-
 def _tes() -> dict[str, Any]:
     """GA4GH TES 1.1 per queue, under ``/q/{queue}/ga4gh/tes/v1``."""
     base = "/q/{queue}/ga4gh/tes/v1"
@@ -1195,7 +1067,7 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
             "Every error is a JSON body {error, code, status}. See docs/reference/http-api.md.",
         },
         "paths": {**_native(), **_compat(), **_tes()},
-        "components": {"schemas": {**_schemas(), **_tes_schemas()}},
+        "components": {"schemas": {**_schemas(), **component_schemas()}},
         "tags": [
             {"name": "asman", "description": "Asman's own API"},
             {"name": "compute-queues", "description": "Routes and shapes of compute-queues"},

@@ -31,6 +31,7 @@ from asman import __version__
 from asman.errors import AsmanError, InvalidInput
 from asman.gateway.api import cancel_and_notify, load_job, queue_param, submit_definition
 from asman.gateway.limits import read_json
+from asman.gateway.schemas import TesExecutor, TesInput, TesOutput, TesResources, TesTask
 from asman.gateway.state import BLOBS, CONFIG, LOG
 from asman.log import jobs, subjects
 from asman.log.events import JobState, OutputFile
@@ -57,38 +58,19 @@ STATES = (
 DEFAULT_PAGE = 256
 MAX_PAGE = 2047
 _GIB = 1024**3
-_TASK_KEYS = {
-    "id",
-    "state",
-    "name",
-    "description",
-    "inputs",
-    "outputs",
-    "resources",
-    "executors",
-    "volumes",
-    "tags",
-    "logs",
-    "creation_time",
-}
-_INPUT_KEYS = {"name", "description", "url", "path", "type", "content", "streamable"}
-_OUTPUT_KEYS = {"name", "description", "url", "path", "path_prefix", "type"}
-_EXECUTOR_KEYS = {"image", "command", "workdir", "stdin", "stdout", "stderr", "env", "ignore_error"}
-_RESOURCE_KEYS = {
-    "cpu_cores",
-    "preemptible",
-    "ram_gb",
-    "disk_gb",
-    "zones",
-    "backend_parameters",
-    "backend_parameters_strict",
-}
+# the fields each TES object may carry: those of its model (asman.gateway.schemas), the one
+# list the OpenAPI document shows too
+TASK_KEYS = frozenset(TesTask.model_fields)
+INPUT_KEYS = frozenset(TesInput.model_fields)
+OUTPUT_KEYS = frozenset(TesOutput.model_fields)
+EXECUTOR_KEYS = frozenset(TesExecutor.model_fields)
+RESOURCE_KEYS = frozenset(TesResources.model_fields)
 
 
 # -- task → definition ---------------------------------------------------------------------------
 
 
-def _obj(value: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
+def _obj(value: Any, where: str, allowed: frozenset[str]) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidInput(f"task field {where} must be an object")
     unknown = set(value) - allowed
@@ -150,7 +132,7 @@ def _input_ref(item: Mapping[str, Any], where: str) -> dict[str, Any]:
 def task_definition(task: Any) -> dict[str, Any]:
     """The Asman job definition of a TES task (raises ``InvalidInput`` saying what is wrong;
     the definition is validated again, with the gateway's limits, when it is submitted)."""
-    t = dict(_obj(task, "(the task)", _TASK_KEYS))
+    t = dict(_obj(task, "(the task)", TASK_KEYS))
     for ignored in ("id", "state", "logs", "creation_time"):
         t.pop(ignored, None)  # output-only fields: a client may send them back
     executors = _list(t.get("executors"), "executors")
@@ -159,7 +141,7 @@ def task_definition(task: Any) -> dict[str, Any]:
     steps = []
     for i, raw in enumerate(executors):
         where = f"executors[{i}]"
-        e = _obj(raw, where, _EXECUTOR_KEYS)
+        e = _obj(raw, where, EXECUTOR_KEYS)
         if "image" not in e:
             raise InvalidInput(f"task field {where}.image is missing")
         command = _list(e.get("command"), f"{where}.command")
@@ -189,7 +171,7 @@ def task_definition(task: Any) -> dict[str, Any]:
     meta_inputs: list[dict[str, Any]] = []
     for i, raw in enumerate(_list(t.get("inputs"), "inputs")):
         where = f"inputs[{i}]"
-        item = _obj(raw, where, _INPUT_KEYS)
+        item = _obj(raw, where, INPUT_KEYS)
         path = _text(item.get("path"), f"{where}.path")
         if not path.startswith("/"):
             raise InvalidInput(f"task field {where}.path {path[:100]!r} must be absolute")
@@ -211,7 +193,7 @@ def task_definition(task: Any) -> dict[str, Any]:
     outputs = []
     for i, raw in enumerate(_list(t.get("outputs"), "outputs")):
         where = f"outputs[{i}]"
-        item = _obj(raw, where, _OUTPUT_KEYS)
+        item = _obj(raw, where, OUTPUT_KEYS)
         entry: dict[str, Any] = {"path": _text(item.get("path"), f"{where}.path")}
         kind = item.get("type", "FILE")
         if kind not in ("FILE", "DIRECTORY"):
@@ -244,7 +226,7 @@ def task_definition(task: Any) -> dict[str, Any]:
     names = [
         {k: _text(item[k], k) for k in ("name", "description") if k in item}
         for item in (
-            _obj(o, f"outputs[{i}]", _OUTPUT_KEYS)
+            _obj(o, f"outputs[{i}]", OUTPUT_KEYS)
             for i, o in enumerate(_list(t.get("outputs"), "outputs"))
         )
     ]
@@ -258,7 +240,7 @@ def _resources(value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(requirements, the resources as given)."""
     if value is None:
         return {}, {}
-    r = _obj(value, "resources", _RESOURCE_KEYS)
+    r = _obj(value, "resources", RESOURCE_KEYS)
     req: dict[str, Any] = {}
     cpus = r.get("cpu_cores")
     if cpus is not None:

@@ -414,60 +414,16 @@ class DataRef:
                 f'must be a data reference {{"value": …, "type": …}} or a string, got {_show(obj)}',
             )
         ref = _without_nulls(obj)
-        kind = ref.get("type", "utf8")
-        if kind not in DATAREF_TYPES:
-            raise InvalidDefinition(
-                f"{field}.type", f"must be one of {', '.join(DATAREF_TYPES)}, got {_show(kind)}"
-            )
-        if "value" not in ref:
-            raise InvalidDefinition(f"{field}.value", "is missing: a data reference needs a value")
-        value = ref["value"]
-        vfield = f"{field}.value"
-        if kind == "json":
-            try:
-                _json_bytes(value)
-            except (TypeError, ValueError):
-                raise InvalidDefinition(vfield, "must be a JSON value") from None
-        elif kind in ("url", "key", "blob", "s3"):
-            _str(value, vfield)
-        else:
-            _str(value, vfield, nonempty=False, nul_ok=True)
-        if kind == "base64":
-            try:
-                base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidDefinition(
-                    vfield, "must be standard base64 (A-Z a-z 0-9 + /, '=' padding)"
-                ) from None
-        elif kind == "url":
-            parts = urllib.parse.urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise InvalidDefinition(vfield, f"must be an http(s) URL, got {_show(value)}")
-        elif kind == "s3":
-            parts = urllib.parse.urlsplit(value)
-            if parts.scheme != "s3" or not parts.netloc or not parts.path.strip("/"):
-                raise InvalidDefinition(
-                    vfield, f"must be an s3://bucket/key URL, got {_show(value)}"
-                )
-            if "\\" in value or any(seg in (".", "..") for seg in parts.path.split("/")):
-                raise InvalidDefinition(
-                    vfield, f"must not hold '.', '..' or '\\' segments, got {_show(value)}"
-                )
-        elif kind == "blob" and not _SHA256_HEX.fullmatch(value):
-            raise InvalidDefinition(
-                vfield, f"must be a SHA-256: 64 lower-case hex characters, got {_show(value)}"
-            )
-        digest = ref.get("hash")
-        if digest is not None and not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
-            raise InvalidDefinition(
-                f"{field}.hash", f"must be 64 lower-case hex characters, got {_show(digest)}"
-            )
+        from asman.log.schema import check_data_ref  # the models build on this module
+
+        check_data_ref(ref, field)
         size = ref.get("size")
-        if size is not None and not (_is_int(size) and size >= 0):
-            raise InvalidDefinition(
-                f"{field}.size", f"must be a whole number ≥ 0, got {_show(size)}"
-            )
-        return cls(kind, value, digest, None if size is None else int(size))
+        return cls(
+            ref.get("type", "utf8"),
+            ref["value"],
+            ref.get("hash"),
+            None if size is None else int(size),
+        )
 
     def to_json(self) -> DataRefJSON:
         out: DataRefJSON = {"value": self.value, "type": self.type}
@@ -492,6 +448,42 @@ class DataRef:
 # validation
 
 
+def _check_ref_value(kind: str, value: Any, vfield: str) -> None:
+    """The rule of a data reference's ``value``, by its ``type``."""
+    if kind == "json":
+        try:
+            _json_bytes(value)
+        except (TypeError, ValueError):
+            raise InvalidDefinition(vfield, "must be a JSON value") from None
+    elif kind in ("url", "key", "blob", "s3"):
+        _str(value, vfield)
+    else:
+        _str(value, vfield, nonempty=False, nul_ok=True)
+    if kind == "base64":
+        try:
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidDefinition(
+                vfield, "must be standard base64 (A-Z a-z 0-9 + /, '=' padding)"
+            ) from None
+    elif kind == "url":
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InvalidDefinition(vfield, f"must be an http(s) URL, got {_show(value)}")
+    elif kind == "s3":
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme != "s3" or not parts.netloc or not parts.path.strip("/"):
+            raise InvalidDefinition(vfield, f"must be an s3://bucket/key URL, got {_show(value)}")
+        if "\\" in value or any(seg in (".", "..") for seg in parts.path.split("/")):
+            raise InvalidDefinition(
+                vfield, f"must not hold '.', '..' or '\\' segments, got {_show(value)}"
+            )
+    elif kind == "blob" and not _SHA256_HEX.fullmatch(value):
+        raise InvalidDefinition(
+            vfield, f"must be a SHA-256: 64 lower-case hex characters, got {_show(value)}"
+        )
+
+
 def _validate_argv(value: Any, field: str) -> None:
     if isinstance(value, str):
         try:
@@ -505,63 +497,6 @@ def _validate_argv(value: Any, field: str) -> None:
         )
     for i, arg in enumerate(value):
         _str(arg, f"{field}[{i}]", nonempty=False)
-
-
-def _validate_build(value: Any) -> dict[str, Any]:
-    build = _without_nulls(_mapping(value, "build"))
-    for key in ("context", "target", "dockerfile", "platform"):
-        if key in build:
-            _str(build[key], f"build.{key}")
-    if "buildContext" in build and build["buildContext"] != ".":
-        _str(build["buildContext"], "build.buildContext")
-        validate_relative_path(build["buildContext"].rstrip("/"), "build.buildContext")
-    if "filename" in build:
-        validate_relative_path(_str(build["filename"], "build.filename"), "build.filename")
-    if "buildArgs" in build:
-        args = build["buildArgs"]
-        if isinstance(args, Mapping):
-            for k, v in _mapping(args, "build.buildArgs").items():
-                if not k or "=" in k:
-                    raise InvalidDefinition(
-                        _key("build.buildArgs", k),
-                        "a build argument name must not be empty or hold '='",
-                    )
-                _str(v, _key("build.buildArgs", k), nonempty=False)
-        elif _is_list(args):
-            for i, arg in enumerate(args):
-                if not isinstance(arg, str) or arg.find("=") < 1:
-                    raise InvalidDefinition(
-                        f"build.buildArgs[{i}]", f'must be a string "NAME=value", got {_show(arg)}'
-                    )
-        else:
-            raise InvalidDefinition(
-                "build.buildArgs",
-                f'must be a list of "NAME=value" strings or an object, got {_show(args)}',
-            )
-    if "context" not in build and "dockerfile" not in build:
-        raise InvalidDefinition(
-            "build", "needs a 'context' (a git or archive URL) or a 'dockerfile' (its text)"
-        )
-    return build
-
-
-def _validate_requirements(value: Any, limits: DefinitionLimits) -> dict[str, Any]:
-    req = _without_nulls(_mapping(value, "requirements"))
-    if "cpus" in req and not (_is_number(req["cpus"]) and 0 < req["cpus"] <= limits.max_cpus):
-        raise InvalidDefinition(
-            "requirements.cpus",
-            f"must be a number > 0 and at most {limits.max_cpus}, got {_show(req['cpus'])}",
-        )
-    if "gpus" in req and not (_is_int(req["gpus"]) and 0 <= req["gpus"] <= limits.max_gpus):
-        raise InvalidDefinition(
-            "requirements.gpus",
-            f"must be a whole number from 0 to {limits.max_gpus}, got {_show(req['gpus'])}",
-        )
-    if "memory" in req:
-        _check_size(req["memory"], "requirements.memory", limits)
-    if "maxDuration" in req:
-        _check_duration(req["maxDuration"], "requirements.maxDuration", limits)
-    return req
 
 
 def _check_size(value: Any, field: str, limits: DefinitionLimits) -> int:
@@ -599,7 +534,8 @@ def _validate_env(value: Any, limits: DefinitionLimits) -> dict[str, Any]:
             raise InvalidDefinition(
                 _key("env", k), "a variable name must not be empty or hold '=' or NUL"
             )
-        _str(v, _key("env", k), nonempty=False)
+        if not (isinstance(v, str) and v.isascii() and "\x00" not in v):
+            _str(v, _key("env", k), nonempty=False)  # the field's name only when needed
     return env
 
 
@@ -634,66 +570,15 @@ def validate_definition(
     if not isinstance(d, Mapping):
         raise InvalidDefinition("", f"a job definition must be a JSON object, got {_show(d)}")
     out = _without_nulls(_mapping(d, ""))
-    if "v" in out and not _is_int(out["v"]):
-        raise InvalidDefinition("v", f"must be a whole number, got {_show(out['v'])}")
+    from asman.log.schema import validate_with_model  # the models build on this module
 
-    if "image" in out and "build" in out:
-        raise InvalidDefinition("image", "set either 'image' or 'build', not both")
-    steps_have_images = _is_list(out.get("steps")) and all(
-        isinstance(s, Mapping) and s.get("image") is not None for s in out["steps"]
-    )
-    if "image" in out:
-        image = _str(out["image"], "image")
-        if any(ch.isspace() for ch in image):
-            raise InvalidDefinition("image", f"must not contain white space, got {_show(image)}")
-    elif "build" in out:
-        out["build"] = _validate_build(out["build"])
-    elif not (out.get("steps") and steps_have_images):
-        raise InvalidDefinition(
-            "image",
-            "is missing: a job needs an 'image' to pull (such as \"alpine:3.20\") or a 'build' "
-            "(a Dockerfile and/or a context URL)",
-        )
+    return validate_with_model(out, limits)
 
-    for key in ("command", "entrypoint"):
-        if key in out:
-            _validate_argv(out[key], key)
-    if "env" in out:
-        out["env"] = _validate_env(out["env"], limits)
-    if "workdir" in out:
-        workdir = _str(out["workdir"], "workdir")
-        if not workdir.startswith("/"):
-            raise InvalidDefinition("workdir", f"must be an absolute path, got {_show(workdir)}")
-    if "shmSize" in out:
-        _check_size(out["shmSize"], "shmSize", limits)
-    if "maxDuration" in out:
-        _check_duration(out["maxDuration"], "maxDuration", limits)
-    if "tags" in out:
-        if not _is_list(out["tags"]):
-            raise InvalidDefinition("tags", f"must be a list of strings, got {_show(out['tags'])}")
-        for i, tag in enumerate(out["tags"]):
-            _str(tag, f"tags[{i}]")
-    if "requirements" in out:
-        out["requirements"] = _validate_requirements(out["requirements"], limits)
 
-    count = sum(len(out[k]) for k in ("inputs", "configFiles") if isinstance(out.get(k), Mapping))
-    if count > limits.max_files:
-        raise InvalidDefinition(
-            "inputs",
-            f"inputs and configFiles hold {count} files, over the limit of {limits.max_files}",
-        )
-    names: dict[str, str] = {}
-    absolute: dict[str, str] = {}
-    refs: list[tuple[str, DataRef]] = []
-    for key in ("inputs", "configFiles"):
-        if key in out:
-            out[key], parsed = _validate_refs(out[key], key, names, absolute)
-            refs += parsed
-    _check_no_clash(names)
-    _check_no_clash(absolute)
-    from asman.log.steps import validate_multistep  # steps builds on this module's helpers
-
-    validate_multistep(out, limits)
+def _check_inline_and_size(
+    out: dict[str, Any], refs: list[tuple[str, DataRef]], limits: DefinitionLimits
+) -> None:
+    """The limits on a whole definition: inline bytes per file and in all, and JSON size."""
     total = 0
     for where, ref in refs:
         if not ref.is_inline:
@@ -712,7 +597,6 @@ def validate_definition(
             f"inline content of inputs and configFiles is {total} bytes in all, over the limit "
             f"of {limits.max_total_inline_bytes} bytes: store the large files as blobs",
         )
-
     try:
         encoded = json.dumps(out, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -724,7 +608,6 @@ def validate_definition(
             f"the job definition is {size} bytes as JSON, over the limit of "
             f"{limits.max_definition_bytes} bytes: store large inputs as blobs",
         )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,14 +33,10 @@ from typing import Any, Literal
 from asman.errors import InvalidDefinition, InvalidPath
 from asman.log.definition import (
     RESERVED_FILES,
-    DefinitionLimits,
     _check_path,
     _is_list,
-    _mapping,
     _show,
     _str,
-    _validate_argv,
-    _without_nulls,
     split_command,
 )
 
@@ -53,7 +49,6 @@ __all__ = [
     "has_wildcards",
     "output_url",
     "rw_folders",
-    "validate_multistep",
 ]
 
 MAX_STEPS = 64
@@ -231,57 +226,6 @@ def _validate_url(value: Any, field: str) -> str:
     return url
 
 
-def _validate_output_paths(value: Any) -> list[dict[str, Any]]:
-    if not _is_list(value):
-        raise InvalidDefinition(
-            "outputPaths", f'must be a list of {{"path": "/abs/path"}} objects, got {_show(value)}'
-        )
-    if len(value) > MAX_OUTPUT_PATHS:
-        raise InvalidDefinition(
-            "outputPaths", f"has {len(value)} entries, over the limit of {MAX_OUTPUT_PATHS}"
-        )
-    out = []
-    for i, raw in enumerate(value):
-        where = f"outputPaths[{i}]"
-        entry = _without_nulls(_mapping(raw, where))
-        unknown = set(entry) - {"path", "type", "pathPrefix", "url"}
-        if unknown:
-            raise InvalidDefinition(
-                where, f"unknown keys {', '.join(sorted(unknown))}: use path, type, pathPrefix, url"
-            )
-        if "path" not in entry:
-            raise InvalidDefinition(f"{where}.path", "is missing: give an absolute path")
-        path = _abs_path(entry["path"], f"{where}.path", outputs_ok=True, wildcards=True)
-        kind = entry.get("type", "file")
-        if kind not in ("file", "directory"):
-            raise InvalidDefinition(f"{where}.type", f'must be "file" or "directory", got {kind!r}')
-        if has_wildcards(path):
-            if "pathPrefix" not in entry:
-                raise InvalidDefinition(
-                    f"{where}.pathPrefix",
-                    "is missing: a path with wildcards needs the prefix to cut from each match",
-                )
-            prefix = _str(entry["pathPrefix"], f"{where}.pathPrefix")
-            if not path.startswith(prefix):
-                raise InvalidDefinition(
-                    f"{where}.pathPrefix", f"{prefix!r} does not start the path {path!r}"
-                )
-        elif "pathPrefix" in entry:
-            _str(entry["pathPrefix"], f"{where}.pathPrefix")
-        if "url" in entry:
-            _validate_url(entry["url"], f"{where}.url")
-        folder = OutputPath.from_json(entry).folder
-        if folder in ("/", "/tmp"):
-            raise InvalidPath(
-                path,
-                f"lies in {folder}, a folder that cannot be shared by the steps (it would be "
-                f"bound writable over the container's own): put it in a folder such as "
-                f"/data (in {where}.path)",
-            )
-        out.append(entry)
-    return out
-
-
 def _validate_volumes(value: Any) -> list[str]:
     if not _is_list(value):
         raise InvalidDefinition(
@@ -292,86 +236,3 @@ def _validate_volumes(value: Any) -> list[str]:
             "volumes", f"has {len(value)} folders, over the limit of {MAX_VOLUMES}"
         )
     return [_abs_path(v, f"volumes[{i}]", outputs_ok=False) for i, v in enumerate(value)]
-
-
-def _validate_step(raw: Any, i: int, limits: DefinitionLimits, has_image: bool) -> dict[str, Any]:
-    where = f"steps[{i}]"
-    step = dict(_without_nulls(_mapping(raw, where)))
-    unknown = set(step) - set(STEP_KEYS)
-    if unknown:
-        raise InvalidDefinition(
-            where, f"unknown keys {', '.join(sorted(unknown))}: a step has {', '.join(STEP_KEYS)}"
-        )
-    if "name" in step:
-        _str(step["name"], f"{where}.name")
-    if "image" in step:
-        image = _str(step["image"], f"{where}.image")
-        if any(ch.isspace() for ch in image):
-            raise InvalidDefinition(f"{where}.image", f"must not contain white space: {image!r}")
-    elif not has_image:
-        raise InvalidDefinition(
-            f"{where}.image",
-            "is missing: give each step an image, or the job an 'image' or a 'build'",
-        )
-    for key in ("command", "entrypoint"):
-        if key in step:
-            _validate_argv(step[key], f"{where}.{key}")
-    if "env" in step:
-        env = _without_nulls(_mapping(step["env"], f"{where}.env"))
-        if len(env) > limits.max_env:
-            raise InvalidDefinition(
-                f"{where}.env", f"has {len(env)} variables, over the limit of {limits.max_env}"
-            )
-        for k, v in env.items():
-            if not k or "=" in k or "\x00" in k:
-                raise InvalidDefinition(
-                    f"{where}.env[{k!r}]", "a variable name must not be empty or hold '=' or NUL"
-                )
-            _str(v, f"{where}.env[{k!r}]", nonempty=False)
-        step["env"] = env
-    if "workdir" in step:
-        workdir = _str(step["workdir"], f"{where}.workdir")
-        if not workdir.startswith("/"):
-            raise InvalidDefinition(f"{where}.workdir", f"must be absolute, got {_show(workdir)}")
-    for key in ("stdin", "stdout", "stderr"):
-        if key in step:
-            step[key] = _abs_path(
-                step[key], f"{where}.{key}", outputs_ok=True, inputs_ok=key == "stdin"
-            )
-    if "ignoreError" in step and not isinstance(step["ignoreError"], bool):
-        raise InvalidDefinition(f"{where}.ignoreError", "must be true or false")
-    return step
-
-
-def validate_multistep(out: dict[str, Any], limits: DefinitionLimits) -> None:
-    """Check ``steps``, ``volumes`` and ``outputPaths`` of a definition in place (nulls
-    dropped), and that every redirect lands in a folder the steps share."""
-    if "volumes" in out:
-        out["volumes"] = _validate_volumes(out["volumes"])
-    if "outputPaths" in out:
-        out["outputPaths"] = _validate_output_paths(out["outputPaths"])
-    if "steps" not in out:
-        return
-    steps = out["steps"]
-    if not _is_list(steps) or not steps:
-        raise InvalidDefinition("steps", f"must be a non-empty list of steps, got {_show(steps)}")
-    if len(steps) > MAX_STEPS:
-        raise InvalidDefinition("steps", f"has {len(steps)} steps, over the limit of {MAX_STEPS}")
-    has_image = "image" in out or "build" in out
-    out["steps"] = [_validate_step(s, i, limits, has_image) for i, s in enumerate(steps)]
-    writable = ["/outputs", *rw_folders(out)]
-    readable = [*writable, "/inputs"]
-    configs = out.get("configFiles") or {}
-    readable += [name for name in configs if name.startswith("/")]
-    for i, step in enumerate(out["steps"]):
-        for key, folders, what in (
-            ("stdin", readable, "/inputs, an absolute config file, /outputs or a volume"),
-            ("stdout", writable, "/outputs, a volume or an output path's folder"),
-            ("stderr", writable, "/outputs, a volume or an output path's folder"),
-        ):
-            path = step.get(key)
-            if path is not None and not any(_inside(path, f) for f in folders):
-                raise InvalidDefinition(
-                    f"steps[{i}].{key}",
-                    f"{path!r} is in no folder the steps share: put it under {what}",
-                )

@@ -105,6 +105,7 @@ def test_public_names_are_exported() -> None:
         "middleware",
         "openapi",
         "page",
+        "schemas",
         "signing",
         "sse",
         "state",

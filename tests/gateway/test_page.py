@@ -184,6 +184,25 @@ async def test_editing_keeps_the_hash_in_sync(gateway: Gateway, page: Any) -> No
     assert await page.is_disabled("#run")
 
 
+async def test_the_editor_says_which_keys_the_schema_does_not_know(
+    gateway: Gateway, page: Any
+) -> None:
+    """A misspelt key is carried and ignored (compute-queues' rule): the page, reading the
+    definition's JSON Schema, says so before Run instead of running without it."""
+    await page.goto(job_link(gateway.url, {"image": IMAGE, "command": "echo a"}, queue="keys"))
+    await page.wait_for_selector("#validation:has-text('valid')")
+    await page.fill("#definition", json.dumps({"image": IMAGE, "comand": "echo b", "envv": {}}))
+    await page.wait_for_selector("#validation:has-text('ignored')")
+    text = await page.text_content("#validation") or ""
+    assert "comand" in text and "envv" in text and "valid" in text, text
+    assert not await page.is_disabled("#run")  # still a valid job: a note, not an error
+    await shot(page, "unknown-keys")
+    await page.fill("#definition", json.dumps({"image": IMAGE, "command": "echo b"}))
+    await page.wait_for_function(
+        "() => !document.getElementById('validation').textContent.includes('ignored')"
+    )
+
+
 async def test_the_short_link_form(gateway: Gateway, page: Any) -> None:
     definition = {"image": IMAGE, "command": "echo short"}
     status, body = await gateway.json("POST", "/q/short", json={"definition": definition})

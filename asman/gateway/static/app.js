@@ -561,6 +561,17 @@
     el.control.title = parts.length ? (whose === "job" ? "as the job holds them" : "from the link: sent with the job") : "";
   }
 
+  // The definition's JSON Schema (generated from the models that validate it): the page
+  // names the keys it does not know, which a job carries and ignores (a typo, most often).
+  let schema = null;
+  async function unknownKeys(def) {
+    if (schema === null) {
+      try { schema = await call("GET", `${API}/schema/definition.json`); } catch { return []; }
+    }
+    const known = schema.properties || {};
+    return Object.keys(def).filter((k) => !Object.hasOwn(known, k));
+  }
+
   async function validate() {
     const seq = ++app.validateSeq;
     const def = definition();
@@ -568,10 +579,13 @@
       const body = { definition: def };
       if (app.control && !app.controlError) body.control = app.control;
       const res = await call("POST", `${API}/validate`, body);
+      const unknown = await unknownKeys(def);
       if (seq !== app.validateSeq) return;
       app.jobId = res.jobId;
       el.jobId.textContent = res.jobId;
-      el.validation.textContent = `valid · job id ${res.jobId}`;
+      const ignored = unknown.length
+        ? ` · ignored, not definition fields: ${unknown.join(", ")}` : "";
+      el.validation.textContent = `valid · job id ${res.jobId}${ignored}`;
       el.validation.className = "note";
     } catch (err) {
       if (seq !== app.validateSeq) return;
