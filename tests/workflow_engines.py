@@ -7,14 +7,15 @@ two Snakemakes are needed, the same version in both:
 * on the host, a venv of its own (``host_venv``): the plugin pins ``py-tes<0.5`` while the
   project's tests use py-tes 1.1, so it cannot share the project's venv;
 * in the job, an image with Python and Snakemake (``snakemake_image``). No registry is
-  reachable here, so it is built from Debian packages: ``debootstrap`` a minimal bookworm
-  root, ``pip install`` the same packages into ``/opt/tool`` inside it, ``docker import``.
+  reachable here, so ``scripts/snakemake-image.sh`` (the recipe the guide shows) builds it
+  from Debian packages: ``debootstrap`` a minimal bookworm root, ``pip install`` the same
+  packages into ``/opt/tool`` inside it, ``docker import``.
 
 Both are cached under ``$ASMAN_ENGINE_CACHE`` (default ``~/.cache/asman/engines``), keyed on
-the package lists, so a machine pays the build (about 95 s, with network to Debian and PyPI)
-once: a rebuilt image reuses the root folder, and an image whose ``asman.content`` label
-matches is used as it is. ``python tests/workflow_engines.py`` (``make engine-images``) builds
-both ahead of the tests.
+the script's sha256 (it holds the package lists), so a machine pays the build (about two
+minutes, with network to Debian and PyPI) once: a rebuilt image reuses the root folder, and an
+image whose ``asman.content`` label matches is used as it is. ``python
+tests/workflow_engines.py`` (``make engine-images``) builds both ahead of the tests.
 
 The executor stages no files itself: with no shared file system Snakemake needs a default
 storage provider, and the job's Snakemake reads its inputs from and writes its outputs to that
@@ -32,6 +33,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,65 +50,41 @@ import urllib3
 from minio import Minio
 
 __all__ = [
-    "DEBIAN_PACKAGES",
-    "PIP_PACKAGES",
+    "IMAGE_SCRIPT",
     "BridgeS3",
     "cache_root",
     "content_key",
     "host_venv",
+    "pip_packages",
     "snakemake_image",
 ]
 
-SUITE = "bookworm"
-DEBIAN_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
-# The same list on the host and in the image: the job's Snakemake runs what the host's wrote.
-PIP_PACKAGES = (
-    "snakemake==9.27.1",
-    "snakemake-executor-plugin-tes==0.1.3",
-    "snakemake-storage-plugin-s3==0.3.6",
-)
+IMAGE_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "snakemake-image.sh"
 IMAGE_REPO = "asman/snakemake"
 CONTENT_LABEL = "asman.content"
-_RECIPE = 2  # bump when the build steps below change
-# What the executor makes every job install before it runs (``pip install --target
-# .snakemake/pip-deployments <the storage plugin>``): its wheels, and those of its
-# dependencies, are in the image, so a job installs them offline and never reaches PyPI.
-JOB_WHEELS = ("snakemake-storage-plugin-s3==0.3.6",)
-# The job's environment: the tool venv first, pip offline from /opt/wheels; HOME is /tmp in
-# every Asman container anyway.
-_IMAGE_CHANGES = (
-    "ENV PATH=/opt/tool/bin:/usr/local/bin:/usr/bin:/bin",
-    "ENV HOME=/tmp",
-    "ENV PIP_NO_INDEX=1",
-    "ENV PIP_FIND_LINKS=/opt/wheels",
-    "ENV PIP_DISABLE_PIP_VERSION_CHECK=1",
-)
-# A clean environment for pip inside the root: the host's PIP_* settings name host folders.
-_CHROOT_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "HOME": "/root",
-    "LANG": "C.UTF-8",
-    "PIP_CERT": "/etc/ssl/certs/ca-certificates.crt",
-    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-}
 
 
 def content_key() -> str:
-    """sha256 of everything the image and the host venv are built from."""
-    spec = {
-        "suite": SUITE,
-        "debs": DEBIAN_PACKAGES,
-        "pip": PIP_PACKAGES,
-        "wheels": JOB_WHEELS,
-        "changes": _IMAGE_CHANGES,
-        "recipe": _RECIPE,
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    """sha256 of the image's recipe, which names every package the image and the venv hold."""
+    return hashlib.sha256(IMAGE_SCRIPT.read_bytes()).hexdigest()
+
+
+def pip_packages() -> list[str]:
+    """The script's ``PIP_PACKAGES``: the host's Snakemake must be the jobs' Snakemake."""
+    for line in IMAGE_SCRIPT.read_text().splitlines():
+        match = re.fullmatch(r'PIP_PACKAGES="([^"]+)"', line.strip())
+        if match:
+            return match.group(1).split()
+    raise RuntimeError(f"{IMAGE_SCRIPT} sets no PIP_PACKAGES")
 
 
 def cache_root() -> Path:
     override = os.environ.get("ASMAN_ENGINE_CACHE")
     return Path(override) if override else Path.home() / ".cache" / "asman" / "engines"
+
+
+def _folder(key: str) -> Path:
+    return cache_root() / f"snakemake-{key[:16]}"
 
 
 @contextlib.contextmanager
@@ -121,11 +99,12 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _run(args: list[str], what: str, **kwargs: Any) -> None:
+def _run(args: list[str], what: str, **kwargs: Any) -> str:
     done = subprocess.run(args, capture_output=True, text=True, check=False, **kwargs)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr)[-3000:]
         raise RuntimeError(f"{what} failed (exit {done.returncode}): {' '.join(args)}\n{tail}")
+    return done.stdout
 
 
 def _say(message: str) -> None:
@@ -134,9 +113,8 @@ def _say(message: str) -> None:
 
 def host_venv() -> Path:
     """``<cache>/snakemake-<key>/host``: a venv with the host's Snakemake (its ``bin/``)."""
-    folder = cache_root() / f"snakemake-{content_key()[:16]}"
-    venv = folder / "host"
-    with _locked(folder):
+    venv = _folder(content_key()) / "host"
+    with _locked(venv.parent):
         if (venv / ".installed").exists():
             return venv
         # a venv is not relocatable (its scripts name their folder): build it in place, and
@@ -144,71 +122,11 @@ def host_venv() -> Path:
         shutil.rmtree(venv, ignore_errors=True)
         start = time.monotonic()
         _run([sys.executable, "-m", "venv", str(venv)], "python -m venv")
-        _run(
-            [
-                str(venv / "bin" / "pip"),
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                *PIP_PACKAGES,
-            ],
-            "pip install (host Snakemake)",
-        )
+        pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+        _run([*pip, *pip_packages()], "pip install (the host's Snakemake)")
         (venv / ".installed").write_text(content_key() + "\n")
         _say(f"host venv {venv} ready in {time.monotonic() - start:.0f} s")
     return venv
-
-
-def _root_folder(folder: Path) -> Path:
-    """The image's root file system, built once (debootstrap, then pip inside it)."""
-    root = folder / "root"
-    if (root / ".asman-complete").exists():
-        return root
-    if os.geteuid() != 0:
-        raise RuntimeError("building the Snakemake image needs root (debootstrap, chroot)")
-    if shutil.which("debootstrap") is None:
-        raise RuntimeError("debootstrap is missing: apt-get install debootstrap (make system)")
-    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
-    partial = folder / "root.partial"
-    start = time.monotonic()
-    if not (partial / ".debootstrap-done").exists():  # else: resume after a failed pip step
-        shutil.rmtree(partial, ignore_errors=True)
-        _run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(DEBIAN_PACKAGES)}",
-                SUITE,
-                str(partial),
-            ],
-            "debootstrap",
-        )
-        (partial / ".debootstrap-done").write_text("")
-        _say(f"debootstrap done in {time.monotonic() - start:.0f} s")
-    shutil.copy("/etc/resolv.conf", partial / "etc" / "resolv.conf")
-    # the host's CA bundle: pip reaches PyPI over TLS through whatever the host trusts
-    shutil.copy("/etc/ssl/certs/ca-certificates.crt", partial / "etc/ssl/certs/ca-certificates.crt")
-    script = (
-        "rm -rf /opt/tool /opt/wheels && python3 -m venv /opt/tool"
-        f" && /opt/tool/bin/pip install -q --no-cache-dir {' '.join(PIP_PACKAGES)}"
-        " && /opt/tool/bin/pip freeze > /opt/tool/constraints.txt"  # wheels = what is installed
-        " && /opt/tool/bin/pip wheel -q --no-cache-dir -c /opt/tool/constraints.txt"
-        f" -w /opt/wheels {' '.join(JOB_WHEELS)}"
-    )
-    _run(
-        [chroot, str(partial), "sh", "-c", script],
-        "pip install inside the image's root",
-        env=_CHROOT_ENV,
-    )
-    for leftover in (partial / "var/cache/apt/archives").glob("*.deb"):
-        leftover.unlink()
-    (partial / "etc" / "resolv.conf").write_text("")  # Docker writes the container's own
-    (partial / ".debootstrap-done").unlink()
-    (partial / ".asman-complete").write_text(content_key() + "\n")
-    shutil.rmtree(root, ignore_errors=True)
-    partial.rename(root)
-    _say(f"image root {root} ready in {time.monotonic() - start:.0f} s")
-    return root
 
 
 def _find_image(client: docker.DockerClient, key: str) -> str | None:
@@ -227,36 +145,27 @@ def snakemake_image(client: docker.DockerClient) -> str:
     found = _find_image(client, key)
     if found:
         return found
-    folder = cache_root() / f"snakemake-{key[:16]}"
+    folder = _folder(key)
     with _locked(folder):
-        found = _find_image(client, key)
-        if found:
-            return found
-        root = _root_folder(folder)
-        tag = f"{IMAGE_REPO}:{key[:16]}"
-        start = time.monotonic()
-        changes: list[str] = []
-        for change in (*_IMAGE_CHANGES, f"LABEL {CONTENT_LABEL}={key}"):
-            changes += ["-c", change]
-        tar = subprocess.Popen(
-            ["tar", "-C", str(root), "--exclude=./.asman-complete", "-c", "."],
-            stdout=subprocess.PIPE,
-        )
-        try:
-            _run(["docker", "import", *changes, "-", tag], "docker import", stdin=tar.stdout)
-        finally:
-            assert tar.stdout is not None
-            tar.stdout.close()
-            tar.wait()
-        _say(f"image {tag} imported in {time.monotonic() - start:.0f} s")
+        if not _find_image(client, key):
+            start = time.monotonic()
+            _run(
+                ["bash", str(IMAGE_SCRIPT), f"{IMAGE_REPO}:{key[:16]}", str(folder / "root")],
+                "scripts/snakemake-image.sh",
+                env={**os.environ, "ASMAN_CONTENT": key},
+            )
+            _say(f"image {IMAGE_REPO}:{key[:16]} built in {time.monotonic() - start:.0f} s")
     _prune(client, key)
-    return tag
+    found = _find_image(client, key)
+    if found is None:
+        raise RuntimeError(f"{IMAGE_SCRIPT} ran but left no image labelled {key[:16]}")
+    return found
 
 
 def _prune(client: docker.DockerClient, key: str) -> None:
-    """Drop the folders and images of other keys (older package lists or recipes)."""
+    """Drop the folders and images of other keys (older recipes)."""
     for old in cache_root().glob("snakemake-*"):
-        if old.name != f"snakemake-{key[:16]}":
+        if old.name != _folder(key).name:
             shutil.rmtree(old, ignore_errors=True)
     for image in client.images.list(name=IMAGE_REPO):
         if (image.labels or {}).get(CONTENT_LABEL) != key:
