@@ -117,8 +117,13 @@ async def test_snakemake_runs_a_workflow_of_three_jobs_through_tes(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    async with asyncio.timeout(600):
-        out, _ = await proc.communicate()
+    try:
+        async with asyncio.timeout(600):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: stop the one we started
+            proc.kill()
+            await proc.wait()
     log = out.decode(errors="replace")
     client = tes.HTTPClient(url=f"{gateway.url}/q/{QUEUE}", timeout=30)
     listed = await asyncio.to_thread(client.list_tasks, view="FULL")
