@@ -6,7 +6,7 @@ export TESTCONTAINERS_RYUK_DISABLED := true
 export TESTCONTAINERS_CONNECTION_MODE := docker_host
 export TESTCONTAINERS_HOST_OVERRIDE := 127.0.0.1
 
-.PHONY: install system venv images lint typecheck test test-fast bench dev demo clean
+.PHONY: install system venv images engine-images lint typecheck test test-fast bench dev demo clean
 
 install: system venv images
 
@@ -23,6 +23,12 @@ $(VENV)/.installed: pyproject.toml
 
 images: venv
 	$(PY) -m asman.peer.images
+
+# Snakemake for the workflow-engine test (tests/gateway/test_tes_snakemake.py): a host venv and
+# a job image built from Debian packages (debootstrap, ~2 min once; cached, keyed on the
+# package lists). The test builds them itself when missing; this builds them ahead.
+engine-images: venv
+	$(PY) tests/workflow_engines.py
 
 lint: venv
 	$(VENV)/bin/ruff check asman tests bench

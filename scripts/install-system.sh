@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine of this kind lacks for Asman's tests and `asman dev`:
 # Debian's Docker engine (started here: there is no systemd), busybox-static (the base of the
-# local job images, since no registry is reachable), and Chromium for the browser tests.
+# local job images, since no registry is reachable), Chromium for the browser tests, and
+# debootstrap (the Snakemake image of the workflow-engine test is built from Debian packages).
 # Idempotent: a second run only checks.
 set -euo pipefail
 need=()
-for pkg in docker.io busybox-static chromium; do
+for pkg in docker.io busybox-static chromium debootstrap; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -79,9 +79,11 @@ _LEGACY_INJECTED_ENV = frozenset(
     {"channel", "CHANNEL", "readonly", "edit", "parent-metapage-id", "fs-path"}
 )
 _S3_TEST_ORIGIN = "https://metaframe-asman-test.s3.us-west-1.amazonaws.com"
-# absolute configFiles may not land on these (the first path segment): the worker's folders,
-# the kernel's, and the container's /tmp (a tmpfs the runtime mounts)
-_RESERVED_ROOTS = frozenset({"inputs", "outputs", "proc", "sys", "dev", "tmp"})
+# absolute configFiles may not land on these (the first path segment): the worker's folders
+# and the kernel's. Under the container's /tmp (a tmpfs) a file is bound over it, as GA4GH TES
+# servers do (Snakemake's TES executor puts its job script at /tmp/run_snakemake.sh); /tmp
+# itself stays the tmpfs.
+_RESERVED_ROOTS = frozenset({"inputs", "outputs", "proc", "sys", "dev"})
 #: files the container runtime itself puts in every container (its init, its name files)
 RESERVED_FILES = frozenset({"/sbin/docker-init", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf"})
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -332,7 +334,11 @@ def _validate_config_name(name: str, field: str) -> str:
         raise InvalidPath(
             name,
             f"is under /{root}, which the worker owns: absolute config files may not be under "
-            f"/inputs, /outputs, /tmp, /proc, /sys or /dev (in {field})",
+            f"/inputs, /outputs, /proc, /sys or /dev (in {field})",
+        )
+    if name == "/tmp":
+        raise InvalidPath(
+            name, f"is the container's own /tmp: name a file under it, e.g. /tmp/x (in {field})"
         )
     if name in RESERVED_FILES:
         raise InvalidPath(

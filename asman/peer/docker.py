@@ -687,7 +687,10 @@ def _container_args(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]
     for host_path, target in spec.extra_mounts:
         mounts.append(
             docker.types.Mount(
-                _container_path(target), str(_host_file(host_path)), type="bind", read_only=True
+                _container_path(target, scratch_ok=True),
+                str(_host_file(host_path)),
+                type="bind",
+                read_only=True,
             )
         )
     for host_path, target in spec.rw_mounts:
@@ -786,7 +789,8 @@ def _host_file(path: Path) -> Path:
 
 def _container_path(target: str, *, scratch_ok: bool = False) -> str:
     """A mount target: normalised, absolute, off the worker's and the kernel's folders
-    (a shared folder of a multi-step job, ``scratch_ok``, may be under ``/tmp``)."""
+    (a shared folder of a multi-step job or a config file, ``scratch_ok``, may be under
+    ``/tmp``, bound over its tmpfs)."""
     norm = posixpath.normpath(target)
     if not target.startswith("/") or norm != target.rstrip("/") or norm == "/":
         raise InvalidPath(target, "a mount target must be a normalized absolute path")

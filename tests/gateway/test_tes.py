@@ -223,6 +223,32 @@ async def test_a_failing_executor_ends_the_task_and_ignore_error_goes_on(
     assert done.logs[0].logs[2].stdout == "never\n"
 
 
+async def test_an_input_under_tmp_is_placed_there(
+    tes_stack: Tes, stack: Stack, s3_server: SeaweedS3
+) -> None:
+    """Snakemake's TES executor (and Funnel's examples) put the job script at
+    /tmp/run_snakemake.sh and run it with workdir /tmp: the file is bound read-only over the
+    container's own /tmp, which stays writable around it."""
+    t = tes_stack
+    await worker(t, stack, s3_server)
+    task_id = await t.create(
+        tes.Task(
+            inputs=[tes.Input(path="/tmp/run.sh", content="echo ran in $(pwd) > made.txt\n")],
+            executors=[
+                tes.Executor(
+                    image=IMAGE,
+                    command=["sh", "-c", "sh /tmp/run.sh && cat made.txt && ls /tmp"],
+                    workdir="/tmp",
+                )
+            ],
+        )
+    )
+    done = await t.finished(task_id)
+    assert done.state == "COMPLETE", done.logs[0].system_logs
+    assert done.logs[0].logs[0].stdout == "ran in /tmp\nmade.txt\nrun.sh\n"
+    assert [i.path for i in done.inputs] == ["/tmp/run.sh"]
+
+
 async def test_cancel_a_running_task(tes_stack: Tes, stack: Stack, s3_server: SeaweedS3) -> None:
     t = tes_stack
     await worker(t, stack, s3_server)

@@ -179,6 +179,9 @@ def test_docker_socket_never_mounted(job_dir: JobDir, tmp_path: Path) -> None:
         _container_args(spec_for(job_dir, "img", ["true"], extra_mounts=((conf, "/outputs/x"),)))
     with pytest.raises(InvalidPath):
         _container_args(spec_for(job_dir, "img", ["true"], extra_mounts=((conf, "rel/x"),)))
+    with pytest.raises(InvalidPath):  # a file over the whole /tmp; one under it is fine
+        _container_args(spec_for(job_dir, "img", ["true"], extra_mounts=((conf, "/tmp"),)))
+    _container_args(spec_for(job_dir, "img", ["true"], extra_mounts=((conf, "/tmp/run.sh"),)))
 
 
 # ---- folders and output --------------------------------------------------------------------

@@ -97,7 +97,7 @@ async def test_a_huge_number_written_to_the_log_ends_the_job_error_not_the_worke
         ({"maxDuration": "9" * 100_000 + "d"}, "maxDuration"),
         ({"requirements": {"memory": "9" * 5000}}, "requirements.memory"),
         ({"configFiles": {"/sbin/docker-init": "data:,x"}}, "configFiles"),
-        ({"configFiles": {"/tmp/x": "data:,x"}}, "configFiles"),
+        ({"configFiles": {"/tmp": "data:,x"}}, "configFiles"),
         ({"requirements": {"cpus": 10**9}}, "requirements.cpus"),
     ],
 )
