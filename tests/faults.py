@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
@@ -242,6 +244,54 @@ class Cli:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
+
+
+class Announcing:
+    """A long-running process whose output a thread copies to ``log``, line by line; ``seen``
+    is set by the first line that matches ``ready`` (a regular expression), or when the
+    output ends (it exited: look at ``text()``)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        log: Path,
+        ready: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.log = log
+        self.seen = threading.Event()
+        self.ready = re.compile(ready)
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self.thread = threading.Thread(target=self._copy, daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        assert self.proc.stdout is not None
+        with self.proc.stdout, self.log.open("wb") as out:
+            for line in self.proc.stdout:
+                out.write(line)
+                out.flush()
+                if self.ready.search(line.decode(errors="replace")):
+                    self.seen.set()
+        self.seen.set()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal it (SIGTERM), wait for its end; killed if it outlives ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
 
 
 def alive(pid: int) -> bool:

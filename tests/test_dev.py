@@ -9,61 +9,25 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from faults import Announcing
 
 from asman.log.server import free_port
 
 ASMAN = str(Path(sys.executable).parent / "asman")
 
 
-class Dev:
-    """An ``asman dev`` process whose output a thread copies to a file, line by line; ``up``
-    is set by the line that says it is up (or by the end of its output)."""
-
-    def __init__(self, data: Path, nats_port: int, http_port: int, env: dict[str, str]) -> None:
-        self.log = data.parent / f"dev-{time.monotonic_ns()}.log"
-        self.up = threading.Event()
-        self.proc = subprocess.Popen(
-            [
-                ASMAN,
-                "dev",
-                "--data-dir",
-                str(data),
-                "--nats-port",
-                str(nats_port),
-                "--http-port",
-                str(http_port),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.copier = threading.Thread(target=self._copy, daemon=True)
-        self.copier.start()
-
-    def _copy(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout, self.log.open("wb") as out:
-            for line in self.proc.stdout:
-                out.write(line)
-                out.flush()
-                if b"asman dev is up" in line:
-                    self.up.set()
-        self.up.set()  # the output ended: it exited
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-
 def start_dev(
     data: Path, nats_port: int, http_port: int, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    dev = Dev(data, nats_port, http_port, env)
-    if not dev.up.wait(60):
+    argv = [ASMAN, "dev", "--data-dir", str(data), "--nats-port", str(nats_port)]
+    argv += ["--http-port", str(http_port)]
+    log = data.parent / f"dev-{time.monotonic_ns()}.log"
+    dev = Announcing(argv, log, "asman dev is up", env=env)
+    if not dev.seen.wait(60):
         dev.proc.kill()
         dev.proc.wait(10)
         pytest.fail(f"asman dev did not come up in 60 s: {dev.text()}")

@@ -25,13 +25,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from faults import Announcing
 from receiver import Receiver
 
 from asman.log import subjects
@@ -104,6 +104,11 @@ PUBLIC = (
 )
 #: commands the docs show that cannot run in a test, and why
 SKIPPED: dict[str, str] = {
+    "asman worker $QUEUE --network bridge --slots 2 &": (
+        "the Snakemake example's worker: it needs the Snakemake image and an S3 store its "
+        "jobs reach over a bridge network; tests/gateway/test_tes_snakemake.py runs that "
+        "whole example (the same worker options and Snakefile)"
+    ),
     "asman worker $Q --nats nats://queues.example.org:4222 &": PUBLIC,
     "asman submit $Q asman/busybox:local --nats nats://queues.example.org:4222 --wait -- echo hi": (
         PUBLIC
@@ -216,44 +221,6 @@ class Live:
         return out
 
 
-class Process:
-    """A long-running command whose output a thread copies to a file, setting ``seen`` when a
-    line matches ``ready`` (or the output ends)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path, ready: str):
-        self.log = log
-        self.seen = threading.Event()
-        self.ready = re.compile(ready)
-        self.proc = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        self.thread = threading.Thread(target=self._copy, daemon=True)
-        self.thread.start()
-
-    def _copy(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout, self.log.open("wb") as out:
-            for line in self.proc.stdout:
-                out.write(line)
-                out.flush()
-                if self.ready.search(line.decode(errors="replace")):
-                    self.seen.set()
-        self.seen.set()
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise
-
-
 async def _beat_of(live: Live, worker: str, queue: str) -> Callable[[], Any]:
     """Subscribe to ``queue``'s heartbeats now; the returned coroutine function waits for one
     from ``worker`` (a peer id)."""
@@ -316,7 +283,7 @@ async def test_every_command_in_the_docs_runs(tmp_path: Path, busybox_image: str
     live.gateway_url = f"http://127.0.0.1:{http_port}"
     receiver = await Receiver().start()
     live.receiver_url = receiver.url("/hook")
-    stack: Process | None = None
+    stack: Announcing | None = None
     ran: list[str] = []
     try:
         for c in commands:
@@ -327,7 +294,9 @@ async def test_every_command_in_the_docs_runs(tmp_path: Path, busybox_image: str
                 argv += ["--nats-port", str(nats_port), "--http-port", str(http_port)]
                 argv += ["--allow-url", f"127.0.0.1:{receiver.port}"]
                 # ready once its whole banner is out (the last line), which the checks read
-                stack = Process(argv, env, home, tmp_path / "dev.log", r"^Ctrl-C stops it")
+                stack = Announcing(
+                    argv, tmp_path / "dev.log", r"^Ctrl-C stops it", env=env, cwd=home
+                )
                 assert await asyncio.to_thread(stack.seen.wait, 120), stack.text()
                 assert stack.proc.poll() is None, f"{c.where}: `{c.text}` exited: {stack.text()}"
                 live.queue = (home / ".local/share/asman/dev/queue").read_text().strip()
@@ -337,7 +306,7 @@ async def test_every_command_in_the_docs_runs(tmp_path: Path, busybox_image: str
                 me = _run(live, [ASMAN, "keys", "--create"], (cwd, its_env)).stdout.strip()
                 beat = await _beat_of(live, me, live.queue_of(c.text))
                 log = tmp_path / f"serve{len(ran)}.log"
-                served = Process(argv, its_env, cwd, log, r"^worker ")
+                served = Announcing(argv, log, r"^worker ", env=its_env, cwd=cwd)
                 try:
                     await beat()
                 finally:

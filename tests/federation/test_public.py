@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import nats
 import nats.errors
 import pytest
-from faults import Cli
+from faults import Announcing, Cli
 from nats.aio.client import Client as NATS
 from topology import Node, Topology
 
@@ -42,42 +40,14 @@ DEF_A = {"image": "asman/busybox:local", "command": "echo alpha"}
 DEF_B = {"image": "asman/busybox:local", "command": "echo beta"}
 
 
-class CalloutProcess:
-    """``asman callout serve`` as a real process; ``ready`` is set by the line that says it
-    answers (or by the end of its output)."""
-
-    def __init__(self, secrets_dir: Path, url: str, log: Path) -> None:
-        self.log = log
-        self.ready = threading.Event()
-        self.proc = subprocess.Popen(
-            [ASMAN, "-v", "callout", "serve", "--secrets", str(secrets_dir), "--nats", url],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.copier = threading.Thread(target=self._copy, daemon=True)
-        self.copier.start()
-
-    def _copy(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout, self.log.open("wb") as out:
-            for line in self.proc.stdout:
-                out.write(line)
-                out.flush()
-                if b"admitting connections for the queues they name" in line:
-                    self.ready.set()
-        self.ready.set()
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(30)
+def callout_process(secrets_dir: Path, url: str, log: Path) -> Announcing:
+    """``asman callout serve`` as a real process; ``seen`` once it says it answers."""
+    argv = [ASMAN, "-v", "callout", "serve", "--secrets", str(secrets_dir), "--nats", url]
+    return Announcing(argv, log, "admitting connections for the queues they name")
 
 
 class Public:
-    def __init__(self, node: Node, secrets: CalloutSecrets, callout: CalloutProcess) -> None:
+    def __init__(self, node: Node, secrets: CalloutSecrets, callout: Announcing) -> None:
         self.node = node
         self.secrets = secrets
         self.callout = callout
@@ -101,9 +71,9 @@ def public(tmp_path: Path, nats_binary: str) -> Iterator[Public]:
     init_secrets(secrets_dir)
     assert (secrets_dir / AUTH_CONF).exists()
     topo.start()
-    callout = CalloutProcess(secrets_dir, node.url, tmp_path / "callout.log")
+    callout = callout_process(secrets_dir, node.url, tmp_path / "callout.log")
     try:
-        if not callout.ready.wait(60) or callout.proc.poll() is not None:
+        if not callout.seen.wait(60) or callout.proc.poll() is not None:
             pytest.fail(f"asman callout did not come up: {callout.text()}")
         yield Public(node, CalloutSecrets.load(secrets_dir), callout)
     finally:
