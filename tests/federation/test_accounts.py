@@ -10,9 +10,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
 import pytest
-from nats.aio.client import Client as NATS
+from refusals import Refusals
 from topology import ACCOUNT_PASSWORDS, Node
 
 from asman.errors import ConfigError, LogError
@@ -127,7 +126,11 @@ async def test_the_server_refuses_every_listing_and_every_foreign_subject(
     server: Node, logs: dict[str, Log]
 ) -> None:
     await jobs.submit(logs["admin"], "beta", DEF_B)
-    nc, violations, reported = await _raw(server, "worker-alpha")
+    refusals = Refusals()
+    nc = await refusals.connect(
+        server.url_as("worker-alpha", ACCOUNT_PASSWORDS["worker-alpha"]),
+        inbox_prefix="_INBOX.worker-alpha",
+    )
     try:
         api = "$JS.API"
         denied_requests = {
@@ -159,32 +162,15 @@ async def test_the_server_refuses_every_listing_and_every_foreign_subject(
             f"{api}.CONSUMER.CREATE.{subjects.WAITING_STREAM}.x.asman.waiting.beta.*.*": b"{}",
             f"{api}.CONSUMER.DURABLE.CREATE.{subjects.JOBS_STREAM}.asman_alpha_cpu": b"{}",
         }
-        answers = await asyncio.gather(
-            *(nc.request(s, p, timeout=1.0) for s, p in denied_requests.items()),
-            return_exceptions=True,
+        denied_subs = (
+            ">",
+            "asman.>",
+            "asman.job.beta.*",
+            "asman.waiting.beta.*.*",
+            "_INBOX.>",
+            "$JS.EVENT.>",
         )
-        assert all(isinstance(a, nats.errors.TimeoutError) for a in answers), answers
-        denied_subs = (">", "asman.>", "asman.job.beta.*", "asman.waiting.beta.*.*", "_INBOX.>")
-        for subject in (*denied_subs, "$JS.EVENT.>"):
-            await nc.subscribe(subject)
-        await nc.flush()
-
-        def unreported() -> list[str]:
-            # nats-py lower-cases the server's -ERR text
-            return [
-                s
-                for s in [*denied_requests, *denied_subs]
-                if not any(f'"{s.lower()}"' in v for v in violations)
-            ]
-
-        # the server reports each violation as it refuses it: wait for every report
-        try:
-            async with asyncio.timeout(10):
-                while unreported():
-                    reported.clear()
-                    await reported.wait()
-        except TimeoutError:
-            raise AssertionError(f"not refused: {unreported()}; {violations}") from None
+        await refusals.expect_refused(nc, denied_requests, denied_subs)
 
         # the subject form is safe: a filter in the payload that differs from the subject's
         # is refused by the server itself
@@ -206,25 +192,6 @@ async def test_an_institution_account_shares_nothing(server: Node, logs: dict[st
         own = await jobs.submit(uni, "internal", DEF_A)
         assert [j.job_id for j in await jobs.list_jobs(uni, "internal")] == [own.job_id]
     assert await jobs.list_jobs(logs["admin"], "internal") == []
-
-
-async def _raw(server: Node, user: str) -> tuple[NATS, list[str], asyncio.Event]:
-    """A plain connection as ``user`` that records the server's permission violations (the
-    event is set on each)."""
-    violations: list[str] = []
-    reported = asyncio.Event()
-
-    async def on_error(exc: Exception) -> None:
-        violations.append(str(exc))
-        reported.set()
-
-    nc = await nats.connect(
-        server.url_as(user, ACCOUNT_PASSWORDS[user]),
-        inbox_prefix=f"_INBOX.{user}",
-        error_cb=on_error,
-        max_reconnect_attempts=0,
-    )
-    return nc, violations, reported
 
 
 async def test_filtered_reads_return_what_direct_reads_return(
