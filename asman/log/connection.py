@@ -275,7 +275,7 @@ class Log:
         #: how long a heartbeat lives: the workers stream's max age (its creator's setting)
         self.heartbeat_ttl_ms = int(config.heartbeat_ttl_s * 1000)
         #: the policies of the owner-bound queues this peer has looked at (asman.log.policy)
-        self.policies = PolicyBook(self._read_policy, self.wake_on)
+        self.policies = PolicyBook(self.read_policy_subject, self.wake_on)
         #: a worker certificate this peer's claims carry (``asman worker --cert``)
         self.cert: bytes | None = None
         #: admitted by the server's auth callout for ``config.queues`` only (then ``config``
@@ -374,7 +374,8 @@ class Log:
         # with it): it folds with its configured numbers, which the operator keeps equal to
         # the deployment's (docs/operations.md, "Confined credentials")
 
-    async def _read_policy(self, subject: str, start: int) -> list[RawEvent]:
+    async def read_policy_subject(self, subject: str, start: int) -> list[RawEvent]:
+        """A queue's policy messages from ``start`` (``asman.log.policy``)."""
         return await self.read_subject(subjects.JOBS_STREAM, subject, start)
 
     async def close(self) -> None:

@@ -732,7 +732,7 @@ def _holder_answers(state: JobState, ev: _Event) -> tuple[JobState, str]:
 def _claim_trust(policy: Policy | None, ev: _Event, queue: str) -> tuple[str, str, int]:
     """Whether a claim counts under ``policy``: ("", certifier, certificate end) when it
     does (certifier "" when the signer needs no certificate), else (why not, "", 0)."""
-    if policy is None or policy.workers is None or ev.signer in policy.workers:
+    if policy is None or policy.lists_worker(ev.signer):
         return "", "", 0
     refused = (
         f"the queue's policy does not trust {ev.signer[:12]} as a worker "
@@ -746,19 +746,14 @@ def _claim_trust(policy: Policy | None, ev: _Event, queue: str) -> tuple[str, st
     except ValueError as exc:
         return f"{refused}: {exc}", "", 0
     now = ev.ts if ev.ts is not None else now_ms()
-    if (
-        cert.certifier not in policy.certifiers
-        or cert.worker != ev.signer
-        or (cert.queue is not None and cert.queue != queue)
-        or cert.until_ms <= now
-    ):
+    if not policy.accepts(cert, ev.signer, queue, now):
         return f"{refused}: the certificate is not one this queue accepts now", "", 0
     return "", cert.certifier, cert.until_ms
 
 
 def holder_trusted(policy: Policy | None, lease: Lease, ts: int | None) -> bool:
     """Whether ``policy`` trusts the holder of ``lease`` at server time ``ts``."""
-    if policy is None or policy.workers is None or lease.worker in policy.workers:
+    if policy is None or policy.lists_worker(lease.worker):
         return True
     if not lease.certifier or lease.certifier not in policy.certifiers:
         return False

@@ -109,10 +109,6 @@ def owner_matches(queue: str, key: str) -> bool:
     return secrets.compare_digest(_fingerprint(m.group(1), key), m.group(2))
 
 
-def policy_subject(queue: str) -> str:
-    return subjects.policy_subject(queue)
-
-
 # -- the policy --------------------------------------------------------------------------
 
 
@@ -202,6 +198,17 @@ class Policy:
 
     def lists_worker(self, key: str) -> bool:
         return self.workers is None or key in self.workers
+
+    def accepts(self, cert: Cert, worker: str, queue: str, at_ms: int) -> bool:
+        """Whether the verified certificate ``cert`` makes ``worker`` one of the workers this
+        policy trusts on ``queue`` at ``at_ms``: signed by one of its certifiers, for that
+        worker, for this queue or any, not yet ended."""
+        return (
+            cert.certifier in self.certifiers
+            and cert.worker == worker
+            and cert.queue in (None, queue)
+            and cert.until_ms > at_ms
+        )
 
     @property
     def open_to_workers(self) -> bool:
@@ -398,19 +405,22 @@ class PolicyChain:
         self.owned = is_owner_bound(queue)
         self.versions: list[Policy] = []
         self.last_seq = 0
-        self.rejected = 0
-        self.owner = ""
 
     def view(self) -> PolicyView:
         return PolicyView(self.queue, tuple(self.versions))
 
+    async def catch_up(self, read: Callable[[str, int], Awaitable[list[Any]]]) -> None:
+        """Add what ``read(subject, from_seq)`` returns past the last message added; each
+        message ignored is logged with the reason."""
+        for raw in await read(self.subject, self.last_seq + 1):
+            why = self.add(raw.seq, raw.data, raw.ts)
+            if why:
+                logger.warning("queue %s: policy message %d ignored: %s", self.queue, raw.seq, why)
+
     def add(self, seq: int, data: bytes, ts: int | None) -> str:
         """Apply the next message; "" when it is a new version, else why it is ignored."""
         prev, self.last_seq = self.last_seq, seq
-        why = self._check(prev, seq, data, ts)
-        if why:
-            self.rejected += 1
-        return why
+        return self._check(prev, seq, data, ts)
 
     def _check(self, prev: int, seq: int, data: bytes, ts: int | None) -> str:
         if not self.owned:
@@ -443,7 +453,6 @@ class PolicyChain:
         if policy.version != expected:
             return f"version {policy.version}, expected {expected}"
         self.versions.append(replace(policy, ts=ts, seq=seq))
-        self.owner = owner
         return ""
 
 
@@ -484,7 +493,7 @@ class PolicyBook:
             self._watch is None or len(self._chains) >= self.MAX_WATCHED
         ):
             once = PolicyChain(queue)
-            await self._catch_up(once)
+            await once.catch_up(self._read)
             return once.view()
         lock = self._locks.setdefault(queue, asyncio.Lock())
         async with lock:
@@ -500,17 +509,11 @@ class PolicyBook:
             if dirty.is_set():
                 dirty.clear()  # a message from now on sets it again
                 try:
-                    await self._catch_up(chain)
+                    await chain.catch_up(self._read)
                 except BaseException:
                     dirty.set()  # read again next time
                     raise
             return chain.view()
-
-    async def _catch_up(self, chain: PolicyChain) -> None:
-        for raw in await self._read(chain.subject, chain.last_seq + 1):
-            why = chain.add(raw.seq, raw.data, raw.ts)
-            if why:
-                logger.warning("queue %s: policy message %d ignored: %s", chain.queue, raw.seq, why)
 
     def invalidate(self) -> None:
         """Read every policy again at the next ``get`` (after a reconnect)."""
@@ -561,19 +564,14 @@ def worker_standing(
     """ "" when ``view``'s latest policy counts the claims of the worker ``key`` (with its
     certificate ``cert``), else the one line its operator needs: what to ask the owner."""
     p = view.current if view else None
-    if p is None or p.workers is None or key in p.workers:
+    if p is None or p.lists_worker(key):
         return ""
     if cert is not None and p.certifiers:
         try:
             c = check_cert(cert)
         except ValueError as exc:
             return f"queue {queue}: the worker certificate is not valid ({exc})"
-        if (
-            c.certifier in p.certifiers
-            and c.worker == key
-            and (c.queue is None or c.queue == queue)
-            and c.until_ms > now_ms
-        ):
+        if p.accepts(c, key, queue, now_ms):
             return ""
     return (
         f"queue {queue} trusts only its listed workers (policy v{p.version}), and this "

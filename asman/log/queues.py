@@ -32,8 +32,7 @@ CAS_RETRIES = 8
 
 async def _read_chain(log: Log, queue: str) -> PolicyChain:
     chain = PolicyChain(queue)
-    for raw in await log.read_subject(subjects.JOBS_STREAM, chain.subject):
-        chain.add(raw.seq, raw.data, raw.ts)
+    await chain.catch_up(log.read_policy_subject)
     return chain
 
 
@@ -84,17 +83,10 @@ async def write_policy(log: Log, queue: str, change: Callable[[Policy | None], P
         except Conflict:
             continue
         log.policies.invalidate()
-        chain.add(seq, *await _read_one(log, subject, seq))
-        accepted = chain.view().current
-        if accepted is None or accepted.seq != seq:
+        await chain.catch_up(log.read_policy_subject)  # ours, read back as every peer reads it
+        accepted = next((v for v in chain.versions if v.seq == seq), None)
+        if accepted is None:
             raise LogError(f"queue {queue}: the log did not take policy version {version}")
         logger.info("queue %s: policy version %d written", queue, version)
         return accepted
     raise Conflict(f"queue {queue}: the policy kept changing under this change; try again")
-
-
-async def _read_one(log: Log, subject: str, seq: int) -> tuple[bytes, int | None]:
-    for raw in await log.read_subject(subjects.JOBS_STREAM, subject, seq, max_messages=1):
-        if raw.seq == seq:
-            return raw.data, raw.ts
-    raise LogError(f"cannot read back {subject} message {seq}")

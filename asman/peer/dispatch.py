@@ -120,12 +120,14 @@ class Dispatcher:
         self._unregister: Callable[[], None] = lambda: None
         #: queues whose policy does not trust this worker, with the line that says why
         self.refused: dict[str, str] = {}
+        #: the queues whose name can carry a policy (the others are never looked at for one)
+        self._owned = frozenset(q for q in queues if is_owner_bound(q))
         self._policy_stops: list[Callable[[], Awaitable[None]]] = []
 
     async def open(self) -> Dispatcher:
         for q in self.queues:
             self.indexes[q] = await WaitingIndex(self.log, q, self.wake).open()
-            if is_owner_bound(q):  # a policy change wakes the dispatcher
+            if q in self._owned:  # a policy change wakes the dispatcher
                 self._policy_stops.append(
                     await self.log.wake_on(subjects.policy_subject(q), self.wake)
                 )
@@ -144,9 +146,7 @@ class Dispatcher:
     async def check_policies(self) -> None:
         """Which queues' policies trust this worker (cheap: a policy is read again only
         after it changed). Says once, per change, what an untrusted worker should ask."""
-        for q in self.queues:
-            if not is_owner_bound(q):
-                continue
+        for q in self._owned:
             try:
                 view = await self.log.policies.get(q)
             except LogError as exc:
@@ -341,7 +341,7 @@ class Dispatcher:
     def _untrusted_holder(self, cand: Candidate) -> bool:
         """The entry names a holder the queue's policy does not list (a hoarder's claims
         count for nothing; a certified holder may count, so it is left to the heartbeats)."""
-        view = self.log.policies.known(cand.queue) if is_owner_bound(cand.queue) else None
+        view = self.log.policies.known(cand.queue) if cand.queue in self._owned else None
         p = view.current if view else None
         return (
             p is not None
