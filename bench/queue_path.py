@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -279,10 +280,7 @@ async def run(n: int = 2000, repeat: int = 3) -> dict[str, Any]:
 
 
 def _trusting(client: Log, worker: PeerKey, queue: str) -> Callable[[Policy | None], Policy]:
-    me = client.peer_id
-    policy = Policy(
-        queue, 0, me, me, submitters=frozenset({me}), workers=frozenset({worker.peer_id})
-    )
+    policy = replace(Policy.private(queue, client.peer_id), workers=frozenset({worker.peer_id}))
     return lambda _: policy
 
 

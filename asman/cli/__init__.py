@@ -490,14 +490,7 @@ async def queue_new(private: bool, as_json: bool, **kwargs: Any) -> None:
         written = await queues.write_policy(
             client.log,
             name,
-            lambda _: Policy(
-                queue=name,
-                version=0,
-                owner=me,
-                signer=me,
-                submitters=frozenset({me}),
-                workers=frozenset({me}),
-            ),
+            lambda _: Policy.private(name, me),
         )
     if as_json:
         emit_json({"queue": name, "policy": written.to_json()})

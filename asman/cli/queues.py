@@ -93,15 +93,7 @@ async def _change(kwargs: dict[str, Any], queue: str, change: Callable[[Policy],
         me = client.peer_id
 
         def apply(current: Policy | None) -> Policy:
-            base = current or Policy(
-                queue=queue,
-                version=0,
-                owner=me,
-                signer=me,
-                submitters=frozenset({me}),
-                workers=frozenset({me}),
-            )
-            return change(base)
+            return change(current or Policy.private(queue, me))
 
         return await queues.write_policy(client.log, queue, apply)
 

@@ -190,6 +190,12 @@ class Policy:
     ts: int | None = None
     seq: int = 0
 
+    @classmethod
+    def private(cls, queue: str, owner: str) -> Policy:
+        """The first policy of a private queue: only its owner submits and works."""
+        only = frozenset({owner})
+        return cls(queue, 0, owner, owner, submitters=only, workers=only)
+
     def is_admin(self, key: str) -> bool:
         return key == self.owner or key in self.admins
 

@@ -34,12 +34,7 @@ DEF = {"image": "asman/busybox:local", "command": "echo policy"}
 
 def private(owner: str, **fields: object) -> Policy:
     """A policy: only ``owner`` submits and works unless ``fields`` say otherwise."""
-    base = Policy(queue="", version=0, owner=owner, signer=owner)
-    defaults: dict[str, object] = {
-        "submitters": frozenset({owner}),
-        "workers": frozenset({owner}),
-    }
-    return dataclasses.replace(base, **{**defaults, **fields})  # type: ignore[arg-type]
+    return dataclasses.replace(Policy.private("", owner), **fields)  # type: ignore[arg-type]
 
 
 def policy_event(version: int, **fields: object) -> dict[str, object]:
