@@ -877,15 +877,16 @@ async def watch_queue(log: Log, queue: str) -> AsyncIterator[JobState]:
     flt = subjects.jobs_filter(queue)
     by_subject: dict[str, JobFold] = {}  # each event verified and folded once
     next_seq = 1
+    folded_under = 0  # the policy version the folds were made under (0: none)
     async for _ in _notifications(log, flt):
+        policy = await log.policies.get(queue)
+        if (policy.version if policy else 0) != folded_under:
+            # the policy changed: every job is folded again under it
+            folded_under = policy.version if policy else 0
+            by_subject.clear()
+            next_seq = 1
         new = await log.read_subject(subjects.JOBS_STREAM, flt, next_seq)
         touched: dict[str, None] = {}
-        policy = await log.policies.get(queue)
-        if policy is not None and any(
-            (f.policy.version if f.policy else 0) != policy.version for f in by_subject.values()
-        ):  # the policy changed: fold every job again under it
-            by_subject.clear()
-            new = await log.read_subject(subjects.JOBS_STREAM, flt)
         for ev in new:
             folder = by_subject.get(ev.subject)
             if folder is None:

@@ -327,3 +327,26 @@ async def test_the_queue_lease_ttl_is_the_one_holders_and_challengers_use(
     await jobs.submit(owner, queue, DEF)
     lease = await claim_waiting(worker, queue)
     assert lease.history.rules.lease_ms == 1_500  # what its watch answers challenges within
+
+
+async def test_a_queue_watcher_sees_a_revoked_workers_job_go_back(make_log: MakeLog) -> None:
+    """``watch_queue`` (``asman watch``) folds the queue's jobs once; a new policy version
+    folds them again, so a job whose worker was revoked shows as queued."""
+    owner, worker = await make_log(), await make_log()
+    queue = new_private_queue(owner.peer_id)
+    trusted = frozenset({worker.peer_id})
+    await queues.write_policy(owner, queue, lambda _: private(owner.peer_id, workers=trusted))
+    sub = await jobs.submit(owner, queue, DEF)
+    lease = await claim_waiting(worker, queue)
+    await lease.start()
+    seen = []
+    async with asyncio.timeout(20):
+        async for state in jobs.watch_queue(owner, queue):
+            seen.append(state.state)
+            if state.state == "running" and seen.count("running") == 1:
+                await queues.write_policy(
+                    owner, queue, lambda p: dataclasses.replace(p, workers=frozenset())
+                )
+            if state.job_id == sub.job_id and state.state == "queued" and "running" in seen:
+                break
+    assert seen[-2:] == ["running", "queued"]
